@@ -1,0 +1,46 @@
+"""Linear regression: the simplest online learner and the baseline to beat.
+
+A single affine layer from the flat feature vector to ``out_features`` raw outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Shape of a linear model; ``in_features`` is usually filled from the stream."""
+
+    in_features: int = 0
+    out_features: int = 1
+    bias: bool = True
+
+    def validate(self) -> list[str]:
+        """Every problem with this config, as ``field: must be ..., got X``."""
+        problems = []
+        if not isinstance(self.in_features, int) or self.in_features <= 0:
+            problems.append(f"in_features: must be > 0, got {self.in_features!r}")
+        if not isinstance(self.out_features, int) or self.out_features <= 0:
+            problems.append(f"out_features: must be > 0, got {self.out_features!r}")
+        if not isinstance(self.bias, bool):
+            problems.append(f"bias: must be a bool, got {self.bias!r}")
+        return problems
+
+
+class Linear(nn.Module):
+    """(B, in_features) -> (B, out_features) by one affine map."""
+
+    def __init__(self, config: LinearConfig) -> None:
+        super().__init__()
+        problems = config.validate()
+        if problems:
+            raise ValueError(f"invalid LinearConfig: {'; '.join(problems)}")
+        self.config = config
+        self.linear = nn.Linear(config.in_features, config.out_features, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)

@@ -1,0 +1,50 @@
+"""Logistic (binary) and softmax (multi-class) regression.
+
+Returns logits, never probabilities: the loss (``BCEWithLogitsLoss`` or
+``CrossEntropyLoss``) applies the sigmoid or softmax itself, which is numerically
+safer. Two classes give one logit, so binary labels need no one-hot encoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LogisticConfig:
+    """Number of inputs and classes; ``in_features`` is usually filled from the stream."""
+
+    in_features: int = 0
+    num_classes: int = 2
+
+    @property
+    def out_features(self) -> int:
+        """One logit for a binary problem, else one logit per class."""
+        return 1 if self.num_classes == 2 else self.num_classes
+
+    def validate(self) -> list[str]:
+        """Every problem with this config, as ``field: must be ..., got X``."""
+        problems = []
+        if not isinstance(self.in_features, int) or self.in_features <= 0:
+            problems.append(f"in_features: must be > 0, got {self.in_features!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            problems.append(f"num_classes: must be >= 2, got {self.num_classes!r}")
+        return problems
+
+
+class Logistic(nn.Module):
+    """(B, in_features) -> (B, 1) logit when binary, else (B, num_classes) logits."""
+
+    def __init__(self, config: LogisticConfig) -> None:
+        super().__init__()
+        problems = config.validate()
+        if problems:
+            raise ValueError(f"invalid LogisticConfig: {'; '.join(problems)}")
+        self.config = config
+        self.linear = nn.Linear(config.in_features, config.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
