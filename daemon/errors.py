@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from streams.errors import StreamtrainError
+from streams.errors import ConfigError, StreamtrainError
 
 __all__ = [
-    "StreamtrainError",
     "ConfigError",
     "SnapshotError",
     "SnapshotLockedError",
+    "StreamtrainError",
     "TrainingError",
 ]
-
-
-class ConfigError(StreamtrainError):
-    """The configuration is invalid; lists every problem with its key path."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        lines = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
 
 
 class SnapshotError(StreamtrainError):

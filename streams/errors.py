@@ -12,6 +12,15 @@ class StreamtrainError(Exception):
     """Root of every error streamtrain raises on purpose."""
 
 
+class ConfigError(StreamtrainError):
+    """The configuration is invalid; lists every problem with its key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
 class KafkaSourceError(StreamtrainError):
     """The Kafka consumer could not be set up or failed for good."""
 

@@ -1,0 +1,244 @@
+"""The daemon's configuration: frozen, typed sections loaded once from YAML.
+
+The data-path sections (kafka, dead_letter, data, ring) live in
+:mod:`streams.config`; this module adds the model, trainer, snapshot, metrics and
+logging sections, cross-section checks, and the file loader.  One
+:class:`ConfigError` lists every problem with its key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streams.config import (
+    DataConfig,
+    DeadLetterConfig,
+    KafkaConfig,
+    RingConfig,
+    non_negative,
+    opt,
+    parse,
+    positive,
+    section,
+)
+from streams.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "config_from_dict", "config_to_dict", "dump_config", "load_config"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = opt("mlp", "Built-in model (linear, logistic, mlp, transformer) or a user model as package.module:Class.")
+    params: dict[str, Any] = opt({}, "The model's config fields; in_features defaults to the data width.")
+    init_weights: str | None = opt(None, "Warm start: a state_dict file (torch.save) to load before training.")
+    freeze: tuple[str, ...] = opt((), "Parameter-name patterns (fnmatch) left untrained, e.g. [encoder.*].")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        if self.init_weights and not Path(self.init_weights).is_file():
+            return [("init_weights", f"no such file: {self.init_weights}")]
+        return []
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = opt("none", "Learning-rate schedule: none | step | cosine | plateau (on the prequential loss).")
+    step_size: int = opt(1000, "step: steps between decays.")
+    gamma: float = opt(0.5, "step: decay factor.")
+    t_max: int = opt(10000, "cosine: steps of one half-cosine.")
+    eta_min: float = opt(0.0, "cosine: lowest learning rate.")
+    factor: float = opt(0.5, "plateau: decay factor.")
+    patience: int = opt(5, "plateau: windows without improvement before decaying.")
+    window: int = opt(100, "plateau: steps per evaluation window (mean prequential loss).")
+    min_lr: float = opt(0.0, "plateau: lowest learning rate.")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        names = ("none", "step", "cosine", "plateau")
+        if self.name not in names:
+            problems.append(("name", f"must be one of {', '.join(names)}, got {self.name!r}"))
+        for f in ("gamma", "factor"):
+            if not 0 < getattr(self, f) < 1:
+                problems.append((f, f"must be between 0 and 1, got {getattr(self, f)}"))
+        return problems + positive(self, "step_size", "t_max", "window") + non_negative(self, "patience", "eta_min", "min_lr")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    task: str = opt("regression", "regression | binary | multiclass.")
+    num_classes: int = opt(0, "multiclass: number of classes (labels 0..num_classes-1).")
+    loss: str = opt("auto", "auto (by task) | mse | huber | bce | cross_entropy.")
+    huber_delta: float = opt(1.0, "huber: the delta.")
+    optimizer: str = opt("adamw", "sgd | adam | adamw.")
+    lr: float = opt(1e-3, "Learning rate.")
+    weight_decay: float = opt(0.0, "Weight decay.")
+    momentum: float = opt(0.0, "sgd: momentum.")
+    betas: tuple[float, float] = opt((0.9, 0.999), "adam/adamw: betas.")
+    schedule: ScheduleConfig = section(ScheduleConfig, "Learning-rate schedule.")
+    device: str = opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N.")
+    amp: str = opt("auto", "Mixed precision: auto (fp16 on CUDA, off on CPU) | off | fp16 (CUDA) | bf16.")
+    grad_clip_norm: float = opt(1.0, "Clip the global gradient norm to this; 0 turns clipping off.")
+    standardize: bool = opt(True, "Standardize features with running mean/variance (updated after use).")
+    num_threads: int = opt(0, "torch intra-op threads; 0 = the cores the data path leaves free.")
+    seed: int = opt(0, "Seed for weight init and dropout.")
+    max_consecutive_nonfinite: int = opt(10, "After this many non-finite steps in a row, roll back to the last good snapshot.")
+    ewma_alpha: float = opt(0.05, "Smoothing of the loss/metric gauges (exponentially weighted, per step).")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        tasks = ("regression", "binary", "multiclass")
+        if self.task not in tasks:
+            problems.append(("task", f"must be one of {', '.join(tasks)}, got {self.task!r}"))
+        if self.task == "multiclass" and self.num_classes < 2:
+            problems.append(("num_classes", f"must be >= 2 for task multiclass, got {self.num_classes}"))
+        losses = {"regression": ("auto", "mse", "huber"), "binary": ("auto", "bce"), "multiclass": ("auto", "cross_entropy")}
+        allowed = losses.get(self.task, ("auto",))
+        if self.loss not in allowed:
+            problems.append(("loss", f"must be one of {', '.join(allowed)} for task {self.task}, got {self.loss!r}"))
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            problems.append(("optimizer", f"must be sgd, adam or adamw, got {self.optimizer!r}"))
+        if not self.lr > 0:
+            problems.append(("lr", f"must be > 0, got {self.lr}"))
+        if not all(0 <= b < 1 for b in self.betas):
+            problems.append(("betas", f"must be two numbers in [0, 1), got {list(self.betas)}"))
+        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            problems.append(("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}"))
+        if self.amp not in ("auto", "off", "fp16", "bf16"):
+            problems.append(("amp", f"must be auto, off, fp16 or bf16, got {self.amp!r}"))
+        if self.amp == "fp16" and self.device == "cpu":
+            problems.append(("amp", "fp16 needs CUDA; on the CPU use bf16 or off"))
+        if not 0 < self.ewma_alpha <= 1:
+            problems.append(("ewma_alpha", f"must be in (0, 1], got {self.ewma_alpha}"))
+        return (
+            problems
+            + non_negative(self, "weight_decay", "momentum", "grad_clip_norm", "num_threads", "huber_delta")
+            + positive(self, "max_consecutive_nonfinite")
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    dir: str = opt("snapshots", "Directory of snapshots (locked by the running daemon).")
+    every_seconds: float = opt(60.0, "Snapshot this often; 0 = not on a timer.")
+    every_steps: int = opt(0, "Snapshot every N steps; 0 = not by steps.")
+    keep: int = opt(3, "Newest snapshots to keep.")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = non_negative(self, "every_seconds", "every_steps")
+        if self.keep < 1:
+            problems.append(("keep", f"must be >= 1, got {self.keep}"))
+        if not self.dir:
+            problems.append(("dir", "must be a directory path"))
+        return problems
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = opt(True, "Serve /metrics, /healthz and /readyz.")
+    host: str = opt("127.0.0.1", "Address to bind (0.0.0.0 inside a container).")
+    port: int = opt(9100, "Port to bind; 0 picks a free one (logged).")
+    stall_after_s: float = opt(120.0, "/healthz fails when the trainer has not advanced for this long while data waits.")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        if not 0 <= self.port <= 65535:
+            return [("port", f"must be in 0..65535, got {self.port}")]
+        return positive(self, "stall_after_s")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = opt("INFO", "DEBUG | INFO | WARNING | ERROR.")
+    format: str = opt("text", "text (for a terminal) | json (one object per line, for journald/Docker).")
+    progress_every_s: float = opt(10.0, "Seconds between progress lines; 0 = none.")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            problems.append(("level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.level!r}"))
+        if self.format not in ("text", "json"):
+            problems.append(("format", f"must be text or json, got {self.format!r}"))
+        return problems + non_negative(self, "progress_every_s")
+
+
+@dataclass(frozen=True)
+class Config:
+    kafka: KafkaConfig = section(KafkaConfig, "Where records come from.")
+    dead_letter: DeadLetterConfig = section(DeadLetterConfig, "Where rejected records go.")
+    data: DataConfig = section(DataConfig, "How a record becomes features and a label.")
+    ring: RingConfig = section(RingConfig, "Batching and the prefetch ring.")
+    model: ModelConfig = section(ModelConfig, "What is trained.")
+    trainer: TrainerConfig = section(TrainerConfig, "How it is trained.")
+    snapshot: SnapshotConfig = section(SnapshotConfig, "Durable training state.")
+    metrics: MetricsConfig = section(MetricsConfig, "Prometheus metrics and health endpoints.")
+    logging: LoggingConfig = section(LoggingConfig, "Logs.")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.dead_letter.topic in self.kafka.topics:
+            problems.append(("dead_letter.topic", "must not be one of kafka.topics (rejected records would come back)"))
+        problems += _model_problems(self)
+        return problems
+
+
+def _model_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Check model.params against the model's own config class (no module is built)."""
+    from models.registry import ModelConfigError, ModelSpecError, make_config
+
+    try:
+        make_config(cfg.model.name, dict(cfg.model.params), cfg.data.width)
+    except ModelConfigError as exc:
+        return [_split_path(p) for p in exc.problems]
+    except ModelSpecError as exc:
+        return [("model.name", str(exc))]
+    return []
+
+
+def _split_path(problem: str) -> tuple[str, str]:
+    path, _, msg = problem.partition(": ")
+    return path, msg
+
+
+def config_from_dict(raw: Any) -> Config:
+    """Validate a raw mapping (as read from YAML) into a :class:`Config`."""
+    return parse(Config, raw)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config file; raises :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read the config file ({exc.strerror})"]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{p}: not valid YAML: {exc}"]) from exc
+    return config_from_dict(raw)
+
+
+_SECRET_WORDS = ("password", "secret", "token", "key")
+
+
+def config_to_dict(cfg: Any, redact: bool = True) -> Any:
+    """Plain-data form of a config, for printing and for snapshots; secrets redacted."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name), redact) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [config_to_dict(v, redact) for v in cfg]
+    if isinstance(cfg, dict):
+        return {
+            k: ("***" if redact and any(w in k.lower() for w in _SECRET_WORDS) and "location" not in k else config_to_dict(v, redact))
+            for k, v in cfg.items()
+        }
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The effective config as YAML, secrets redacted."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

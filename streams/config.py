@@ -1,0 +1,295 @@
+"""Typed settings of the data path: Kafka, decoding, the ring, the dead-letter topic.
+
+Frozen dataclasses, each field declared with its default and a one-line doc (the doc
+feeds the configuration reference).  :func:`parse` builds any of them from plain
+YAML-shaped data and gathers *every* problem with its key path
+(``kafka.topics: must be a non-empty list``); unknown keys are errors with a
+suggestion.  The daemon composes these sections into its own config; a user of
+:class:`streams.dataset.KafkaIterableDataset` can build them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from streams.errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "CsvConfig",
+    "DataConfig",
+    "DeadLetterConfig",
+    "KafkaConfig",
+    "RingConfig",
+    "non_negative",
+    "opt",
+    "parse",
+    "positive",
+    "section",
+]
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A config field with its default and the line that documents it."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def section(cls: type, doc: str) -> Any:
+    """A nested config section."""
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = opt("127.0.0.1:9092", "Kafka bootstrap servers, host:port[,host:port].")
+    topics: tuple[str, ...] = opt((), "Topics to train from; every partition of each is read.")
+    group_id: str = opt("streamtrain", "Consumer group that mirrors the trained offsets (lag monitoring).")
+    auto_offset_reset: str = opt("earliest", "Where to start with no snapshot and no committed offset: earliest|latest.")
+    consume_batch: int = opt(10000, "Most messages taken per consume() call.")
+    consume_timeout_ms: int = opt(20, "Longest a consume() call waits; keep it short so slow streams flow.")
+    metadata_refresh_s: float = opt(10.0, "How often to look for new partitions and check the broker is reachable.")
+    queued_max_kbytes: int = opt(16384, "Bound of librdkafka's local prefetch queue (KiB); with the ring it bounds memory.")
+    settings: dict[str, Any] = opt({}, "Any other librdkafka option, passed through (security.protocol, sasl.*, ssl.*, ...).")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.bootstrap_servers.strip():
+            problems.append(("bootstrap_servers", "must be host:port, got an empty string"))
+        if not self.topics:
+            problems.append(("topics", "must be a non-empty list of topic names, e.g. [events]"))
+        for i, t in enumerate(self.topics):
+            if not t or any(c.isspace() for c in t):
+                problems.append((f"topics[{i}]", f"must be a topic name without spaces, got {t!r}"))
+        if not self.group_id:
+            problems.append(("group_id", "must be a non-empty string"))
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            problems.append(("auto_offset_reset", f"must be earliest or latest, got {self.auto_offset_reset!r}"))
+        problems += positive(self, "consume_batch", "consume_timeout_ms", "metadata_refresh_s", "queued_max_kbytes")
+        for key in self.settings:
+            if key in _TYPED_KAFKA_KEYS:
+                problems.append((f"settings.{key}", f"is set by the daemon; use kafka.{_TYPED_KAFKA_KEYS[key]} instead"))
+            elif key in _DAEMON_OWNED_KEYS:
+                problems.append((f"settings.{key}", f"is managed by the daemon and cannot be overridden ({_DAEMON_OWNED_KEYS[key]})"))
+        return problems
+
+
+_TYPED_KAFKA_KEYS = {
+    "bootstrap.servers": "bootstrap_servers",
+    "group.id": "group_id",
+    "auto.offset.reset": "auto_offset_reset",
+    "queued.max.messages.kbytes": "queued_max_kbytes",
+}
+_DAEMON_OWNED_KEYS = {
+    "enable.auto.commit": "offsets are committed only after a snapshot is durable",
+    "enable.auto.offset.store": "offsets are committed only after a snapshot is durable",
+    "group.protocol": "the daemon assigns partitions itself",
+}
+
+
+@dataclass(frozen=True)
+class DeadLetterConfig:
+    topic: str = opt("streamtrain.dead-letter", "Topic that receives every rejected record with headers naming why.")
+    on_failure: str = opt("block", "When the dead-letter topic cannot be written: block (retry until it can) or stop (exit with an error).")
+    timeout_s: float = opt(30.0, "How long one delivery attempt may take; with on_failure=stop, how long before giving up.")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.topic or any(c.isspace() for c in self.topic):
+            problems.append(("topic", f"must be a topic name without spaces, got {self.topic!r}"))
+        if self.on_failure not in ("block", "stop"):
+            problems.append(("on_failure", f"must be block or stop, got {self.on_failure!r}"))
+        return problems + positive(self, "timeout_s")
+
+
+@dataclass(frozen=True)
+class CsvConfig:
+    columns: tuple[str, ...] = opt((), "Column names of a CSV line, in order; default: data.features then data.label.")
+    delimiter: str = opt(",", "Field delimiter, one character.")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        if len(self.delimiter) != 1:
+            return [("delimiter", f"must be one character, got {self.delimiter!r}")]
+        return []
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: str = opt(
+        "json", "Record format: json | csv | arrow (IPC stream, many rows per message) | raw (little-endian float32, label last)."
+    )
+    features: tuple[str, ...] = opt((), "Feature field names (json, csv, arrow).")
+    feature_field: str | None = opt(None, "json/arrow: one field holding the whole feature vector, instead of data.features.")
+    label: str = opt("y", "Label field name (json, csv, arrow).")
+    num_features: int = opt(0, "Features per sample; required for raw (and with feature_field), else the length of data.features.")
+    max_record_bytes: int = opt(1048576, "Records larger than this are rejected as oversized.")
+    csv: CsvConfig = section(CsvConfig, "CSV specifics.")
+
+    @property
+    def width(self) -> int:
+        """Features per sample."""
+        return self.num_features or len(self.features)
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        formats = ("json", "csv", "arrow", "raw")
+        if self.format not in formats:
+            problems.append(("format", f"must be one of {', '.join(formats)}, got {self.format!r}"))
+        named = self.format in ("json", "csv", "arrow")
+        if named and not self.features and not self.feature_field:
+            problems.append(("features", f"must list the feature fields for format {self.format}, e.g. [f0, f1]"))
+        if self.features and self.feature_field:
+            problems.append(("feature_field", "set either data.features or data.feature_field, not both"))
+        if self.feature_field and self.format == "csv":
+            problems.append(("feature_field", "is not available for csv; list the columns in data.features"))
+        if (self.format == "raw" or self.feature_field) and self.num_features <= 0:
+            problems.append(("num_features", f"must be > 0 for this format (the length of a feature vector), got {self.num_features}"))
+        if self.features and self.num_features and self.num_features != len(self.features):
+            problems.append(("num_features", f"must equal the length of data.features ({len(self.features)}), got {self.num_features}"))
+        if len(set(self.features)) != len(self.features):
+            problems.append(("features", "must not name a field twice"))
+        if self.label in self.features:
+            problems.append(("label", f"must not also be a feature, got {self.label!r}"))
+        if self.format == "csv" and self.csv.columns:
+            missing = [c for c in (*self.features, self.label) if c not in self.csv.columns]
+            if missing:
+                problems.append(("csv.columns", f"must contain every feature and the label; missing {missing}"))
+        return problems + positive(self, "max_record_bytes")
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    batch_size: int = opt(256, "Samples per training batch (1 works).")
+    slots: int = opt(8, "Preallocated batch slots in the prefetch ring; bounds memory.")
+    max_batch_wait_ms: int = opt(50, "A batch closes at batch_size samples or after this long, whichever is first.")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = positive(self, "batch_size", "max_batch_wait_ms")
+        if self.slots < 2:
+            problems.append(("slots", f"must be >= 2 (one filling while one trains), got {self.slots}"))
+        return problems
+
+
+def positive(obj: Any, *names: str) -> list[tuple[str, str]]:
+    return [(n, f"must be > 0, got {getattr(obj, n)}") for n in names if not getattr(obj, n) > 0]
+
+
+def non_negative(obj: Any, *names: str) -> list[tuple[str, str]]:
+    return [(n, f"must be >= 0, got {getattr(obj, n)}") for n in names if not getattr(obj, n) >= 0]
+
+
+# --------------------------------------------------------------------------- loading
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Turn a YAML value into ``tp``, recording a problem (and returning None) if it can't."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = next(a for a in args if a is not type(None))
+        return _convert(value, inner, path, problems)
+    if tp is Any:
+        return value
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            problems.append(f"{path}: must be a mapping of names to values, got {value!r}")
+            return None
+        return dict(value)
+    if origin is tuple:
+        if value is None:
+            return ()
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            problems.append(f"{path}: must be a list, got {value!r}")
+            return None
+        if len(args) == 2 and args[1] is Ellipsis:
+            item_types = [args[0]] * len(value)
+        else:
+            if len(value) != len(args):
+                problems.append(f"{path}: must be a list of {len(args)} items, got {list(value)!r}")
+                return None
+            item_types = list(args)
+        return tuple(_convert(v, t, f"{path}[{i}]", problems) for i, (v, t) in enumerate(zip(value, item_types)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    problems.append(f"{path}: must be {_TYPE_NAMES.get(tp, str(tp))}, got {value!r}")
+    return None
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a mapping, recording problems with key paths.
+
+    A field that cannot be converted keeps its default so the section's own checks
+    still run and every problem is reported at once; checks about that field are
+    dropped (it is already reported).
+    """
+    prefix = f"{path}." if path else ""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{path or '(top level)'}: must be a mapping of keys to values, got {raw!r}")
+        raw = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    broken = set()
+    for name in fields:
+        if name not in raw:
+            continue
+        before = len(problems)
+        value = _convert(raw[name], hints[name], f"{prefix}{name}", problems)
+        if len(problems) > before and not dataclasses.is_dataclass(hints[name]):
+            broken.add(name)
+        else:
+            kwargs[name] = value
+    obj = cls(**kwargs)
+    if hasattr(obj, "_validate"):
+        problems.extend(f"{prefix}{k}: {msg}" for k, msg in obj._validate() if k.split(".")[0].split("[")[0] not in broken)
+    return obj
+
+
+def _optional(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def parse(cls: type, raw: Any, path: str = "") -> Any:
+    """Build config dataclass ``cls`` from YAML-shaped data or raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    obj = _build(cls, raw, path, problems)
+    if problems:
+        raise ConfigError(problems)
+    return obj

@@ -1,0 +1,192 @@
+"""``KafkaIterableDataset``: Kafka topics as a PyTorch ``IterableDataset`` of ready batches.
+
+Usable on its own in a plain training loop::
+
+    ds = KafkaIterableDataset.from_dict({
+        "kafka": {"bootstrap_servers": "127.0.0.1:9092", "topics": ["events"]},
+        "data": {"format": "json", "features": ["a", "b"], "label": "y"},
+        "ring": {"batch_size": 256},
+    })
+    for batch in DataLoader(ds, batch_size=None):   # batches are already formed
+        loss = loss_fn(model(batch.x), batch.y)
+        ...
+        ds.commit()        # or keep ds.state_dict() with your checkpoint
+
+Batches come from a background ingest thread through a ring of preallocated slots;
+``batch.x`` / ``batch.y`` are views of a slot, valid until the next batch is asked for
+(the slot is then reused).  Each batch carries the Kafka positions it brings the
+stream to; :meth:`state_dict` returns the positions of every batch yielded so far, and
+:meth:`load_state_dict` before iterating resumes exactly there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from streams.config import DataConfig, DeadLetterConfig, KafkaConfig, RingConfig, parse
+from streams.deadletter import DeadLetterQueue
+from streams.decode import LabelRule, make_decoder
+from streams.errors import StreamtrainError
+from streams.ingest import Ingest, IngestStats
+from streams.ring import Batch, Position, Ring, RingClosed
+from streams.ring import TopicPartition as TP
+from streams.source import KafkaSource
+
+
+class KafkaIterableDataset(IterableDataset):
+    """Batches of ``(x, y)`` with their Kafka positions, read from every partition of the topics."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        data: DataConfig,
+        ring: RingConfig | None = None,
+        dead_letter: DeadLetterConfig | None = None,
+        label_rule: LabelRule | None = None,
+        *,
+        pin_memory: bool = False,
+        yield_empty: bool = False,
+        idle_timeout_s: float | None = None,
+        client_id: str = "streamtrain",
+    ) -> None:
+        super().__init__()
+        self.kafka = kafka
+        self.data = data
+        self.ring_config = ring or RingConfig()
+        self.dead_letter_config = dead_letter or DeadLetterConfig()
+        self.label_rule = label_rule or LabelRule()
+        self.pin_memory = pin_memory
+        self.yield_empty = yield_empty
+        self.idle_timeout_s = idle_timeout_s
+        self.client_id = client_id
+        self.positions: dict[TP, Position] = {}
+        self.ring: Ring | None = None
+        self.source: KafkaSource | None = None
+        self.ingest: Ingest | None = None
+        self._committed: dict[TP, Position] = {}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], **kwargs: Any) -> KafkaIterableDataset:
+        """Build from YAML-shaped sections ``kafka``, ``data``, ``ring``, ``dead_letter`` (and ``task``, ``num_classes``)."""
+        raw = dict(raw)
+        rule = LabelRule(raw.pop("task", "regression"), raw.pop("num_classes", 0))
+        unknown = set(raw) - {"kafka", "data", "ring", "dead_letter"}
+        if unknown:
+            raise StreamtrainError(f"unknown section(s) {sorted(unknown)}; expected kafka, data, ring, dead_letter, task, num_classes")
+        return cls(
+            parse(KafkaConfig, raw.get("kafka"), "kafka"),
+            parse(DataConfig, raw.get("data"), "data"),
+            parse(RingConfig, raw.get("ring"), "ring"),
+            parse(DeadLetterConfig, raw.get("dead_letter"), "dead_letter"),
+            rule,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ Stateful
+    def state_dict(self) -> dict[str, Any]:
+        """Positions of every batch yielded so far: ``{"positions": [[topic, partition, offset, rows], ...]}``."""
+        return {"positions": [[t, p, o, r] for (t, p), (o, r) in sorted(self.positions.items())]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.ingest is not None:
+            raise StreamtrainError("load_state_dict() must be called before iterating the dataset")
+        self.positions = {(t, int(p)): (int(o), int(r)) for t, p, o, r in state.get("positions", [])}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the ingest thread (iterating does this; the daemon calls it to start early)."""
+        if self.ingest is not None:
+            return
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise StreamtrainError(
+                "KafkaIterableDataset reads every partition in one process: use DataLoader(num_workers=0); "
+                "it already prefetches in a background thread"
+            )
+        rc = self.ring_config
+        self.ring = Ring(rc.slots, rc.batch_size, self.data.width, pin_memory=self.pin_memory and torch.cuda.is_available())
+        self.source = KafkaSource(self.kafka, self.client_id)
+        dlq = DeadLetterQueue(self.kafka, self.dead_letter_config)
+        self.ingest = Ingest(
+            self.source,
+            make_decoder(self.data, self.label_rule),
+            dlq,
+            self.ring,
+            max_batch_wait_s=rc.max_batch_wait_ms / 1000.0,
+            max_messages=self.kafka.consume_batch,
+            consume_timeout_s=self.kafka.consume_timeout_ms / 1000.0,
+            refresh_every_s=self.kafka.metadata_refresh_s,
+            positions=self.positions,
+        )
+        self.ingest.start()
+
+    def close(self) -> None:
+        """Stop the ingest thread and close the consumer (and the dead-letter producer)."""
+        if self.ingest is None:
+            return
+        self.ingest.stop()
+        self.ring.close()
+        self.ingest.dead_letter.close()
+        self.source.close()
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.start()
+        try:
+            while True:
+                batch = self.next_batch(self.idle_timeout_s)
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            self.close()
+
+    def next_batch(self, timeout: float | None = None) -> Batch | None:
+        """The next batch (the previous one's slot is released); None after ``timeout`` s idle.
+
+        Raises the ingest thread's error if it failed (e.g. dead-letter topic unwritable
+        with ``on_failure=stop``).
+        """
+        self.release()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = min(0.1, max(0.0, deadline - time.monotonic()))
+            try:
+                batch = self.ring.get(wait)
+            except RingClosed:
+                if self.ring.error is not None:
+                    raise self.ring.error from None
+                return None
+            if batch is not None:
+                self._current = batch
+                self.positions.update(batch.positions)
+                if len(batch) or self.yield_empty:
+                    return batch
+                self.release()
+                continue
+            if time.monotonic() >= deadline:
+                return None
+
+    def release(self) -> None:
+        """Give the current batch's slot back to the ring (done automatically on the next batch)."""
+        batch = getattr(self, "_current", None)
+        if batch is not None:
+            self._current = None
+            self.ring.release(batch.slot)
+
+    def commit(self, positions: dict[TP, Position] | None = None) -> None:
+        """Commit positions (default: every batch yielded so far) to the consumer group."""
+        positions = dict(self.positions if positions is None else positions)
+        changed = {tp: pos for tp, pos in positions.items() if self._committed.get(tp) != pos}
+        if changed and self.source is not None:
+            self.source.commit(changed)
+            self._committed.update(changed)
+
+    @property
+    def stats(self) -> IngestStats:
+        return self.ingest.stats if self.ingest is not None else IngestStats()

@@ -1,0 +1,465 @@
+"""Turn a consumed batch of Kafka record values into feature and label arrays.
+
+One vectorized decode per batch (``b"".join`` + one ``np.frombuffer`` for raw,
+``pyarrow.json`` / ``pyarrow.csv`` over the joined lines, Arrow IPC streams with many
+rows each): decoding record by record in Python next to the trainer starves it.
+When a batch holds a record the fast path cannot parse, the batch is bisected so
+good records keep the fast path and only the bad ones are looked at one by one.
+
+Records that cannot be used are returned as :class:`Reject` with a reason from
+:data:`REASONS`; the caller counts them and sends them to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from itertools import compress
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+
+from streams.errors import DecodeError
+
+REASONS = ("undecodable", "oversized", "wrong_shape", "missing_label", "non_finite", "bad_label")
+
+_LEAF = 8  # below this many records a failing chunk is decoded one record at a time
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A record (or some rows of an Arrow record) that cannot be trained on."""
+
+    index: int  # position of the message in the consumed batch
+    reason: str  # one of REASONS
+    error: str  # what exactly was wrong, for the dead-letter headers and logs
+    rows: tuple[int, ...] = ()  # arrow: the bad rows inside the message; empty = the whole record
+
+
+@dataclass
+class Decoded:
+    """Rows decoded from a batch, in message order."""
+
+    x: np.ndarray  # (rows, width) float32
+    y: np.ndarray  # (rows,) float32
+    msg_index: np.ndarray  # (rows,) int64: the message each row came from
+    rejects: list[Reject] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, width: int) -> Decoded:
+        return cls(np.empty((0, width), np.float32), np.empty(0, np.float32), np.empty(0, np.int64))
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """Which labels a task accepts: any finite number, {0, 1}, or integers 0..C-1."""
+
+    task: str = "regression"
+    num_classes: int = 0
+
+    def check(self, y: np.ndarray) -> tuple[np.ndarray, str]:
+        """Mask of acceptable labels (finite ones only are passed in) and the rule in words."""
+        if self.task == "binary":
+            return (y == 0) | (y == 1), "binary labels must be 0 or 1"
+        if self.task == "multiclass":
+            ok = (y == np.round(y)) & (y >= 0) & (y < self.num_classes)
+            return ok, f"multiclass labels must be integers 0..{self.num_classes - 1}"
+        return np.ones(len(y), bool), ""
+
+
+class Decoder(Protocol):
+    width: int
+
+    def decode(self, values: list[bytes | None]) -> Decoded: ...
+
+
+def _finish(
+    x: np.ndarray, y: np.ndarray, idx: np.ndarray, rule: LabelRule, rejects: list[Reject], row: np.ndarray | None = None
+) -> Decoded:
+    """Common row checks (finite features, label present/finite/valid), vectorized.
+
+    ``row`` (Arrow) is each row's number inside its message, named in the rejects.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    bad = np.zeros(len(y), bool)
+    checks = []
+    missing = np.isnan(y) & _null_marker(y)
+    checks.append((missing, "missing_label", "label is missing"))
+    x_ok = np.isfinite(x).all(axis=1) if x.size else np.ones(len(y), bool)
+    checks.append((~x_ok, "non_finite", "features contain NaN or Inf"))
+    y_fin = np.isfinite(y)
+    checks.append((~y_fin & ~missing, "non_finite", "label is NaN or Inf"))
+    ok_label, rule_text = rule.check(np.where(y_fin, y, 0))
+    checks.append((y_fin & ~ok_label, "bad_label", rule_text))
+    for mask, reason, text in checks:
+        mask = mask & ~bad
+        if mask.any():
+            rejects.extend(_row_rejects(idx, mask, reason, text, y, row))
+            bad |= mask
+    if bad.any():
+        keep = ~bad
+        x, y, idx = x[keep], y[keep], idx[keep]
+    return Decoded(x, y, idx, rejects)
+
+
+# A label read as missing is marked with this NaN payload so it can be told from a real NaN.
+_MISSING = np.array([0x7FC0DEAD], dtype=np.uint32).view(np.float32)[0]
+
+
+def _null_marker(y: np.ndarray) -> np.ndarray:
+    return y.view(np.uint32) == np.uint32(0x7FC0DEAD)
+
+
+def _row_rejects(idx: np.ndarray, mask: np.ndarray, reason: str, text: str, y: np.ndarray, row: np.ndarray | None) -> list[Reject]:
+    out = []
+    for i in np.flatnonzero(mask):
+        detail = text if reason != "bad_label" else f"{text}, got {float(y[i])!r}"
+        out.append(Reject(int(idx[i]), reason, detail, (int(row[i]),) if row is not None else ()))
+    return out
+
+
+def _screen(values: list[bytes | None], max_bytes: int) -> tuple[list[int], list[Reject]]:
+    """Indices worth decoding; nulls, empties and oversized records rejected up front."""
+    lengths = np.fromiter((len(v) if v is not None else -1 for v in values), np.int64, len(values))
+    ok = (lengths > 0) & (lengths <= max_bytes)
+    if ok.all():
+        return list(range(len(values))), []
+    rejects = []
+    for i in np.flatnonzero(~ok):
+        n = int(lengths[i])
+        if n > max_bytes:
+            rejects.append(Reject(int(i), "oversized", f"record is {n} bytes, limit is {max_bytes} (data.max_record_bytes)"))
+        else:
+            rejects.append(Reject(int(i), "undecodable", "record value is empty" if n == 0 else "record value is null (tombstone)"))
+    return [int(i) for i in np.flatnonzero(ok)], rejects
+
+
+class _BisectingDecoder:
+    """Shared batch logic for the line formats: fast path, bisect on failure, leaf per record."""
+
+    width: int
+
+    def __init__(self, width: int, rule: LabelRule, max_bytes: int) -> None:
+        self.width = width
+        self.rule = rule
+        self.max_bytes = max_bytes
+
+    def decode(self, values: list[bytes | None]) -> Decoded:
+        good, rejects = _screen(values, self.max_bytes)
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        if good:
+            self._decode_range(values, good, parts, rejects)
+        if not parts:
+            return _finish(np.empty((0, self.width)), np.empty(0), np.empty(0, np.int64), self.rule, rejects)
+        x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        y = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        idx = np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+        rejects.sort(key=lambda r: r.index)
+        return _finish(x, y, idx, self.rule, rejects)
+
+    def _decode_range(self, values: list, idx: list[int], parts: list, rejects: list[Reject]) -> None:
+        chunk = [values[i] for i in idx]
+        try:
+            x, y = self._fast(chunk)
+        except (pa.ArrowException, ValueError, DecodeError):
+            if len(idx) <= _LEAF:
+                self._leaf(values, idx, parts, rejects)
+                return
+            half = len(idx) // 2
+            self._decode_range(values, idx[:half], parts, rejects)
+            self._decode_range(values, idx[half:], parts, rejects)
+            return
+        parts.append((x, y, np.asarray(idx, np.int64)))
+
+    def _leaf(self, values: list, idx: list[int], parts: list, rejects: list[Reject]) -> None:
+        xs, ys, ok = [], [], []
+        for i in idx:
+            try:
+                fx, fy = self._one(values[i])
+            except DecodeError as exc:
+                rejects.append(Reject(i, exc.reason, exc.message))
+                continue
+            xs.append(fx)
+            ys.append(fy)
+            ok.append(i)
+        if ok:
+            parts.append((np.asarray(xs, np.float64).reshape(len(ok), self.width), np.asarray(ys, np.float64), np.asarray(ok, np.int64)))
+
+    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _one(self, value: bytes) -> tuple[list[float], float]:
+        raise NotImplementedError
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    """A float64 column as numpy, nulls marked with the missing-label NaN payload."""
+    col = table.column(name)
+    arr = col.to_numpy() if col.null_count == 0 else pc.fill_null(col, float(_MISSING)).to_numpy()
+    if col.null_count:
+        arr = arr.astype(np.float32)
+        arr[pc.is_null(col).to_numpy(zero_copy_only=False)] = _MISSING
+    return arr
+
+
+def _label_value(record: dict, label: str) -> float:
+    if label not in record or record[label] is None:
+        raise DecodeError("missing_label", f"field {label!r} is missing")
+    v = record[label]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise DecodeError("missing_label", f"field {label!r} must be a number, got {v!r}")
+    return float(v)
+
+
+def _check_finite(fx: list[float], fy: float) -> None:
+    if not all(math.isfinite(v) for v in fx):
+        raise DecodeError("non_finite", "features contain NaN or Inf")
+    if not math.isfinite(fy):
+        raise DecodeError("non_finite", "label is NaN or Inf")
+
+
+class JsonDecoder(_BisectingDecoder):
+    """One JSON object per record: named feature fields, or one vector field, plus a label."""
+
+    def __init__(
+        self, features: tuple[str, ...], label: str, feature_field: str | None, width: int, rule: LabelRule, max_bytes: int
+    ) -> None:
+        super().__init__(width, rule, max_bytes)
+        self.features = features
+        self.label = label
+        self.feature_field = feature_field
+        fields = [pa.field(f, pa.float64()) for f in features]
+        if feature_field:
+            fields.append(pa.field(feature_field, pa.list_(pa.float64())))
+        fields.append(pa.field(label, pa.float64()))
+        self._parse = pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore")
+        self._parse_ml = pa_json.ParseOptions(
+            explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore", newlines_in_values=True
+        )
+        self._read = pa_json.ReadOptions(use_threads=False, block_size=1 << 24)
+
+    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        joined = b"\n".join(chunk)
+        multiline = joined.count(b"\n") != len(chunk) - 1
+        table = pa_json.read_json(io.BytesIO(joined), read_options=self._read, parse_options=self._parse_ml if multiline else self._parse)
+        if table.num_rows != len(chunk):
+            raise DecodeError("undecodable", "row count mismatch")
+        if self.feature_field:
+            col = table.column(self.feature_field).combine_chunks()
+            if col.null_count or not pc.all(pc.equal(pc.list_value_length(col), self.width)).as_py():
+                raise DecodeError("wrong_shape", "vector length")
+            x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), self.width)
+        else:
+            if any(table.column(f).null_count for f in self.features):
+                raise DecodeError("wrong_shape", "missing feature")
+            x = np.column_stack([table.column(f).to_numpy() for f in self.features]) if self.features else np.empty((len(chunk), 0))
+        return x, _column(table, self.label)
+
+    def _one(self, value: bytes) -> tuple[list[float], float]:
+        try:
+            record = json.loads(value)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DecodeError("undecodable", f"not valid JSON: {exc}") from None
+        if not isinstance(record, dict):
+            raise DecodeError("wrong_shape", f"expected a JSON object, got {type(record).__name__}")
+        if self.feature_field:
+            vec = record.get(self.feature_field)
+            if not isinstance(vec, list) or len(vec) != self.width:
+                got = f"{len(vec)} values" if isinstance(vec, list) else repr(vec)
+                raise DecodeError("wrong_shape", f"field {self.feature_field!r} must be a list of {self.width} numbers, got {got}")
+            fx = vec
+        else:
+            missing = [f for f in self.features if record.get(f) is None]
+            if missing:
+                raise DecodeError("wrong_shape", f"missing feature field(s) {missing[:5]}")
+            fx = [record[f] for f in self.features]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fx):
+            raise DecodeError("wrong_shape", "every feature must be a number")
+        fy = _label_value(record, self.label)
+        fx = [float(v) for v in fx]
+        _check_finite(fx, fy)
+        return fx, fy
+
+
+class CsvDecoder(_BisectingDecoder):
+    """One CSV line per record, no header; column names from the config."""
+
+    def __init__(
+        self, columns: tuple[str, ...], features: tuple[str, ...], label: str, delimiter: str, rule: LabelRule, max_bytes: int
+    ) -> None:
+        super().__init__(len(features), rule, max_bytes)
+        self.columns = columns
+        self.features = features
+        self.label = label
+        wanted = [*features, label]
+        self._read = pa_csv.ReadOptions(column_names=list(columns), use_threads=False, block_size=1 << 24)
+        self._parse = pa_csv.ParseOptions(delimiter=delimiter)
+        self._convert = pa_csv.ConvertOptions(
+            column_types={c: pa.float64() for c in wanted}, include_columns=wanted, null_values=[""], strings_can_be_null=False
+        )
+
+    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        joined = b"\n".join(v.rstrip(b"\r\n") for v in chunk)
+        if joined.count(b"\n") != len(chunk) - 1:
+            raise DecodeError("wrong_shape", "a record holds more than one line")
+        table = pa_csv.read_csv(io.BytesIO(joined + b"\n"), self._read, self._parse, self._convert)
+        if table.num_rows != len(chunk):
+            raise DecodeError("wrong_shape", "row count mismatch")
+        if any(table.column(f).null_count for f in self.features):
+            raise DecodeError("wrong_shape", "empty feature")
+        x = np.column_stack([table.column(f).to_numpy() for f in self.features])
+        return x, _column(table, self.label)
+
+    def _one(self, value: bytes) -> tuple[list[float], float]:
+        line = value.rstrip(b"\r\n")
+        if b"\n" in line:
+            raise DecodeError("wrong_shape", "a CSV record must be one line")
+        try:
+            table = pa_csv.read_csv(io.BytesIO(line + b"\n"), self._read, self._parse, self._convert)
+        except pa.ArrowInvalid as exc:
+            text = str(exc)
+            reason = "wrong_shape" if "columns" in text or "conversion" in text.lower() else "undecodable"
+            raise DecodeError(reason, text.splitlines()[0][:300]) from None
+        if any(table.column(f).null_count for f in self.features):
+            raise DecodeError("wrong_shape", "a feature column is empty")
+        if table.column(self.label).null_count:
+            raise DecodeError("missing_label", f"column {self.label!r} is empty")
+        fx = [float(table.column(f)[0].as_py()) for f in self.features]
+        fy = float(table.column(self.label)[0].as_py())
+        _check_finite(fx, fy)
+        return fx, fy
+
+
+class RawDecoder:
+    """Little-endian float32 features followed by the label: ``4 * (width + 1)`` bytes."""
+
+    def __init__(self, width: int, rule: LabelRule, max_bytes: int) -> None:
+        self.width = width
+        self.rule = rule
+        self.max_bytes = max_bytes
+        self.record_bytes = 4 * (width + 1)
+
+    def decode(self, values: list[bytes | None]) -> Decoded:
+        n = len(values)
+        lengths = np.fromiter((len(v) if v is not None else -1 for v in values), np.int64, n)
+        ok = lengths == self.record_bytes
+        rejects: list[Reject] = []
+        if ok.all():
+            good = values
+            idx = np.arange(n, dtype=np.int64)
+        else:
+            for i in np.flatnonzero(~ok):
+                got = int(lengths[i])
+                if got > self.max_bytes:
+                    rejects.append(Reject(int(i), "oversized", f"record is {got} bytes, limit is {self.max_bytes} (data.max_record_bytes)"))
+                elif got < 0:
+                    rejects.append(Reject(int(i), "undecodable", "record value is null (tombstone)"))
+                else:
+                    rejects.append(
+                        Reject(
+                            int(i),
+                            "wrong_shape",
+                            f"raw record must be {self.record_bytes} bytes ({self.width} features + label as float32), got {got}",
+                        )
+                    )
+            good = list(compress(values, ok))
+            idx = np.flatnonzero(ok).astype(np.int64)
+        flat = np.frombuffer(b"".join(good), dtype="<f4").reshape(len(good), self.width + 1)
+        return _finish(flat[:, : self.width], flat[:, self.width], idx, self.rule, rejects)
+
+
+class ArrowDecoder:
+    """An Arrow IPC stream per record, many rows each; bad rows rejected, good rows kept."""
+
+    def __init__(
+        self, features: tuple[str, ...], label: str, feature_field: str | None, width: int, rule: LabelRule, max_bytes: int
+    ) -> None:
+        self.features = features
+        self.label = label
+        self.feature_field = feature_field
+        self.width = width
+        self.rule = rule
+        self.max_bytes = max_bytes
+
+    def decode(self, values: list[bytes | None]) -> Decoded:
+        good, rejects = _screen(values, self.max_bytes)
+        xs, ys, idxs = [], [], []
+        for i in good:
+            try:
+                x, y = self._one(values[i])
+            except DecodeError as exc:
+                rejects.append(Reject(i, exc.reason, exc.message))
+                continue
+            xs.append(x)
+            ys.append(y)
+            idxs.append(np.full(len(y), i, np.int64))
+        if not xs:
+            return _finish(np.empty((0, self.width)), np.empty(0), np.empty(0, np.int64), self.rule, rejects)
+        rows = np.concatenate([np.arange(len(a)) for a in idxs])
+        out = _finish(np.concatenate(xs), np.concatenate(ys), np.concatenate(idxs), self.rule, [], rows)
+        rejects.extend(_group_rows(out.rejects))
+        rejects.sort(key=lambda r: r.index)
+        out.rejects = rejects
+        return out
+
+    def _one(self, value: bytes) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
+        except (pa.ArrowException, OSError) as exc:
+            raise DecodeError("undecodable", f"not an Arrow IPC stream: {exc}") from None
+        names = set(table.column_names)
+        wanted = [self.feature_field] if self.feature_field else list(self.features)
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise DecodeError("wrong_shape", f"Arrow stream lacks column(s) {missing[:5]}")
+        if self.label not in names:
+            raise DecodeError("missing_label", f"Arrow stream lacks the label column {self.label!r}")
+        try:
+            if self.feature_field:
+                col = table.column(self.feature_field).combine_chunks()
+                if col.null_count or (len(col) and not pc.all(pc.equal(pc.list_value_length(col), self.width)).as_py()):
+                    raise DecodeError("wrong_shape", f"column {self.feature_field!r} must hold lists of {self.width} numbers")
+                x = col.flatten().cast(pa.float64()).to_numpy(zero_copy_only=False).reshape(len(col), self.width)
+            else:
+                if any(table.column(f).null_count for f in self.features):
+                    raise DecodeError("wrong_shape", "a feature column has nulls")
+                x = np.column_stack([table.column(f).cast(pa.float64()).to_numpy() for f in self.features])
+            y = _column(
+                table.set_column(table.column_names.index(self.label), self.label, table.column(self.label).cast(pa.float64())), self.label
+            )
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise DecodeError("wrong_shape", f"columns must be numeric: {exc}") from None
+        return x, y
+
+
+def _group_rows(row_rejects: list[Reject]) -> list[Reject]:
+    """Arrow: fold row-level rejects into one reject per message, naming its bad rows."""
+    by_msg: dict[int, list[Reject]] = {}
+    for r in row_rejects:
+        by_msg.setdefault(r.index, []).append(r)
+    return [
+        Reject(msg, rs[0].reason, f"{len(rs)} row(s) rejected; first: {rs[0].error}", tuple(r.rows[0] for r in rs))
+        for msg, rs in by_msg.items()
+    ]
+
+
+def make_decoder(data: object, rule: LabelRule) -> Decoder:
+    """The decoder for a :class:`daemon.config.DataConfig`-shaped object."""
+    fmt = data.format
+    if fmt == "raw":
+        return RawDecoder(data.width, rule, data.max_record_bytes)
+    if fmt == "json":
+        return JsonDecoder(tuple(data.features), data.label, data.feature_field, data.width, rule, data.max_record_bytes)
+    if fmt == "csv":
+        columns = tuple(data.csv.columns) or (*data.features, data.label)
+        return CsvDecoder(columns, tuple(data.features), data.label, data.csv.delimiter, rule, data.max_record_bytes)
+    if fmt == "arrow":
+        return ArrowDecoder(tuple(data.features), data.label, data.feature_field, data.width, rule, data.max_record_bytes)
+    raise ValueError(f"unknown data.format {fmt!r}")

@@ -1,0 +1,327 @@
+"""The ingest thread: consume, decode, dead-letter the rejects, fill the ring.
+
+One thread runs the whole producer side of the ring.  A consumed batch is decoded at
+once; its rows are copied into ring slots, and each slot closes when full or
+``max_batch_wait_ms`` after its first row, so slow streams still train promptly.
+
+Each slot carries the position every partition reaches with it: ``(offset, rows)``
+means "records before ``offset`` are done, and the first ``rows`` rows of the record
+at ``offset`` too" -- an Arrow record's rows can be split across two batches, and
+after a restart the rows already trained are skipped, so nothing trains twice.
+A record that produced no rows (rejected) counts as done only after its
+dead-letter copy is acknowledged.
+
+When the ring is full the consumer is paused (librdkafka stops fetching) and resumed
+when a slot frees: memory stays bounded by the ring, the decoded batch in hand and
+librdkafka's queue bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streams.deadletter import DeadLetter, DeadLetterQueue
+from streams.decode import Decoder
+from streams.errors import KafkaSourceError
+from streams.ring import Position, Ring, RingClosed
+from streams.ring import TopicPartition as TP
+from streams.source import KafkaSource
+
+log = logging.getLogger("streamtrain.ingest")
+
+
+@dataclass
+class IngestStats:
+    """Counters kept by the ingest thread, read at scrape time (plain ints: no locks on the hot path)."""
+
+    messages: int = 0
+    bytes: int = 0
+    rows: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> records (rows for Arrow)
+    batches: int = 0
+    decode_seconds: float = 0.0
+    consume_calls: int = 0
+    consumer_errors: int = 0
+
+
+@dataclass
+class _Pending:
+    """A decoded consumed batch whose rows are being placed into slots."""
+
+    x: np.ndarray
+    y: np.ndarray
+    part: np.ndarray  # per message: index into tps
+    offset: np.ndarray  # per message
+    ts: np.ndarray  # per message: record timestamp, unix seconds (nan if none)
+    row_start: np.ndarray  # per message: first row
+    row_end: np.ndarray  # per message: one past the last row
+    row_base: np.ndarray  # per message: rows skipped before the first decoded row (resume inside a record)
+    msg_of_row: np.ndarray
+    tps: list[TP]
+    has_ts: bool = True
+    row: int = 0  # next row to place
+    done: int = 0  # messages fully handled
+
+
+class Ingest:
+    """Runs the source -> decoder -> dead-letter -> ring loop on its own thread."""
+
+    def __init__(
+        self,
+        source: KafkaSource,
+        decoder: Decoder,
+        dead_letter: DeadLetterQueue,
+        ring: Ring,
+        *,
+        max_batch_wait_s: float,
+        max_messages: int,
+        consume_timeout_s: float,
+        refresh_every_s: float,
+        positions: dict[TP, Position] | None = None,
+    ) -> None:
+        self.source = source
+        self.decoder = decoder
+        self.dead_letter = dead_letter
+        self.ring = ring
+        self.max_batch_wait_s = max_batch_wait_s
+        self.max_messages = max_messages
+        self.consume_timeout_s = consume_timeout_s
+        self.refresh_every_s = refresh_every_s
+        self.start_positions = dict(positions or {})
+        self.stats = IngestStats()
+        self.stop_event = dead_letter.stop
+        self.opened = threading.Event()
+        self._positions: dict[TP, Position] = dict(self.start_positions)
+        # resume inside a record: skip the rows of it that were already trained
+        self._skip = {tp: pos for tp, pos in self.start_positions.items() if pos[1] > 0}
+        self._pending: _Pending | None = None
+        self._slot: int | None = None
+        self._fill = 0
+        self._slot_positions: dict[TP, Position] = {}
+        self._slot_oldest = math.inf
+        self._slot_deadline = math.inf
+        self._thread: threading.Thread | None = None
+        self._tp_index: dict[TP, int] = {}
+        self._tps: list[TP] = []
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="streamtrain-ingest", daemon=True)
+        self._thread.start()
+        self._watcher = threading.Thread(target=self._watch, name="streamtrain-metadata", daemon=True)
+        self._watcher.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if getattr(self, "_watcher", None) is not None:
+            self._watcher.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ threads
+    def _run(self) -> None:
+        try:
+            self._open()
+            while not self.stop_event.is_set():
+                self._step()
+        except RingClosed:
+            pass
+        except BaseException as exc:  # surfaced to the trainer through the ring
+            log.error("ingest stopped: %s", exc)
+            self.ring.close(exc)
+        finally:
+            if self._slot is not None and self._fill == 0 and not self._slot_positions:
+                self.ring.give_back(self._slot)
+                self._slot = None
+
+    def _open(self) -> None:
+        delay = 0.5
+        while not self.stop_event.is_set():
+            try:
+                self.source.open(self.start_positions)
+                self.opened.set()
+                return
+            except KafkaSourceError as exc:
+                self.source.close()
+                log.warning("%s; retrying in %.0f s", exc, delay)
+                if self.stop_event.wait(delay):
+                    return
+                delay = min(delay * 2, 10.0)
+
+    def _watch(self) -> None:
+        """Metadata refresh off the ingest thread: new partitions, broker reachability, listed watermarks."""
+        while not self.stop_event.wait(self.refresh_every_s):
+            if self.opened.is_set():
+                self.source.refresh(timeout=min(5.0, self.refresh_every_s))
+
+    # ------------------------------------------------------------------ one turn of the loop
+    def _step(self) -> None:
+        if self._pending is not None:
+            if not self._place():
+                # ring full: stop fetching until the trainer frees a slot
+                self.source.pause()
+                self.ring.wait_free(0.05)
+                self._flush_if_due()
+                return
+        self._flush_if_due()
+        if self.source.paused:
+            self.source.resume()
+        new = self.source.apply_new_partitions(self.start_positions)
+        if new:
+            log.info("picked up %d new partition(s): %s", len(new), ", ".join(f"{t}[{p}]" for t, p in new))
+        timeout = self.consume_timeout_s
+        if self._fill or self._slot_positions:
+            timeout = max(0.0, min(timeout, self._slot_deadline - time.monotonic()))
+        msgs = self.source.consume(self.max_messages, timeout)
+        self.stats.consume_calls += 1
+        if msgs:
+            self._ingest(msgs)
+
+    def _flush_if_due(self) -> None:
+        if (self._fill or self._slot_positions) and time.monotonic() >= self._slot_deadline:
+            self._publish()
+
+    def _ingest(self, msgs: list) -> None:
+        values, parts, offsets, stamps, good = [], [], [], [], []
+        tp_index = self._tp_index
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                self.stats.consumer_errors += 1
+                self.source.message_error(err)
+                continue
+            tp = (m.topic(), m.partition())
+            i = tp_index.get(tp)
+            if i is None:
+                i = tp_index[tp] = len(self._tps)
+                self._tps.append(tp)
+            values.append(m.value())
+            parts.append(i)
+            offsets.append(m.offset())
+            stamps.append(m.timestamp()[1])
+            good.append(m)
+        if not good:
+            return
+        self.source.note_fetched()
+        n = len(good)
+        self.stats.messages += n
+        t0 = time.perf_counter()
+        decoded = self.decoder.decode(values)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.bytes += sum(len(v) for v in values if v is not None)
+        part = np.asarray(parts, np.int32)
+        offset = np.asarray(offsets, np.int64)
+        ts = np.asarray(stamps, np.float64) / 1000.0
+        ts[ts <= 0] = np.nan
+        x, y, msg_of_row = decoded.x, decoded.y, decoded.msg_index
+        row_base = np.zeros(n, np.int64)
+        if self._skip:
+            x, y, msg_of_row = self._skip_trained_rows(part, offset, x, y, msg_of_row, row_base)
+        if decoded.rejects:
+            self._reject(decoded.rejects, good)
+        counts = np.bincount(msg_of_row, minlength=n) if len(msg_of_row) else np.zeros(n, np.int64)
+        row_end = np.cumsum(counts)
+        self.stats.rows += len(y)
+        has_ts = not np.isnan(ts).all()
+        self._pending = _Pending(x, y, part, offset, ts, row_end - counts, row_end, row_base, msg_of_row, self._tps, has_ts)
+        self._place()
+
+    def _skip_trained_rows(self, part, offset, x, y, msg_of_row, row_base):
+        """Drop the rows of a record that the snapshot says were already trained."""
+        keep = np.ones(len(y), bool)
+        for tp, (off, rows) in list(self._skip.items()):
+            i = self._tp_index.get(tp)
+            hit = np.flatnonzero((part == i) & (offset == off)) if i is not None else []
+            if len(hit):
+                m = int(hit[0])
+                mine = np.flatnonzero(msg_of_row == m)
+                keep[mine[:rows]] = False
+                row_base[m] = rows
+                del self._skip[tp]
+            elif i is not None and (part == i).any():
+                del self._skip[tp]  # the record is gone (retention); nothing to skip
+        return x[keep], y[keep], msg_of_row[keep]
+
+    def _reject(self, rejects: list, msgs: list) -> None:
+        letters = []
+        for r in rejects:
+            m = msgs[r.index]
+            letters.append(DeadLetter(m.topic(), m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value(), r))
+            n = len(r.rows) or 1
+            self.stats.rejected[r.reason] = self.stats.rejected.get(r.reason, 0) + n
+        first = letters[0]
+        log.debug(
+            "rejected %d record(s); first at %s[%d]@%d: %s", len(letters), first.topic, first.partition, first.offset, first.reject.error
+        )
+        self.dead_letter.send(letters)
+
+    # ------------------------------------------------------------------ slots
+    def _place(self) -> bool:
+        """Copy pending rows into slots; False if the ring is full before all are placed."""
+        p = self._pending
+        total = len(p.y)
+        while True:
+            if self._slot is None:
+                self._slot = self.ring.acquire(timeout=0)
+                if self._slot is None:
+                    return False
+                self._fill = 0
+            k = min(total - p.row, self.ring.batch_size - self._fill)
+            if k > 0:
+                s, f, r = self._slot, self._fill, p.row
+                self.ring.x_np[s, f : f + k] = p.x[r : r + k]
+                self.ring.y_np[s, f : f + k] = p.y[r : r + k]
+                if p.has_ts:
+                    oldest = np.nanmin(p.ts[p.msg_of_row[r : r + k]])
+                    if not math.isnan(oldest):
+                        self._slot_oldest = min(self._slot_oldest, oldest)
+                self._fill += k
+                p.row += k
+            self._advance_positions(p)
+            if self._slot_deadline == math.inf and (self._fill or self._slot_positions):
+                self._slot_deadline = time.monotonic() + self.max_batch_wait_s
+            if self._fill == self.ring.batch_size:
+                self._publish()
+            if p.row == total:
+                self._pending = None
+                return True
+
+    def _advance_positions(self, p: _Pending) -> None:
+        """Positions reached once rows before ``p.row`` are placed."""
+        done = int(np.searchsorted(p.row_end, p.row, side="right")) if p.row < len(p.y) else len(p.offset)
+        if done > p.done:
+            seg = p.part[p.done : done][::-1]
+            parts, first = np.unique(seg, return_index=True)
+            for i, j in zip(parts.tolist(), first.tolist()):
+                last = done - 1 - j
+                self._set_position(p.tps[i], (int(p.offset[last]) + 1, 0))
+            p.done = done
+        if done < len(p.offset) and p.row_start[done] < p.row:
+            # a record split across slots: note how many of its rows are placed
+            self._set_position(p.tps[p.part[done]], (int(p.offset[done]), int(p.row_base[done] + p.row - p.row_start[done])))
+
+    def _set_position(self, tp: TP, pos: Position) -> None:
+        self._slot_positions[tp] = pos
+        self._positions[tp] = pos
+
+    def _publish(self) -> None:
+        if self._slot is None:  # nothing placed since the last publish
+            return
+        oldest = self._slot_oldest if self._slot_oldest != math.inf else math.nan
+        self.ring.publish(self._slot, self._fill, self._slot_positions, oldest)
+        self.stats.batches += 1
+        self._slot = None
+        self._fill = 0
+        self._slot_positions = {}
+        self._slot_oldest = math.inf
+        self._slot_deadline = math.inf

@@ -1,0 +1,135 @@
+"""A bounded ring of preallocated batch slots between the ingest thread and the trainer.
+
+Slots are allocated once (pinned host memory when CUDA is available, so host-to-device
+copies can be asynchronous) and reused; the ring's size therefore bounds the memory
+of the data path.  Each published slot carries the Kafka positions reached by the
+records inside it, so whoever trains a batch knows exactly which offsets it covers.
+
+One producer thread fills slots (:meth:`acquire` / :meth:`publish`); one consumer
+takes them (:meth:`get`) and gives them back (:meth:`release`) when it no longer
+reads the slot's memory.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+Position = tuple[int, int]  # (next offset to read, rows of that record already taken)
+TopicPartition = tuple[str, int]
+
+
+@dataclass
+class Batch:
+    """A batch of samples and the Kafka positions it brings the stream to.
+
+    ``x``/``y`` are views of a ring slot: valid until the slot is released (the dataset
+    releases it when the next batch is asked for).  A batch may hold zero samples when
+    it only advances positions (every record in it was rejected).
+    """
+
+    x: torch.Tensor  # (n, width) float32
+    y: torch.Tensor  # (n,) float32
+    positions: dict[TopicPartition, Position] = field(default_factory=dict)
+    oldest_timestamp: float = math.nan  # unix seconds of the oldest record inside
+    slot: int = -1
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def pin_memory(self) -> Batch:
+        """Lets ``DataLoader(pin_memory=True)`` pin a batch (slots are already pinned on CUDA)."""
+        if self.x.is_pinned():
+            return self
+        return Batch(self.x.pin_memory(), self.y.pin_memory(), dict(self.positions), self.oldest_timestamp, -1)
+
+
+class RingClosed(Exception):
+    """The ring was closed (shutdown, or the producer failed: see :attr:`Ring.error`)."""
+
+
+class Ring:
+    """``slots`` preallocated slots of ``batch_size`` x ``width`` float32 features and labels."""
+
+    def __init__(self, slots: int, batch_size: int, width: int, pin_memory: bool = False) -> None:
+        self.slots = slots
+        self.batch_size = batch_size
+        self.width = width
+        self.x = torch.empty((slots, batch_size, width), dtype=torch.float32, pin_memory=pin_memory)
+        self.y = torch.empty((slots, batch_size), dtype=torch.float32, pin_memory=pin_memory)
+        # numpy views of the same memory: the producer writes through these
+        self.x_np = self.x.numpy()
+        self.y_np = self.y.numpy()
+        self._free: deque[int] = deque(range(slots))
+        self._ready: deque[tuple[int, int, dict, float]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.error: BaseException | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.numel() * 4 + self.y.numel() * 4
+
+    def fill(self) -> int:
+        """Slots published and not yet taken by the consumer."""
+        return len(self._ready)
+
+    def free(self) -> int:
+        return len(self._free)
+
+    # ------------------------------------------------------------------ producer side
+    def acquire(self, timeout: float) -> int | None:
+        """A free slot to fill, or None if none frees up within ``timeout`` seconds."""
+        with self._cond:
+            if not self._free and not self._closed:
+                self._cond.wait_for(lambda: self._free or self._closed, timeout)
+            if self._closed:
+                raise RingClosed
+            return self._free.popleft() if self._free else None
+
+    def publish(self, slot: int, n: int, positions: dict[TopicPartition, Position], oldest_timestamp: float) -> None:
+        with self._cond:
+            self._ready.append((slot, n, positions, oldest_timestamp))
+            self._cond.notify_all()
+
+    def give_back(self, slot: int) -> None:
+        """Return an acquired slot unused (the producer is stopping)."""
+        self.release(slot)
+
+    # ------------------------------------------------------------------ consumer side
+    def get(self, timeout: float | None = None) -> Batch | None:
+        """The next published batch, or None after ``timeout`` seconds with none ready."""
+        with self._cond:
+            if not self._ready and not self._closed:
+                self._cond.wait_for(lambda: self._ready or self._closed, timeout)
+            if self._ready:
+                slot, n, positions, ts = self._ready.popleft()
+                return Batch(self.x[slot, :n], self.y[slot, :n], positions, ts, slot)
+            if self._closed:
+                raise RingClosed
+            return None
+
+    def release(self, slot: int) -> None:
+        with self._cond:
+            self._free.append(slot)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ both
+    def close(self, error: BaseException | None = None) -> None:
+        """Wake every waiter; batches already published can still be taken."""
+        with self._cond:
+            if error is not None and self.error is None:
+                self.error = error
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait_free(self, timeout: float) -> bool:
+        """Wait until a slot is free (used to decide when to resume fetching)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            return self._cond.wait_for(lambda: self._free or self._closed, max(0.0, deadline - time.monotonic()))
