@@ -167,9 +167,14 @@ class RingConfig:
     batch_size: int = opt(256, "Samples per training batch (1 works).")
     slots: int = opt(8, "Preallocated batch slots in the prefetch ring; bounds memory.")
     max_batch_wait_ms: int = opt(50, "A batch closes at batch_size samples or after this long, whichever is first.")
+    pause_after_ms: int = opt(
+        1000,
+        "Pause fetching once the ring has stayed full this long (a slow or stalled trainer); "
+        "pausing drops librdkafka's prefetched records, so brief full spells only wait.",
+    )
 
     def _validate(self) -> list[tuple[str, str]]:
-        problems = positive(self, "batch_size", "max_batch_wait_ms")
+        problems = positive(self, "batch_size", "max_batch_wait_ms", "pause_after_ms")
         if self.slots < 2:
             problems.append(("slots", f"must be >= 2 (one filling while one trains), got {self.slots}"))
         return problems
@@ -269,6 +274,8 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     broken = set()
     for name in fields:
         if name not in raw:
+            if dataclasses.is_dataclass(hints[name]):  # an absent section still gets its checks
+                kwargs[name] = _build(hints[name], {}, f"{prefix}{name}", problems)
             continue
         before = len(problems)
         value = _convert(raw[name], hints[name], f"{prefix}{name}", problems)

@@ -122,6 +122,7 @@ class KafkaIterableDataset(IterableDataset):
             max_messages=self.kafka.consume_batch,
             consume_timeout_s=self.kafka.consume_timeout_ms / 1000.0,
             refresh_every_s=self.kafka.metadata_refresh_s,
+            pause_after_s=rc.pause_after_ms / 1000.0,
             positions=self.positions,
         )
         self.ingest.start()
@@ -134,6 +135,8 @@ class KafkaIterableDataset(IterableDataset):
         self.ring.close()
         self.ingest.dead_letter.close()
         self.source.close()
+        self._last_stats = self.ingest.stats
+        self.ingest = None  # iterating again starts over from self.positions
 
     def __iter__(self) -> Iterator[Batch]:
         self.start()
@@ -152,6 +155,7 @@ class KafkaIterableDataset(IterableDataset):
         Raises the ingest thread's error if it failed (e.g. dead-letter topic unwritable
         with ``on_failure=stop``).
         """
+        self.start()  # no-op once started; without it a first next_batch() would find no ring
         self.release()
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         while True:
@@ -189,4 +193,6 @@ class KafkaIterableDataset(IterableDataset):
 
     @property
     def stats(self) -> IngestStats:
-        return self.ingest.stats if self.ingest is not None else IngestStats()
+        if self.ingest is not None:
+            return self.ingest.stats
+        return getattr(self, "_last_stats", None) or IngestStats()

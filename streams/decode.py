@@ -246,6 +246,9 @@ class JsonDecoder(_BisectingDecoder):
         self._read = pa_json.ReadOptions(use_threads=False, block_size=1 << 24)
 
     def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        if any(map(bytes.isspace, chunk)):
+            # a blank record parses to no row: with a two-object record next to it the row count would match
+            raise DecodeError("undecodable", "a blank record")
         joined = b"\n".join(chunk)
         multiline = joined.count(b"\n") != len(chunk) - 1
         table = pa_json.read_json(io.BytesIO(joined), read_options=self._read, parse_options=self._parse_ml if multiline else self._parse)
@@ -253,9 +256,10 @@ class JsonDecoder(_BisectingDecoder):
             raise DecodeError("undecodable", "row count mismatch")
         if self.feature_field:
             col = table.column(self.feature_field).combine_chunks()
-            if col.null_count or not pc.all(pc.equal(pc.list_value_length(col), self.width)).as_py():
-                raise DecodeError("wrong_shape", "vector length")
-            x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), self.width)
+            flat = col.flatten()
+            if col.null_count or flat.null_count or not pc.all(pc.equal(pc.list_value_length(col), self.width)).as_py():
+                raise DecodeError("wrong_shape", "vector length or a null value")
+            x = flat.to_numpy(zero_copy_only=False).reshape(len(chunk), self.width)
         else:
             if any(table.column(f).null_count for f in self.features):
                 raise DecodeError("wrong_shape", "missing feature")
@@ -359,8 +363,10 @@ class RawDecoder:
                 got = int(lengths[i])
                 if got > self.max_bytes:
                     rejects.append(Reject(int(i), "oversized", f"record is {got} bytes, limit is {self.max_bytes} (data.max_record_bytes)"))
-                elif got < 0:
-                    rejects.append(Reject(int(i), "undecodable", "record value is null (tombstone)"))
+                elif got <= 0:
+                    rejects.append(
+                        Reject(int(i), "undecodable", "record value is empty" if got == 0 else "record value is null (tombstone)")
+                    )
                 else:
                     rejects.append(
                         Reject(
@@ -440,14 +446,15 @@ class ArrowDecoder:
 
 
 def _group_rows(row_rejects: list[Reject]) -> list[Reject]:
-    """Arrow: fold row-level rejects into one reject per message, naming its bad rows."""
-    by_msg: dict[int, list[Reject]] = {}
+    """Arrow: fold row-level rejects into one reject per message and reason, naming the bad rows."""
+    by_msg: dict[tuple[int, str], list[Reject]] = {}
     for r in row_rejects:
-        by_msg.setdefault(r.index, []).append(r)
-    return [
-        Reject(msg, rs[0].reason, f"{len(rs)} row(s) rejected; first: {rs[0].error}", tuple(r.rows[0] for r in rs))
-        for msg, rs in by_msg.items()
-    ]
+        by_msg.setdefault((r.index, r.reason), []).append(r)
+    out = []
+    for (msg, _reason), rs in by_msg.items():
+        rs.sort(key=lambda r: r.rows[0])
+        out.append(Reject(msg, rs[0].reason, f"{len(rs)} row(s) rejected; first: {rs[0].error}", tuple(r.rows[0] for r in rs)))
+    return out
 
 
 def make_decoder(data: object, rule: LabelRule) -> Decoder:

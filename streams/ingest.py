@@ -83,6 +83,7 @@ class Ingest:
         max_messages: int,
         consume_timeout_s: float,
         refresh_every_s: float,
+        pause_after_s: float = 1.0,
         positions: dict[TP, Position] | None = None,
     ) -> None:
         self.source = source
@@ -93,6 +94,8 @@ class Ingest:
         self.max_messages = max_messages
         self.consume_timeout_s = consume_timeout_s
         self.refresh_every_s = refresh_every_s
+        self.pause_after_s = pause_after_s
+        self._full_since: float | None = None
         self.start_positions = dict(positions or {})
         self.stats = IngestStats()
         self.stop_event = dead_letter.stop
@@ -168,11 +171,18 @@ class Ingest:
     def _step(self) -> None:
         if self._pending is not None:
             if not self._place():
-                # ring full: stop fetching until the trainer frees a slot
-                self.source.pause()
+                # Ring full.  Pausing purges librdkafka's prefetched records (a refetch on
+                # resume: 830k -> 155k msg/s measured when done often), so only a ring that
+                # stays full -- a slow or stalled trainer -- pauses fetching.
+                now = time.monotonic()
+                if self._full_since is None:
+                    self._full_since = now
+                elif now - self._full_since >= self.pause_after_s:
+                    self.source.pause()
                 self.ring.wait_free(0.05)
                 self._flush_if_due()
                 return
+            self._full_since = None
         self._flush_if_due()
         if self.source.paused:
             self.source.resume()

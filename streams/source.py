@@ -11,8 +11,11 @@ partitions, or a configured topic created after start) are found by a metadata
 refresh and read from their beginning.
 
 Only the ingest thread calls :meth:`consume`, :meth:`pause`, :meth:`resume` and
-:meth:`apply_new_partitions`; :meth:`refresh`, :meth:`commit` and :meth:`lag` are
-safe from other threads (librdkafka's calls are thread-safe).
+:meth:`apply_new_partitions`; :meth:`refresh`, :meth:`commit` and :meth:`high_watermarks`
+are safe from other threads.  confluent-kafka serializes calls on one ``Consumer``
+across threads, and the ingest thread is nearly always inside ``consume()``: a call
+from another thread on that consumer could wait indefinitely.  So other threads use
+a second consumer of their own (no assignment, never fetches).
 """
 
 from __future__ import annotations
@@ -60,12 +63,15 @@ class KafkaSource:
         self.kafka = kafka
         self.client_id = client_id
         self.consumer: Consumer | None = None
+        self._side: Consumer | None = None  # for the calls made from other threads
         self.assigned: dict[TP, int] = {}  # partition -> the offset reading started at
         self.paused = False
         self.pauses = 0
         self._pending_new: list[TopicPartition] = []
         self._lock = threading.Lock()
         self._listed_hwm: dict[TP, int] = {}
+        self._fetched_hwm: dict[TP, int] = {}  # cached fetch watermarks, noted by the ingest thread
+        self._hwm_noted = 0.0
         self._last_ok = 0.0  # monotonic time of the last successful broker round trip
         self._last_error: str | None = None
         self.errors: dict[str, int] = {}
@@ -73,8 +79,10 @@ class KafkaSource:
     # ------------------------------------------------------------------ lifecycle
     def open(self, positions: dict[TP, Position] | None = None, timeout: float = 30.0) -> dict[TP, str]:
         """Create the consumer and assign every known partition; returns where each started from."""
-        self.consumer = Consumer(consumer_settings(self.kafka, self.client_id), error_cb=self._on_error, logger=log)
-        partitions = self._discover(timeout)
+        settings = consumer_settings(self.kafka, self.client_id)
+        self.consumer = Consumer(settings, error_cb=self._on_error, logger=log)
+        self._side = Consumer(settings, logger=log)
+        partitions = self._discover(self.consumer, timeout)
         self._note_ok()
         origins = self._assign(partitions, positions or {}, timeout, new=False)
         missing = [t for t in self.kafka.topics if not any(tp[0] == t for tp in partitions)]
@@ -83,22 +91,24 @@ class KafkaSource:
         return origins
 
     def close(self) -> None:
-        if self.consumer is not None:
-            try:
-                self.consumer.close()
-            finally:
-                self.consumer = None
+        consumers, self.consumer, self._side = (self.consumer, self._side), None, None
+        for consumer in consumers:
+            if consumer is not None:
+                consumer.close()
 
     # ------------------------------------------------------------------ reading
     def consume(self, max_messages: int, timeout: float) -> list:
         try:
-            return self.consumer.consume(num_messages=max_messages, timeout=timeout)
+            msgs = self.consumer.consume(num_messages=max_messages, timeout=timeout)
         except KafkaException as exc:
             err = exc.args[0]
             if err.fatal():
                 raise KafkaSourceError(f"fatal Kafka consumer error: {err.str()} (code {err.name()})") from exc
             self._on_error(err)
             return []
+        if time.monotonic() - self._hwm_noted >= 1.0:
+            self._note_fetched_watermarks()
+        return msgs
 
     def pause(self) -> None:
         if not self.paused and self.assigned:
@@ -122,10 +132,11 @@ class KafkaSource:
     # ------------------------------------------------------------------ partitions
     def refresh(self, timeout: float = 5.0) -> None:
         """Look up metadata (another thread may call this): finds new partitions, proves the broker is up."""
-        if self.consumer is None:
+        side = self._side
+        if side is None:
             return
         try:
-            partitions = self._discover(timeout)
+            partitions = self._discover(side, timeout)
         except KafkaSourceError as exc:
             self._last_error = str(exc)
             return
@@ -135,7 +146,7 @@ class KafkaSource:
             for tp in partitions:
                 if tp not in known:
                     self._pending_new.append(TopicPartition(tp[0], tp[1]))
-        self._list_watermarks(partitions, timeout)
+        self._list_watermarks(side, partitions, timeout)
 
     def apply_new_partitions(self, positions: dict[TP, Position]) -> list[TP]:
         """Assign partitions found by :meth:`refresh` (ingest thread only)."""
@@ -147,11 +158,11 @@ class KafkaSource:
         self._assign(tps, positions, timeout=10.0, new=True)
         return tps
 
-    def _discover(self, timeout: float) -> list[TP]:
+    def _discover(self, consumer: Consumer, timeout: float) -> list[TP]:
         found: list[TP] = []
         for topic in self.kafka.topics:
             try:
-                md = self.consumer.list_topics(topic, timeout=timeout)
+                md = consumer.list_topics(topic, timeout=timeout)
             except KafkaException as exc:
                 raise KafkaSourceError(
                     f"cannot reach Kafka at {self.kafka.bootstrap_servers} to read metadata of topic {topic!r}: {exc.args[0].str()}; "
@@ -203,38 +214,51 @@ class KafkaSource:
     # ------------------------------------------------------------------ offsets and lag
     def commit(self, positions: dict[TP, Position], timeout: float = 10.0) -> None:
         """Mirror trained positions into the consumer group (after a snapshot is durable)."""
-        if self.consumer is None or not positions:
+        if not positions:
             return
         tps = [TopicPartition(t, p, pos[0]) for (t, p), pos in positions.items()]
+        # once closed (e.g. a dataset's loop has ended), commit through a short-lived consumer rather than drop it
+        side = self._side
+        consumer = side or Consumer(consumer_settings(self.kafka, self.client_id), logger=log)
         try:
-            self.consumer.commit(offsets=tps, asynchronous=False)
+            consumer.commit(offsets=tps, asynchronous=False)
         except KafkaException as exc:
             raise KafkaSourceError(f"could not commit offsets to group {self.kafka.group_id!r}: {exc.args[0].str()}") from exc
+        finally:
+            if consumer is not side:
+                consumer.close()
 
     def high_watermarks(self) -> dict[TP, int]:
         """Best known end offset per assigned partition (thread-safe, no network).
 
-        The fetch responses' cached watermark is fresh while fetching; the listed one
-        (from :meth:`refresh`) covers paused partitions.  The larger is taken.
+        The fetch responses' cached watermark (noted by the ingest thread about once a
+        second) is fresh while fetching; the listed one (from :meth:`refresh`) covers
+        paused partitions.  The larger is taken.
         """
         out: dict[TP, int] = {}
-        consumer = self.consumer
-        if consumer is None:
+        if self.consumer is None:
             return out
-        for t, p in list(self.assigned):
-            try:
-                _, hi = consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
-            except (KafkaException, RuntimeError):
-                hi = -1
-            hi = max(hi, self._listed_hwm.get((t, p), -1))
+        for tp in list(self.assigned):
+            hi = max(self._fetched_hwm.get(tp, -1), self._listed_hwm.get(tp, -1))
             if hi >= 0:
-                out[(t, p)] = hi
+                out[tp] = hi
         return out
 
-    def _list_watermarks(self, partitions: list[TP], timeout: float) -> None:
+    def _note_fetched_watermarks(self) -> None:
+        """Ingest thread: keep the cached fetch watermarks for :meth:`high_watermarks` (local calls)."""
+        self._hwm_noted = time.monotonic()
+        for t, p in list(self.assigned):
+            try:
+                _, hi = self.consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
+            except (KafkaException, RuntimeError):
+                continue
+            if hi >= 0:
+                self._fetched_hwm[(t, p)] = hi
+
+    def _list_watermarks(self, consumer: Consumer, partitions: list[TP], timeout: float) -> None:
         for t, p in partitions:
             try:
-                _, hi = self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=timeout, cached=False)
+                _, hi = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=timeout, cached=False)
             except (KafkaException, RuntimeError):
                 return
             self._listed_hwm[(t, p)] = hi

@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from tests.daemon_util import Daemon
 from tests.kafka_util import ENV_BOOTSTRAP, Broker, create_topic, start_tansu, unique_name
 
 
@@ -50,3 +51,10 @@ def own_broker(tmp_path) -> Broker:
     b = start_tansu(log_path=str(tmp_path / "tansu.log"))
     yield b
     b.close()
+
+
+@pytest.fixture(autouse=True)
+def _reap_daemons():
+    """Kill any daemon a test started and left running (e.g. after a failed assertion)."""
+    yield
+    Daemon.reap_all()

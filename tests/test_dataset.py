@@ -1,0 +1,296 @@
+"""Integration tests for streams.dataset.KafkaIterableDataset against a real Kafka-protocol broker.
+
+Every record carries a ``seq`` feature that names it, so "each record exactly once" is
+checked by seq.  End offsets come from the producer's delivery reports (TestProducer).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+from torch.utils.data import DataLoader
+
+from streams.dataset import KafkaIterableDataset
+from streams.errors import StreamtrainError
+from tests.kafka_util import TestProducer, committed_offsets, create_topic, read_topic, unique_name
+
+pytestmark = pytest.mark.integration
+
+JSON = {"format": "json", "features": ["seq", "f"], "label": "y"}
+ARROW = {"format": "arrow", "features": ["seq", "f"], "label": "y"}
+IDLE = 1.5  # idle_timeout_s: a stream that has been fully read ends after this long
+DEADLINE = 30.0  # bound on waiting for records that were produced
+
+
+def record(i: int) -> bytes:
+    return json.dumps({"seq": i, "f": i / 2, "y": i % 2}).encode()
+
+
+def arrow_message(start: int, rows: int) -> bytes:
+    seq = list(range(start, start + rows))
+    table = pa.table({"seq": [float(i) for i in seq], "f": [i / 2 for i in seq], "y": [float(i % 2) for i in seq]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def produce(producer: TestProducer, topic: str, values: list[bytes], partitions: int) -> None:
+    producer.send_all(topic, values, partitions=partitions)
+    producer.flush()
+
+
+def seqs(batch) -> list[int]:
+    assert len(batch.x) == len(batch.y)
+    return [int(v) for v in batch.x[:, 0].tolist()]
+
+
+def offsets(positions: dict) -> dict:
+    """Positions of whole records as plain offsets (fails on a position inside a record)."""
+    assert all(rows == 0 for _, rows in positions.values()), positions
+    return {tp: off for tp, (off, _) in positions.items()}
+
+
+def take(ds: KafkaIterableDataset, n: int, timeout: float = DEADLINE) -> list[int]:
+    """Seqs of the next ``n`` records, bounded in time."""
+    got: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        batch = ds.next_batch(0.2)
+        if batch is not None:
+            got += seqs(batch)
+    assert len(got) == n, f"expected {n} records within {timeout} s, got {len(got)}"
+    return got
+
+
+def assert_nothing_more(ds: KafkaIterableDataset) -> None:
+    assert ds.next_batch(0.5) is None
+
+
+def assert_once(seen: list[int], expected: range | set | list) -> None:
+    dup = [s for s, c in collections.Counter(seen).items() if c > 1]
+    assert not dup, f"seen twice: {dup[:10]}"
+    assert set(seen) == set(expected)
+
+
+def within(fn, timeout: float = DEADLINE):
+    """``fn()`` run in a helper thread; fails (instead of hanging) if it is still blocked after ``timeout`` s."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn} still blocked after {timeout} s"
+    return out[0]
+
+
+@pytest.fixture
+def dataset(bootstrap, make_topic):
+    """Factory: a KafkaIterableDataset on the test broker, with its own dead-letter topic and group; closed at the end."""
+    made: list[KafkaIterableDataset] = []
+
+    def make(topics: list[str], data: dict = JSON, ring: dict | None = None, kafka: dict | None = None, **kwargs) -> KafkaIterableDataset:
+        raw = {
+            "kafka": {"bootstrap_servers": bootstrap, "topics": topics, "group_id": unique_name("st-group"), **(kafka or {})},
+            "data": data,
+            "ring": {"batch_size": 64, **(ring or {})},
+            "dead_letter": {"topic": make_topic(1, prefix="dead-letter"), "timeout_s": 10},
+        }
+        kwargs.setdefault("idle_timeout_s", IDLE)
+        ds = KafkaIterableDataset.from_dict(raw, **kwargs)
+        made.append(ds)
+        return ds
+
+    yield make
+    for ds in made:
+        ds.close()
+
+
+@pytest.fixture
+def producer(bootstrap) -> TestProducer:
+    return TestProducer(bootstrap)
+
+
+def test_every_record_once_positions_and_commit(bootstrap, make_topic, dataset, producer):
+    topic = make_topic(4)
+    n = 3000
+    produce(producer, topic, [record(i) for i in range(n)], partitions=4)
+    ds = dataset([topic])
+    seen = []
+    for batch in DataLoader(ds, batch_size=None):
+        assert 0 < len(batch) <= 64
+        seen += seqs(batch)
+        assert batch.y.tolist() == [float(s % 2) for s in seqs(batch)]
+        assert batch.x[:, 1].tolist() == [s / 2 for s in seqs(batch)]
+    assert_once(seen, range(n))
+    assert offsets(ds.positions) == producer.end
+    assert ds.stats.rows == n and ds.stats.rejected == {}
+    ds.commit()  # after the loop ended (the consumer is closed by then)
+    assert committed_offsets(bootstrap, ds.kafka.group_id, list(producer.end)) == producer.end
+
+
+def test_commit_and_lag_from_another_thread_while_the_stream_is_idle(bootstrap, make_topic, dataset, producer):
+    """The ingest thread polls the consumer back to back: calls from other threads must not wait behind it."""
+    topic = make_topic(2)
+    produce(producer, topic, [record(i) for i in range(100)], partitions=2)
+    ds = dataset([topic])
+    assert_once(take(ds, 100), range(100))
+    time.sleep(0.3)  # the ingest thread is now polling an idle stream
+    within(ds.commit)
+    assert committed_offsets(bootstrap, ds.kafka.group_id, list(producer.end)) == producer.end
+    deadline = time.monotonic() + DEADLINE
+    while within(ds.source.high_watermarks) != producer.end and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert within(ds.source.high_watermarks) == producer.end
+
+
+def test_garbage_goes_to_the_dead_letter_topic(bootstrap, make_topic, dataset, producer):
+    topic = make_topic(4)
+    n = 2000
+    bad = {i: kind for i, kind in zip(range(7, n, 100), ["undecodable", "missing_label", "non_finite", "wrong_shape"] * 5)}
+    garbage = {
+        "undecodable": lambda i: b"\xffgarbage %d" % i,
+        "missing_label": lambda i: json.dumps({"seq": i, "f": 1}).encode(),
+        "non_finite": lambda i: b'{"seq": %d, "f": NaN, "y": 1}' % i,
+        "wrong_shape": lambda i: json.dumps({"seq": i, "y": 1}).encode(),
+    }
+    values = [garbage[bad[i]](i) if i in bad else record(i) for i in range(n)]
+    produce(producer, topic, values, partitions=4)
+    ds = dataset([topic])
+    seen = [s for batch in DataLoader(ds, batch_size=None) for s in seqs(batch)]
+    assert_once(seen, set(range(n)) - set(bad))
+    assert offsets(ds.positions) == producer.end  # rejected records count as done too
+    assert ds.stats.rejected == dict(collections.Counter(bad.values()))
+
+    source = {(m.partition(), m.offset()): m.value() for m in read_topic(bootstrap, topic, n)}
+    letters = read_topic(bootstrap, ds.dead_letter_config.topic, len(bad))
+    assert len(letters) == len(bad)
+    reason_of = {values[i]: kind for i, kind in bad.items()}
+    for m in letters:
+        h = {k: v.decode() for k, v in m.headers()}
+        assert h["streamtrain.source.topic"] == topic
+        assert source[(int(h["streamtrain.source.partition"]), int(h["streamtrain.source.offset"]))] == m.value()
+        assert h["streamtrain.error.class"] == reason_of[m.value()]
+        assert h["streamtrain.error.message"]
+    assert {m.value() for m in letters} == set(reason_of)
+
+
+def test_resume_from_state_dict_has_no_gap_and_no_overlap(make_topic, dataset, producer):
+    topic = make_topic(4)
+    produce(producer, topic, [record(i) for i in range(1000)], partitions=4)
+    first = dataset([topic], ring={"batch_size": 32})
+    seen = []
+    for batch in DataLoader(first, batch_size=None):
+        seen += seqs(batch)
+        if len(seen) >= 300:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint would keep it
+    first.close()
+    assert 300 <= len(seen) < 1000
+
+    produce(producer, topic, [record(i) for i in range(1000, 1500)], partitions=4)
+    second = dataset([topic], ring={"batch_size": 32})  # a fresh group: only the state says where to start
+    second.load_state_dict(state)
+    rest = take(second, 1500 - len(seen))
+    assert_nothing_more(second)
+    assert_once(seen + rest, range(1500))
+    assert offsets(second.positions) == producer.end
+
+
+def test_resume_inside_arrow_records(make_topic, dataset, producer):
+    """100 rows per message, 64 per batch: the state falls inside a record; its trained rows are skipped."""
+    topic = make_topic(3)
+    messages, rows = 30, 100
+    produce(producer, topic, [arrow_message(m * rows, rows) for m in range(messages)], partitions=3)
+    first = dataset([topic], data=ARROW)
+    seen: list[int] = []
+    state = first.state_dict()
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        batch = first.next_batch(0.2)
+        if batch is not None:
+            seen += seqs(batch)
+            state = first.state_dict()
+            if len(seen) >= 500 and any(r > 0 for *_, r in state["positions"]):
+                break
+    first.close()
+    assert any(r > 0 for *_, r in state["positions"]), "no batch ended inside a record"
+    total = messages * rows
+
+    second = dataset([topic], data=ARROW)
+    second.load_state_dict(state)
+    rest = take(second, total - len(seen))
+    assert_nothing_more(second)
+    assert_once(seen + rest, range(total))
+    assert offsets(second.positions) == producer.end
+
+
+def test_a_slow_trickle_is_batched_by_max_wait(make_topic, dataset, producer):
+    topic = make_topic(1)
+    ds = dataset([topic], ring={"batch_size": 1000, "max_batch_wait_ms": 100}, idle_timeout_s=DEADLINE)
+    ds.start()
+    for i in range(5):
+        producer.send(topic, record(i))
+        producer.flush()
+        time.sleep(0.05)
+    # a batch far from full closes after max_batch_wait_ms, long before the idle timeout
+    seen: list[int] = []
+    deadline = time.monotonic() + DEADLINE
+    while len(seen) < 5 and time.monotonic() < deadline:
+        batch = ds.next_batch(DEADLINE)
+        assert batch is not None and 0 < len(batch) < 1000
+        seen += seqs(batch)
+    assert seen == list(range(5))
+
+
+def test_batch_size_one(make_topic, dataset, producer):
+    topic = make_topic(2)
+    produce(producer, topic, [record(i) for i in range(20)], partitions=2)
+    ds = dataset([topic], ring={"batch_size": 1})
+    seen = []
+    for batch in DataLoader(ds, batch_size=None):  # a batch is valid until the next one is asked for
+        assert len(batch) == 1
+        seen += seqs(batch)
+    assert_once(seen, range(20))
+    assert offsets(ds.positions) == producer.end
+
+
+def test_a_topic_created_later_is_picked_up(bootstrap, make_topic, dataset, producer):
+    early = make_topic(2)
+    late = unique_name("st-late-topic")
+    ds = dataset([early, late], kafka={"metadata_refresh_s": 0.5})
+    produce(producer, early, [record(i) for i in range(10)], partitions=2)
+    assert_once(take(ds, 10), range(10))
+
+    create_topic(bootstrap, late, 2)
+    produce(producer, late, [record(i) for i in range(100, 120)], partitions=2)
+    assert_once(take(ds, 20), range(100, 120))
+    assert offsets(ds.positions) == producer.end
+
+
+def test_dataloader_workers_are_refused():
+    ds = KafkaIterableDataset.from_dict({"kafka": {"bootstrap_servers": "127.0.0.1:1", "topics": ["t"]}, "data": JSON}, idle_timeout_s=0.1)
+    # spawn: forked workers of a process with live librdkafka threads can hang on shutdown
+    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    with pytest.raises(StreamtrainError, match=r"num_workers=0"):
+        next(iter(loader))
+
+
+def test_a_full_ring_pauses_the_consumer_and_nothing_is_lost(make_topic, dataset, producer):
+    topic = make_topic(4)
+    n = 20000
+    produce(producer, topic, [record(i) for i in range(n)], partitions=4)
+    ds = dataset([topic], ring={"slots": 2, "batch_size": 16})
+    ds.start()
+    deadline = time.monotonic() + DEADLINE
+    while ds.source.pauses < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # nobody takes batches: the ring fills up
+    assert ds.source.pauses >= 1
+    assert ds.ring.fill() == 2
+    assert_once(take(ds, n), range(n))
+    assert_nothing_more(ds)
+    assert offsets(ds.positions) == producer.end
