@@ -190,7 +190,8 @@ def _model_problems(cfg: Config) -> list[tuple[str, str]]:
     from models.registry import ModelConfigError, ModelSpecError, make_config
 
     try:
-        make_config(cfg.model.name, dict(cfg.model.params), cfg.data.width)
+        # with no data width, data.* already says why; a placeholder keeps other param checks
+        make_config(cfg.model.name, dict(cfg.model.params), cfg.data.width or 1)
     except ModelConfigError as exc:
         return [_split_path(p) for p in exc.problems]
     except ModelSpecError as exc:

@@ -1,0 +1,7 @@
+"""``python -m daemon`` is ``streamtrain``."""
+
+import sys
+
+from daemon.cli import main
+
+sys.exit(main())

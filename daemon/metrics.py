@@ -1,0 +1,267 @@
+"""Prometheus metrics, declared in one place against an injected registry, and the HTTP endpoint.
+
+The metrics answer three questions an operator asks:
+- *is it learning?* ``streamtrain_train_loss``, ``..._loss_ewma``, ``..._prequential_metric``,
+  ``streamtrain_prequential_loss_total`` / ``streamtrain_samples_trained_total`` (windowed mean loss
+  in PromQL), learning rate, gradient norm, skipped steps;
+- *is it keeping up?* ``streamtrain_consumer_lag``, data-wait, step and record-freshness
+  histograms (``rate(streamtrain_data_wait_seconds_sum[1m])`` is the data-wait fraction),
+  ring fill, consumer pauses;
+- *when was the last snapshot?* ``streamtrain_last_snapshot_timestamp_seconds`` and durations.
+
+Counters that the ingest thread keeps as plain ints (consumed, rejected, ...) and values
+only known at scrape time (lag, ring fill) come from :class:`ScrapeCollector`, so the
+data path takes no lock per record.  Rates are left to PromQL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger("streamtrain.metrics")
+
+# seconds: from 100 us (a small step) to 10 min (a stuck snapshot)
+_FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_FRESHNESS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+_SNAPSHOT = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """Every metric the daemon exports (names are the metrics reference)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.samples_trained = Counter(
+            "streamtrain_samples_trained", "Samples trained on (one per record; one per row for arrow).", registry=r
+        )
+        self.steps = Counter("streamtrain_steps", "Optimizer steps taken.", registry=r)
+        self.steps_skipped = Counter(
+            "streamtrain_steps_skipped", "Steps skipped with the weights untouched, by reason.", ["reason"], registry=r
+        )
+        for reason in ("loss_nonfinite", "grad_nonfinite", "amp_overflow"):
+            self.steps_skipped.labels(reason)
+        self.rollbacks = Counter(
+            "streamtrain_rollbacks", "Roll-backs to the last good snapshot after repeated non-finite steps.", registry=r
+        )
+        self.prequential_loss = Counter(
+            "streamtrain_prequential_loss",
+            "Sum over trained samples of the loss before the update; divide its rate by samples_trained's.",
+            registry=r,
+        )
+        self.train_loss = Gauge("streamtrain_train_loss", "Loss of the last batch, before its update (prequential).", registry=r)
+        self.train_loss_ewma = Gauge("streamtrain_train_loss_ewma", "Exponentially weighted mean of the per-step loss.", registry=r)
+        self.prequential_metric = Gauge(
+            "streamtrain_prequential_metric", "Exponentially weighted prequential metric (accuracy or mae).", ["metric"], registry=r
+        )
+        self.learning_rate = Gauge("streamtrain_learning_rate", "Current learning rate.", registry=r)
+        self.grad_norm = Gauge("streamtrain_grad_norm", "Global gradient norm of the last step, before clipping.", registry=r)
+        self.data_wait = Histogram(
+            "streamtrain_data_wait_seconds",
+            "Time the trainer waited for a batch (sum / wall time = data-wait fraction).",
+            buckets=_FAST,
+            registry=r,
+        )
+        self.step_time = Histogram("streamtrain_step_seconds", "Time of one training step.", buckets=_FAST, registry=r)
+        self.freshness = Histogram(
+            "streamtrain_record_freshness_seconds",
+            "Record timestamp to trained, per batch, for its oldest record.",
+            buckets=_FRESHNESS,
+            registry=r,
+        )
+        self.snapshot_duration = Histogram(
+            "streamtrain_snapshot_duration_seconds",
+            "Time to write a snapshot durably (off the training thread).",
+            buckets=_SNAPSHOT,
+            registry=r,
+        )
+        self.snapshot_pause = Histogram(
+            "streamtrain_snapshot_pause_seconds", "Time the trainer paused to copy its state for a snapshot.", buckets=_FAST, registry=r
+        )
+        self.snapshots = Counter("streamtrain_snapshots", "Snapshots written.", registry=r)
+        self.snapshot_failures = Counter("streamtrain_snapshot_failures", "Snapshot writes that failed.", registry=r)
+        self.last_snapshot = Gauge("streamtrain_last_snapshot_timestamp_seconds", "Unix time of the last durable snapshot.", registry=r)
+        self.snapshot_step = Gauge("streamtrain_last_snapshot_step", "Training step of the last durable snapshot.", registry=r)
+        self.commit_failures = Counter("streamtrain_commit_failures", "Offset commits to the consumer group that failed.", registry=r)
+        self.info = Gauge(
+            "streamtrain_info", "Constant 1, labelled with what runs.", ["version", "model", "device", "amp", "format"], registry=r
+        )
+        self.start_time = Gauge("streamtrain_start_time_seconds", "Unix time the daemon started.", registry=r)
+        self.start_time.set(time.time())
+        self.scrape = ScrapeCollector()
+        r.register(self.scrape)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class ScrapeSources:
+    """Callables read at scrape time; each returns plain data (no metric objects on the hot path)."""
+
+    ingest_stats: Callable[[], Any] | None = None
+    dead_letter: Callable[[], tuple[int, int]] | None = None  # (sent, failed attempts)
+    lag: Callable[[], dict[tuple[str, int], int]] | None = None
+    trained_positions: Callable[[], dict[tuple[str, int], tuple[int, int]]] | None = None
+    ring: Callable[[], tuple[int, int]] | None = None  # (filled, capacity)
+    consumer: Callable[[], tuple[bool, int, dict[str, int]]] | None = None  # (paused, pauses, errors by name)
+    ready: Callable[[], bool] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ScrapeCollector:
+    """Reads the data path's own counters and the lag when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.sources = ScrapeSources()
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        s = self.sources
+        if s.ingest_stats is not None:
+            st = s.ingest_stats()
+            yield CounterMetricFamily("streamtrain_records_consumed", "Records (Kafka messages) consumed.", value=st.messages)
+            yield CounterMetricFamily("streamtrain_bytes_consumed", "Bytes of record values consumed.", value=st.bytes)
+            yield CounterMetricFamily("streamtrain_samples_decoded", "Samples decoded from consumed records.", value=st.rows)
+            rej = CounterMetricFamily(
+                "streamtrain_records_rejected", "Records rejected and sent to the dead-letter topic, by reason.", labels=["reason"]
+            )
+            from streams.decode import REASONS
+
+            for reason in REASONS:
+                rej.add_metric([reason], st.rejected.get(reason, 0))
+            yield rej
+            yield CounterMetricFamily("streamtrain_batches_formed", "Batches published to the ring.", value=st.batches)
+            yield CounterMetricFamily("streamtrain_decode_seconds", "Time spent decoding consumed batches.", value=st.decode_seconds)
+        if s.dead_letter is not None:
+            sent, failed = s.dead_letter()
+            yield CounterMetricFamily("streamtrain_dead_letter_records", "Records written to the dead-letter topic.", value=sent)
+            yield CounterMetricFamily(
+                "streamtrain_dead_letter_failures", "Failed attempts to write to the dead-letter topic (retried).", value=failed
+            )
+        if s.lag is not None:
+            lag = GaugeMetricFamily(
+                "streamtrain_consumer_lag",
+                "Records in the partition not yet trained (end offset - trained offset).",
+                labels=["topic", "partition"],
+            )
+            for (t, p), v in sorted(s.lag().items()):
+                lag.add_metric([t, str(p)], v)
+            yield lag
+        if s.trained_positions is not None:
+            off = GaugeMetricFamily("streamtrain_trained_offset", "Next offset to train, per partition.", labels=["topic", "partition"])
+            for (t, p), (o, _rows) in sorted(s.trained_positions().items()):
+                off.add_metric([t, str(p)], o)
+            yield off
+        if s.ring is not None:
+            filled, capacity = s.ring()
+            yield GaugeMetricFamily("streamtrain_ring_filled_slots", "Ring slots holding batches waiting for the trainer.", value=filled)
+            yield GaugeMetricFamily("streamtrain_ring_slots", "Ring capacity in slots.", value=capacity)
+        if s.consumer is not None:
+            paused, pauses, errors = s.consumer()
+            yield GaugeMetricFamily(
+                "streamtrain_consumer_paused", "1 while fetching is paused because the ring is full.", value=int(paused)
+            )
+            yield CounterMetricFamily("streamtrain_consumer_pauses", "Times fetching was paused because the ring was full.", value=pauses)
+            err = CounterMetricFamily("streamtrain_kafka_errors", "Kafka client errors, by librdkafka error name.", labels=["error"])
+            for name, count in sorted(errors.items()):
+                err.add_metric([name], count)
+            yield err
+        if s.ready is not None:
+            yield GaugeMetricFamily("streamtrain_ready", "1 when /readyz answers ready.", value=int(s.ready()))
+
+
+class Health:
+    """Liveness and readiness, decided from heartbeats the daemon updates."""
+
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = stall_after_s
+        self.heartbeat = time.monotonic()  # the training loop's last turn
+        self.checks: dict[str, Callable[[], tuple[bool, str]]] = {}
+        self.live_checks: dict[str, Callable[[], tuple[bool, str]]] = {}
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    def live(self) -> tuple[bool, dict[str, str]]:
+        out = {}
+        ok = True
+        age = time.monotonic() - self.heartbeat
+        if age > self.stall_after_s:
+            ok = False
+            out["trainer"] = f"no turn of the training loop for {age:.0f} s"
+        else:
+            out["trainer"] = "ok"
+        for name, check in self.live_checks.items():
+            good, why = check()
+            ok &= good
+            out[name] = why
+        return ok, out
+
+    def ready(self) -> tuple[bool, dict[str, str]]:
+        out = {}
+        ok = True
+        for name, check in self.checks.items():
+            good, why = check()
+            ok &= good
+            out[name] = why
+        return ok, out
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on a small threaded HTTP server."""
+
+    def __init__(self, metrics: Metrics, health: Health, host: str, port: int) -> None:
+        self.metrics = metrics
+        self.health = health
+        handler = _make_handler(metrics, health)
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.host, self.port = self.httpd.server_address[:2]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="streamtrain-metrics", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics (health: /healthz, /readyz)", self.host, self.port)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _make_handler(metrics: Metrics, health: Health) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
+            elif path in ("/healthz", "/readyz"):
+                ok, detail = health.live() if path == "/healthz" else health.ready()
+                body = json.dumps({"status": "ok" if ok else "fail", "checks": detail}).encode() + b"\n"
+                self._send(200 if ok else 503, body, "application/json")
+            else:
+                self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line
+            pass
+
+    return Handler

@@ -1,0 +1,119 @@
+"""The daemon's lifecycle: start the pieces, train until SIGTERM, stop cleanly.
+
+SIGTERM or SIGINT: the current step finishes, reading stops, a final snapshot is
+written and its offsets committed, and the process exits 0.  A second signal exits at
+once (the last durable snapshot still holds a consistent state).  SIGUSR1 asks for a
+snapshot now.
+
+Exit codes: 0 clean stop, 1 a runtime failure (named in the log), 2 invalid
+configuration, 3 the snapshot directory is locked by another process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from daemon.config import Config
+from daemon.errors import ConfigError, SnapshotLockedError, StreamtrainError
+from daemon.logs import setup_logging
+from daemon.metrics import Health, Metrics, MetricsServer
+from daemon.trainer import Trainer
+
+log = logging.getLogger("streamtrain.service")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
+
+
+def run(cfg: Config) -> int:
+    """Run the daemon with a validated config; returns the process exit code."""
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    stop = threading.Event()
+    metrics = Metrics()
+    trainer = Trainer(cfg, metrics, stop)
+    health = Health(cfg.metrics.stall_after_s)
+    trainer.health_beat = health.beat
+    _install_signals(stop, trainer)
+    server = None
+    code = EXIT_OK
+    try:
+        if cfg.metrics.enabled:
+            server = MetricsServer(metrics, health, cfg.metrics.host, cfg.metrics.port)
+            server.start()
+        log.info("starting: topics %s at %s, model %s", ", ".join(cfg.kafka.topics), cfg.kafka.bootstrap_servers, cfg.model.name)
+        trainer.setup()
+        _wire(cfg, trainer, metrics, health)
+        trainer.train()
+        log.info("stopping: finishing up (final snapshot, commit)")
+    except ConfigError as exc:
+        log.error("%s", exc)
+        code = EXIT_CONFIG
+    except SnapshotLockedError as exc:
+        log.error("%s", exc)
+        code = EXIT_LOCKED
+    except StreamtrainError as exc:
+        log.error("stopping after an error: %s", exc)
+        code = EXIT_FAILURE
+    except Exception:
+        log.exception("stopping after an unexpected error")
+        code = EXIT_FAILURE
+    finally:
+        try:
+            trainer.close()
+        except Exception:
+            log.exception("error while shutting down")
+            code = code or EXIT_FAILURE
+        if server is not None:
+            server.close()
+    log.info("stopped (exit %d) at step %d, %s samples trained", code, trainer.step_count, f"{trainer.samples:,}")
+    return code
+
+
+def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> None:
+    """Point the scrape-time collector and the health checks at the running pieces."""
+    ds = trainer.dataset
+    src = metrics.scrape.sources
+    src.ingest_stats = lambda: ds.stats
+    src.dead_letter = lambda: (ds.ingest.dead_letter.sent, ds.ingest.dead_letter.failures)
+    src.lag = trainer.lag
+    src.trained_positions = lambda: dict(trainer.trained)
+    src.ring = lambda: (ds.ring.fill(), ds.ring.slots)
+    src.consumer = lambda: (ds.source.paused, ds.source.pauses, dict(ds.source.errors))
+    reach_within = max(15.0, 2 * cfg.kafka.metadata_refresh_s + 5.0)
+
+    def kafka_ready() -> tuple[bool, str]:
+        if not ds.ingest.opened.is_set():
+            return False, f"connecting to {cfg.kafka.bootstrap_servers}"
+        if not ds.source.assigned:
+            return False, f"no partition of {', '.join(cfg.kafka.topics)} exists yet"
+        if not ds.source.reachable(reach_within):
+            return False, f"no answer from Kafka for over {reach_within:.0f} s"
+        return True, f"{len(ds.source.assigned)} partition(s) assigned"
+
+    def model_ready() -> tuple[bool, str]:
+        return (True, "loaded") if trainer.ready else (False, "loading")
+
+    def ingest_alive() -> tuple[bool, str]:
+        return (True, "ok") if ds.ingest.alive else (False, "the ingest thread has stopped")
+
+    health.checks.update({"model": model_ready, "kafka": kafka_ready})
+    health.live_checks["ingest"] = ingest_alive
+    src.ready = lambda: health.ready()[0]
+
+
+def _install_signals(stop: threading.Event, trainer: Trainer) -> None:
+    def on_stop(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now; the last durable snapshot is kept", signal.Signals(signum).name)
+            os._exit(EXIT_FAILURE)
+        log.info("%s received: finishing the current step", signal.Signals(signum).name)
+        stop.set()
+
+    def on_usr1(_signum: int, _frame: object) -> None:
+        trainer.snapshot_requested.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGUSR1, on_usr1)

@@ -1,0 +1,177 @@
+"""Run the real daemon as a subprocess in tests, read its metrics, find its snapshots."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.kafka_util import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+FEATURES = [f"f{i}" for i in range(16)]
+
+
+def daemon_config(tmp_path: Path, bootstrap: str, topics: list[str], **sections: dict[str, Any]) -> dict[str, Any]:
+    """A config for a test daemon: the synthetic stream's JSON, a small MLP, a free metrics port."""
+    cfg: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": bootstrap, "topics": topics, "group_id": f"g-{topics[0]}", "metadata_refresh_s": 1},
+        "dead_letter": {"topic": f"{topics[0]}.dlq"},
+        "data": {"format": "json", "features": FEATURES, "label": "y"},
+        "ring": {"batch_size": 128, "slots": 4, "max_batch_wait_ms": 20},
+        "model": {"name": "mlp", "params": {"hidden": [32]}},
+        "trainer": {"lr": 0.003, "task": "regression"},
+        "snapshot": {"dir": str(tmp_path / "snapshots"), "every_seconds": 1, "keep": 3},
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
+        "logging": {"progress_every_s": 0, "level": "INFO"},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Daemon:
+    """``python -m daemon run --config FILE`` with its log in a file.
+
+    Every instance is registered so the ``daemons`` fixture can reap it after the test,
+    whatever happened (a failed assertion must not leave a daemon running).
+    """
+
+    running: list[Daemon] = []
+
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.cfg = yaml.safe_load(config_path.read_text())
+        self.port = self.cfg["metrics"]["port"]
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--config", str(config_path)],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        Daemon.running.append(self)
+
+    @classmethod
+    def reap_all(cls) -> None:
+        while cls.running:
+            d = cls.running.pop()
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait(10)
+            if not d._log.closed:
+                d._log.close()
+
+    # -------------------------------------------------------------- reading
+    def get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample as ``name{label="v",...}`` -> value (labels sorted); {} if not up."""
+        code, text = self.get("/metrics")
+        if code != 200:
+            return {}
+        return parse_metrics(text)
+
+    def value(self, name: str, default: float = 0.0) -> float:
+        return self.metrics().get(name, default)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    # -------------------------------------------------------------- waiting and stopping
+    def wait_for(self, what: str, predicate: Callable[[dict[str, float]], bool], timeout: float) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if m and predicate(m):
+                return m
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) while waiting for {what}; log:\n{self.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout} s waiting for {what}; last metrics: {_brief(m)}; log:\n{self.log()[-3000:]}"
+                )
+            time.sleep(0.1)
+
+    def wait_trained(self, n: int, timeout: float = 60.0) -> dict[str, float]:
+        return self.wait_for(f"{n} samples trained", lambda m: m.get("streamtrain_samples_trained_total", 0) >= n, timeout)
+
+    def terminate(self, timeout: float = 20.0) -> tuple[int, float]:
+        """SIGTERM; returns (exit code, seconds it took)."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"daemon did not stop within {timeout} s of SIGTERM; log:\n{self.log()[-3000:]}") from None
+        finally:
+            self._log.close()
+        return code, time.monotonic() - t0
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def _brief(m: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in m.items() if k.startswith(("streamtrain_samples", "streamtrain_records", "streamtrain_steps_total"))}
+
+
+def snapshots(directory: Path) -> list[Path]:
+    return sorted(p for p in Path(directory).glob("snap-*") if (p / "MANIFEST.json").exists())
+
+
+def latest_meta(directory: Path) -> dict[str, Any]:
+    snaps = snapshots(directory)
+    assert snaps, f"no complete snapshot in {directory}"
+    return json.loads((snaps[-1] / "meta.json").read_text())
+
+
+def meta_positions(meta: dict[str, Any]) -> dict[tuple[str, int], int]:
+    return {(t, p): o for t, p, o, _rows in meta["positions"]}
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

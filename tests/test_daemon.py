@@ -1,0 +1,174 @@
+"""The daemon end to end against a real broker: train, snapshot, commit, resume, reject, stop.
+
+Each test runs ``python -m daemon run`` as a subprocess and reads what a user would:
+its /metrics, its snapshot directory, the consumer group and the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from demo.synthetic import SyntheticStream
+from streams.encode import encode
+from tests.daemon_util import FEATURES, Daemon, daemon_config, latest_meta, meta_positions, write_config
+from tests.kafka_util import TestProducer, committed_offsets, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def produce(
+    bootstrap: str, topic: str, n: int, *, seed: int = 0, garbage_every: int = 0, producer: TestProducer | None = None
+) -> TestProducer:
+    """n synthetic JSON records over 4 partitions; every ``garbage_every``-th one is not JSON."""
+    x, y = SyntheticStream(16, seed=seed).batch(n)
+    values = encode("json", x, y, FEATURES)
+    if garbage_every:
+        for i in range(garbage_every // 2, n, garbage_every):
+            values[i] = b"\x00garbage" + str(i).encode()
+    p = producer or TestProducer(bootstrap)
+    p.send_all(topic, values, partitions=4)
+    p.flush()
+    return p
+
+
+def start(tmp_path, bootstrap, topic, name="d", **sections) -> Daemon:
+    cfg = daemon_config(tmp_path, bootstrap, [topic], **sections)
+    return Daemon(write_config(tmp_path / f"{name}.yaml", cfg), tmp_path / f"{name}.log")
+
+
+def test_trains_every_record_snapshots_and_commits(tmp_path, bootstrap, make_topic):
+    topic = make_topic(4)
+    n = 20_000
+    p = produce(bootstrap, topic, n)
+    d = start(tmp_path, bootstrap, topic)
+    early = d.wait_for("a first loss", lambda m: m.get("streamtrain_steps_total", 0) >= 5, 60)
+    d.wait_trained(n, timeout=90)
+    late = d.metrics()
+    code, _ = d.terminate()
+    assert code == 0, d.log()[-3000:]
+
+    meta = latest_meta(tmp_path / "snapshots")
+    assert meta["samples"] == n
+    assert late["streamtrain_samples_trained_total"] == n
+    assert meta_positions(meta) == p.end, "snapshot offsets must be the end offsets"
+    group = committed_offsets(bootstrap, f"g-{topic}", list(p.end))
+    assert group == meta_positions(meta), "the group mirrors the snapshot's offsets"
+    assert late["streamtrain_train_loss_ewma"] < 0.5 * early["streamtrain_train_loss_ewma"], "loss must fall on a learnable stream"
+    assert late["streamtrain_records_consumed_total"] == n
+    assert sum(v for k, v in late.items() if k.startswith("streamtrain_consumer_lag{")) == 0
+
+
+def test_restart_trains_exactly_the_new_records(tmp_path, bootstrap, make_topic):
+    topic = make_topic(4)
+    first, second = 6_000, 4_000
+    p = produce(bootstrap, topic, first)
+    d = start(tmp_path, bootstrap, topic, "a")
+    d.wait_trained(first, timeout=90)
+    assert d.terminate()[0] == 0
+    assert latest_meta(tmp_path / "snapshots")["samples"] == first
+
+    produce(bootstrap, topic, second, seed=1, producer=p)
+    d2 = start(tmp_path, bootstrap, topic, "b")
+    m = d2.wait_trained(second, timeout=90)  # counters restart with the process; the snapshot keeps the total
+    code, _ = d2.terminate()
+    assert code == 0
+    assert "resumed from snapshot" in d2.log()
+    meta = latest_meta(tmp_path / "snapshots")
+    assert meta["samples"] == first + second
+    assert m["streamtrain_records_consumed_total"] == second, "the restart reads only what came after the snapshot"
+    assert meta_positions(meta) == p.end
+
+
+def test_garbage_goes_to_dead_letter_with_headers(tmp_path, bootstrap, make_topic):
+    topic = make_topic(4)
+    n, every = 10_000, 100  # 1 % garbage
+    p = produce(bootstrap, topic, n, garbage_every=every)
+    bad = len(range(every // 2, n, every))
+    d = start(tmp_path, bootstrap, topic)
+    m = d.wait_for(
+        "every record handled",
+        lambda m: m.get("streamtrain_samples_trained_total", 0) + m.get('streamtrain_records_rejected_total{reason="undecodable"}', 0) >= n,
+        90,
+    )
+    assert d.terminate()[0] == 0
+    assert m['streamtrain_records_rejected_total{reason="undecodable"}'] == bad
+    assert m["streamtrain_samples_trained_total"] == n - bad
+    assert m["streamtrain_dead_letter_records_total"] == bad
+    assert meta_positions(latest_meta(tmp_path / "snapshots")) == p.end
+
+    letters = read_topic(bootstrap, f"{topic}.dlq", bad, timeout=30)
+    assert len(letters) == bad
+    seen = set()
+    for msg in letters:
+        h = {k: v.decode() for k, v in msg.headers()}
+        assert h["streamtrain.source.topic"] == topic
+        assert h["streamtrain.error.class"] == "undecodable"
+        assert "JSON" in h["streamtrain.error.message"]
+        assert msg.value().startswith(b"\x00garbage")
+        seen.add((int(h["streamtrain.source.partition"]), int(h["streamtrain.source.offset"])))
+    assert len(seen) == bad
+
+
+def test_sigterm_mid_stream_final_snapshot_and_no_double_training(tmp_path, bootstrap, make_topic):
+    topic = make_topic(4)
+    n = 60_000
+    p = produce(bootstrap, topic, n)
+    d = start(tmp_path, bootstrap, topic, "a", ring={"batch_size": 64})
+    d.wait_trained(5_000, timeout=60)
+    code, took = d.terminate()
+    assert code == 0 and took < 10, f"exit {code} after {took:.1f} s"
+    assert "final snapshot" in d.log()
+    done = latest_meta(tmp_path / "snapshots")["samples"]
+    assert 5_000 <= done < n, "stopped mid-stream"
+
+    d2 = start(tmp_path, bootstrap, topic, "b")
+    m = d2.wait_trained(n - done, timeout=120)
+    assert d2.terminate()[0] == 0
+    assert m["streamtrain_records_consumed_total"] == n - done, "nothing read twice after the restart"
+    meta = latest_meta(tmp_path / "snapshots")
+    assert meta["samples"] == n
+    assert meta_positions(meta) == p.end
+
+
+def test_snapshot_directory_is_locked(tmp_path, bootstrap, make_topic):
+    topic = make_topic(4)
+    produce(bootstrap, topic, 100)
+    d = start(tmp_path, bootstrap, topic, "a")
+    d.wait_trained(100, timeout=60)
+    second = start(tmp_path, bootstrap, topic, "b")
+    assert second.wait_exit(60) == 3
+    assert "in use by another streamtrain process" in second.log()
+    assert d.proc.poll() is None, "the first daemon is undisturbed"
+    assert d.terminate()[0] == 0
+
+
+def test_warm_start_and_freeze(tmp_path, bootstrap, make_topic):
+    """Transfer learning: load pretrained weights, freeze the body, fine-tune the head on the stream."""
+    import torch
+
+    from models.registry import build_model
+
+    topic = make_topic(4)
+    produce(bootstrap, topic, 3_000)
+    pretrained = build_model("mlp", {"hidden": [32]}, 16)
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pt")
+    d = start(
+        tmp_path,
+        bootstrap,
+        topic,
+        model={"init_weights": str(tmp_path / "pretrained.pt"), "freeze": ["net.0.*"]},
+    )
+    d.wait_trained(3_000, timeout=60)
+    assert d.terminate()[0] == 0
+    from daemon.snapshot import SnapshotStore
+
+    _, state = SnapshotStore(tmp_path / "snapshots").load_latest()
+    body = {k: v for k, v in state["model"].items() if k.startswith("net.0.")}
+    head = {k: v for k, v in state["model"].items() if not k.startswith("net.0.")}
+    assert body and head
+    for k, v in body.items():
+        assert torch.equal(v, pretrained.state_dict()[k]), f"{k} is frozen"
+    assert any(not torch.equal(v, pretrained.state_dict()[k]) for k, v in head.items()), "the head trained"
+    shutil.rmtree(tmp_path / "snapshots")
