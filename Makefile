@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # local file in seconds.  Override for CUDA, e.g. `make TORCH_SPEC='torch --index-url ...'`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint bench tools clean
+.PHONY: demo test faults lint bench tools clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: $(BIN)/.installed
 
 test: $(BIN)/.installed tools lint
 	$(BIN)/python -m pytest -q -ra
+
+# The fault suite alone (make test runs it too); prints the reliability table.
+faults: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m fault
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.pipeline

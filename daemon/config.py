@@ -86,7 +86,10 @@ class TrainerConfig:
     standardize: bool = opt(True, "Standardize features with running mean/variance (updated after use).")
     num_threads: int = opt(0, "torch intra-op threads; 0 = the cores the data path leaves free.")
     seed: int = opt(0, "Seed for weight init and dropout.")
-    max_consecutive_nonfinite: int = opt(10, "After this many non-finite steps in a row, roll back to the last good snapshot.")
+    max_consecutive_nonfinite: int = opt(
+        10, "After this many non-finite steps in a row, roll back to the last good snapshot and replay the stream from it."
+    )
+    max_rollbacks: int = opt(3, "Roll-backs in a row without a new snapshot before giving up (training diverges again and again).")
     ewma_alpha: float = opt(0.05, "Smoothing of the loss/metric gauges (exponentially weighted, per step).")
 
     def _validate(self) -> list[tuple[str, str]]:
@@ -117,7 +120,7 @@ class TrainerConfig:
         return (
             problems
             + non_negative(self, "weight_decay", "momentum", "grad_clip_norm", "num_threads", "huber_delta")
-            + positive(self, "max_consecutive_nonfinite")
+            + positive(self, "max_consecutive_nonfinite", "max_rollbacks")
         )
 
 

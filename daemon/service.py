@@ -71,12 +71,19 @@ def run(cfg: Config) -> int:
     return code
 
 
+def _status_line(trainer: Trainer, health: Health) -> str:
+    """The one line ``systemctl status`` shows."""
+    line = f"step {trainer.step_count}, {trainer.samples:,} samples, loss ewma {trainer.loss_ewma:.4g}, lag {sum(trainer.lag().values()):,}"
+    ok, checks = health.ready()
+    return line if ok else f"{line}; not ready: " + ", ".join(f"{k}: {v}" for k, v in checks.items())
+
+
 def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> None:
     """Point the scrape-time collector and the health checks at the running pieces."""
     ds = trainer.dataset
     src = metrics.scrape.sources
     src.ingest_stats = lambda: ds.stats
-    src.dead_letter = lambda: (ds.ingest.dead_letter.sent, ds.ingest.dead_letter.failures)
+    src.dead_letter = lambda: ds.dead_letter_counts
     src.lag = trainer.lag
     src.trained_positions = lambda: dict(trainer.trained)
     src.ring = lambda: (ds.ring.fill(), ds.ring.slots)
@@ -84,7 +91,7 @@ def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> No
     reach_within = max(15.0, 2 * cfg.kafka.metadata_refresh_s + 5.0)
 
     def kafka_ready() -> tuple[bool, str]:
-        if not ds.ingest.opened.is_set():
+        if not ds.connected:
             return False, f"connecting to {cfg.kafka.bootstrap_servers}"
         if not ds.source.assigned:
             return False, f"no partition of {', '.join(cfg.kafka.topics)} exists yet"
@@ -96,7 +103,7 @@ def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> No
         return (True, "loaded") if trainer.ready else (False, "loading")
 
     def ingest_alive() -> tuple[bool, str]:
-        return (True, "ok") if ds.ingest.alive else (False, "the ingest thread has stopped")
+        return (True, "ok") if ds.reading else (False, "the ingest thread has stopped")
 
     health.checks.update({"model": model_ready, "kafka": kafka_ready})
     health.live_checks["ingest"] = ingest_alive

@@ -83,6 +83,8 @@ class Trainer:
         self.loss_ewma = math.nan
         self.metric_ewma = math.nan
         self.consecutive_nonfinite = 0
+        self.rollbacks_in_a_row = 0  # reset by every new durable snapshot
+        self.stream_epoch = 0  # bumped when a roll-back re-reads the stream
         self.trained: dict[TP, Position] = {}  # positions of every batch trained so far
         self.durable: tuple[int, dict[TP, Position]] = (0, {})  # step and positions of the last durable snapshot
         self.last_loss = math.nan
@@ -244,9 +246,11 @@ class Trainer:
                 self.metrics.data_wait.observe(waited)
             else:
                 self.metrics.data_wait.observe(waited)
+                epoch = self.stream_epoch
                 if len(batch):
                     self.step(batch)
-                self.trained.update(batch.positions)
+                if epoch == self.stream_epoch:  # not when the step rolled back and re-read the stream
+                    self.trained.update(batch.positions)
             now = time.monotonic()
             due = (snap.every_steps and self.step_count - self.last_snapshot_step >= snap.every_steps) or (
                 snap.every_seconds and now - self.last_snapshot_time >= snap.every_seconds
@@ -369,20 +373,39 @@ class Trainer:
         return "mae" if self.cfg.trainer.task == "regression" else "accuracy"
 
     def rollback(self) -> None:
-        """Repeated non-finite steps: restore the last good snapshot's weights and continue."""
+        """Repeated non-finite steps: go back to the last good snapshot, as after a crash.
+
+        The whole state returns to the snapshot (weights, optimizer, normalizer, trained
+        positions) and the stream is read again from its offsets, so every record is still
+        trained exactly once relative to the state that survives.  Transient divergence
+        recovers; a deterministic one would loop, so ``max_rollbacks`` in a row without a
+        new snapshot stop the daemon.
+        """
+        tc = self.cfg.trainer
+        advice = "lower trainer.lr, set trainer.grad_clip_norm, or check the data"
+        self.writer.wait()
         restored = self.store.load_latest(map_location=str(self.device))
-        self.metrics.rollbacks.inc()
         self.consecutive_nonfinite = 0
         if restored is None:
-            raise TrainingError(
-                f"{self.cfg.trainer.max_consecutive_nonfinite} non-finite steps in a row and no snapshot to roll back to; "
-                "lower trainer.lr, set trainer.grad_clip_norm, or check the data"
-            )
+            raise TrainingError(f"{tc.max_consecutive_nonfinite} non-finite steps in a row and no snapshot to roll back to; {advice}")
+        self.rollbacks_in_a_row += 1
+        if self.rollbacks_in_a_row > tc.max_rollbacks:
+            raise TrainingError(f"training diverged again after {tc.max_rollbacks} roll-back(s) to snapshot {restored[0].name}; {advice}")
         info, state = restored
-        trained = dict(self.trained)
-        self.load_state_dict(info, state, positions=False)
-        self.trained = trained
-        log.warning("rolled back the model to snapshot %s (step %d); the stream continues where it was", info.name, info.step)
+        self.metrics.rollbacks.inc()
+        self.load_state_dict(info, state)
+        self.stream_epoch += 1
+        if self.dataset.ingest is not None:
+            self.dataset.restart(self.trained)
+        else:
+            self.dataset.positions = dict(self.trained)
+        log.warning(
+            "rolled back to snapshot %s (step %d) after %d non-finite steps in a row; reading again from %s",
+            info.name,
+            info.step,
+            tc.max_consecutive_nonfinite,
+            _fmt_positions(self.trained),
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -417,7 +440,7 @@ class Trainer:
             "versions": {"streamtrain": VERSION, "torch": torch.__version__},
         }
 
-    def load_state_dict(self, info: SnapshotInfo, state: dict[str, Any], positions: bool = True) -> None:
+    def load_state_dict(self, info: SnapshotInfo, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -433,9 +456,9 @@ class Trainer:
         self.loss_ewma = float(t["loss_ewma"])
         self.metric_ewma = float(t["metric_ewma"])
         self._plateau_losses = list(t.get("plateau_losses", []))
-        if positions:
-            self.trained = {(tp, int(p)): (int(o), int(r)) for tp, p, o, r in info.meta["positions"]}
-            self.durable = (self.step_count, dict(self.trained))
+        self.trained = {(tp, int(p)): (int(o), int(r)) for tp, p, o, r in info.meta["positions"]}
+        self.durable = (self.step_count, dict(self.trained))
+        self.last_snapshot_step = self.step_count
         self.metrics.snapshot_step.set(info.step)
         self.metrics.last_snapshot.set(info.created)
         log.info(
@@ -479,6 +502,7 @@ class Trainer:
         self.metrics.snapshot_step.set(info.step)
         positions = {(t, int(p)): (int(o), int(r)) for t, p, o, r in info.meta["positions"]}
         self.durable = (info.step, positions)
+        self.rollbacks_in_a_row = 0
         log.info("snapshot %s written in %.2f s (step %d, %s samples)", info.name, seconds, info.step, f"{info.meta['samples']:,}")
         try:
             self.dataset.commit(positions)

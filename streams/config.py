@@ -97,9 +97,12 @@ class DeadLetterConfig:
     topic: str = opt("streamtrain.dead-letter", "Topic that receives every rejected record with headers naming why.")
     on_failure: str = opt("block", "When the dead-letter topic cannot be written: block (retry until it can) or stop (exit with an error).")
     timeout_s: float = opt(30.0, "How long one delivery attempt may take; with on_failure=stop, how long before giving up.")
+    bootstrap_servers: str | None = opt(None, "Kafka cluster of the dead-letter topic, host:port[,...]; default: kafka.bootstrap_servers.")
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
+        if self.bootstrap_servers is not None and not self.bootstrap_servers.strip():
+            problems.append(("bootstrap_servers", "must be host:port, or left out to use kafka.bootstrap_servers"))
         if not self.topic or any(c.isspace() for c in self.topic):
             problems.append(("topic", f"must be a topic name without spaces, got {self.topic!r}"))
         if self.on_failure not in ("block", "stop"):

@@ -22,6 +22,7 @@ stream to; :meth:`state_dict` returns the positions of every batch yielded so fa
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -70,6 +71,8 @@ class KafkaIterableDataset(IterableDataset):
         self.source: KafkaSource | None = None
         self.ingest: Ingest | None = None
         self._committed: dict[TP, Position] = {}
+        self._stats = IngestStats()  # cumulative over restarts of the stream
+        self._dlq: DeadLetterQueue | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], **kwargs: Any) -> KafkaIterableDataset:
@@ -112,7 +115,10 @@ class KafkaIterableDataset(IterableDataset):
         rc = self.ring_config
         self.ring = Ring(rc.slots, rc.batch_size, self.data.width, pin_memory=self.pin_memory and torch.cuda.is_available())
         self.source = KafkaSource(self.kafka, self.client_id)
-        dlq = DeadLetterQueue(self.kafka, self.dead_letter_config)
+        if self._dlq is None:  # one for the dataset's life, so its counters survive restarts
+            self._dlq = DeadLetterQueue(self.kafka, self.dead_letter_config)
+        dlq = self._dlq
+        dlq.stop = threading.Event()
         self.ingest = Ingest(
             self.source,
             make_decoder(self.data, self.label_rule),
@@ -124,6 +130,7 @@ class KafkaIterableDataset(IterableDataset):
             refresh_every_s=self.kafka.metadata_refresh_s,
             pause_after_s=rc.pause_after_ms / 1000.0,
             positions=self.positions,
+            stats=self._stats,
         )
         self.ingest.start()
 
@@ -135,7 +142,6 @@ class KafkaIterableDataset(IterableDataset):
         self.ring.close()
         self.ingest.dead_letter.close()
         self.source.close()
-        self._last_stats = self.ingest.stats
         self.ingest = None  # iterating again starts over from self.positions
 
     def __iter__(self) -> Iterator[Batch]:
@@ -183,6 +189,13 @@ class KafkaIterableDataset(IterableDataset):
             self._current = None
             self.ring.release(batch.slot)
 
+    def restart(self, positions: dict[TP, Position]) -> None:
+        """Read again from ``positions`` (a roll-back): batches in the ring are dropped."""
+        self.release()
+        self.close()
+        self.positions = dict(positions)
+        self.start()
+
     def commit(self, positions: dict[TP, Position] | None = None) -> None:
         """Commit positions (default: every batch yielded so far) to the consumer group."""
         positions = dict(self.positions if positions is None else positions)
@@ -192,7 +205,22 @@ class KafkaIterableDataset(IterableDataset):
             self._committed.update(changed)
 
     @property
+    def dead_letter_counts(self) -> tuple[int, int]:
+        """(records written to the dead-letter topic, failed attempts), over the dataset's life."""
+        return (self._dlq.sent, self._dlq.failures) if self._dlq is not None else (0, 0)
+
+    @property
+    def connected(self) -> bool:
+        """The consumer is open and has its assignment (False while a restart is under way)."""
+        ingest = self.ingest
+        return ingest is not None and ingest.opened.is_set()
+
+    @property
+    def reading(self) -> bool:
+        """The ingest thread runs (False once it stopped on an error)."""
+        ingest = self.ingest
+        return ingest is not None and ingest.alive
+
+    @property
     def stats(self) -> IngestStats:
-        if self.ingest is not None:
-            return self.ingest.stats
-        return getattr(self, "_last_stats", None) or IngestStats()
+        return self._stats

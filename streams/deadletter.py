@@ -58,7 +58,7 @@ class DeadLetter:
 
 def producer_settings(kafka: KafkaConfig, dl: DeadLetterConfig) -> dict[str, Any]:
     settings: dict[str, Any] = {
-        "bootstrap.servers": kafka.bootstrap_servers,
+        "bootstrap.servers": dl.bootstrap_servers or kafka.bootstrap_servers,
         "client.id": "streamtrain-dead-letter",
         "acks": "all",
         "linger.ms": 5,

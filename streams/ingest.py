@@ -28,7 +28,7 @@ import numpy as np
 
 from streams.deadletter import DeadLetter, DeadLetterQueue
 from streams.decode import Decoder
-from streams.errors import KafkaSourceError
+from streams.errors import DeadLetterError, KafkaSourceError
 from streams.ring import Position, Ring, RingClosed
 from streams.ring import TopicPartition as TP
 from streams.source import KafkaSource
@@ -85,6 +85,7 @@ class Ingest:
         refresh_every_s: float,
         pause_after_s: float = 1.0,
         positions: dict[TP, Position] | None = None,
+        stats: IngestStats | None = None,
     ) -> None:
         self.source = source
         self.decoder = decoder
@@ -97,7 +98,7 @@ class Ingest:
         self.pause_after_s = pause_after_s
         self._full_since: float | None = None
         self.start_positions = dict(positions or {})
-        self.stats = IngestStats()
+        self.stats = stats if stats is not None else IngestStats()  # kept across stream restarts
         self.stop_event = dead_letter.stop
         self.opened = threading.Event()
         self._positions: dict[TP, Position] = dict(self.start_positions)
@@ -139,6 +140,12 @@ class Ingest:
                 self._step()
         except RingClosed:
             pass
+        except DeadLetterError as exc:
+            # Asked to stop while records waited for the dead-letter topic: they were not
+            # counted as handled and are read again after a restart, so that is a clean stop.
+            if not self.stop_event.is_set():
+                log.error("ingest stopped: %s", exc)
+                self.ring.close(exc)
         except BaseException as exc:  # surfaced to the trainer through the ring
             log.error("ingest stopped: %s", exc)
             self.ring.close(exc)

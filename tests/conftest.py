@@ -58,3 +58,13 @@ def _reap_daemons():
     """Kill any daemon a test started and left running (e.g. after a failed assertion)."""
     yield
     Daemon.reap_all()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault suite's reliability table (docs/RELIABILITY.md is made from it)."""
+    from tests.fault_util import results_table
+
+    table = results_table()
+    if table:
+        terminalreporter.write_sep("=", "reliability: faults survived")
+        terminalreporter.write_line(table)

@@ -1,0 +1,80 @@
+"""A ledger model for the fault tests: its state counts what it was trained on.
+
+Records carry ``(partition, sequence, f)`` as raw float32 features.  Each training
+forward adds, per partition, the number of records and the sum of their sequence
+numbers to buffers that live in the model's state -- so they are restored from
+snapshots exactly like weights.  After the last restart has drained the topic,
+exactly-once holds if and only if the ledger equals what was produced.
+
+Fault knobs (all off by default):
+- ``ballast_mb``: an unused buffer that makes snapshots large, so writes are slow
+  enough to be interrupted by ``kill -9``;
+- ``slow_ms``: a sleep per training step (a slow trainer);
+- ``poison_rate`` / ``poison_grad_rate``: chance a step's loss / gradient is NaN/Inf,
+  drawn from an RNG outside the saved state so a replay does not repeat the pattern;
+- ``poison_file``: while this file exists every step's loss is NaN (a divergence).
+A poisoned step's records go to ``skipped`` instead of ``count``, so
+``count + skipped == produced`` stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    in_features: int = 3
+    partitions: int = 4
+    ballast_mb: float = 0.0
+    slow_ms: float = 0.0
+    poison_rate: float = 0.0
+    poison_grad_rate: float = 0.0
+    poison_file: str = ""
+
+
+class Ledger(nn.Module):
+    Config = LedgerConfig
+
+    def __init__(self, config: LedgerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.lin = nn.Linear(1, 1)
+        p = config.partitions
+        for name in ("count", "seqsum", "skipped", "skipped_seqsum"):
+            self.register_buffer(name, torch.zeros(p, dtype=torch.float64))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("ballast", torch.zeros(int(config.ballast_mb * 2**20 / 4)))
+        self._rng = random.Random()  # deliberately not part of the state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x[:, 2:3])
+        if not self.training:
+            return out
+        cfg = self.config
+        if cfg.slow_ms:
+            time.sleep(cfg.slow_ms / 1000)
+        poison = bool(cfg.poison_file and os.path.exists(cfg.poison_file)) or self._rng.random() < cfg.poison_rate
+        poison_grad = not poison and self._rng.random() < cfg.poison_grad_rate
+        part = x[:, 0].long()
+        seq = x[:, 1].double()
+        with torch.no_grad():
+            if poison or poison_grad:
+                self.skipped.index_add_(0, part, torch.ones_like(seq))
+                self.skipped_seqsum.index_add_(0, part, seq)
+                self.skipped_steps += 1
+            else:
+                self.count.index_add_(0, part, torch.ones_like(seq))
+                self.seqsum.index_add_(0, part, seq)
+        if poison:
+            return out * math.nan
+        if poison_grad:
+            out.register_hook(lambda g: g * math.inf)
+        return out
