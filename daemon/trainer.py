@@ -256,8 +256,8 @@ class Trainer:
                 snap.every_seconds and now - self.last_snapshot_time >= snap.every_seconds
             )
             if due or self.snapshot_requested.is_set():
-                self.snapshot_requested.clear()
                 self.snapshot()
+                self.snapshot_requested.clear()
             if now >= next_progress:
                 self.log_progress()
                 next_progress = now + progress_every
@@ -441,7 +441,17 @@ class Trainer:
         }
 
     def load_state_dict(self, info: SnapshotInfo, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # a config problem: restarting would fail the same way
+            first = str(exc).splitlines()[1:2] or [str(exc)]
+            raise ConfigError(
+                [
+                    f"model: snapshot {info.name} in {self.cfg.snapshot.dir} was trained with another model "
+                    f"({info.meta.get('model', '?')}; {first[0].strip()}); restore the model config it was written with, "
+                    "or point snapshot.dir at a new directory to start over"
+                ]
+            ) from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None and state.get("scheduler"):
@@ -478,6 +488,8 @@ class Trainer:
             return None
         if (self.step_count, self.trained) == self.durable:
             self.last_snapshot_time = time.monotonic()
+            if self.snapshot_requested.is_set() or final:
+                log.info("snapshot not written: nothing trained since the last one (step %d)", self.step_count)
             return None  # nothing new since the last durable one
         t0 = time.perf_counter()
         state = state_to_host(self.state_dict())

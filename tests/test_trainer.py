@@ -261,3 +261,12 @@ def test_cuda_ring_slots_are_pinned():
 
     r = Ring(2, 8, 4, pin_memory=True)
     assert r.x.is_pinned() and r.y.is_pinned()
+
+
+def test_a_snapshot_of_another_model_is_a_config_error(tmp_path):
+    t = make_trainer(tmp_path)
+    t.step(batch(*linear_data()))
+    t.snapshot(final=True)
+    t.close()
+    with pytest.raises(ConfigError, match=r"model: snapshot snap-\S+ .* was trained with another model \(linear"):
+        make_trainer(tmp_path, model={"name": "mlp", "params": {"hidden": [4]}})
