@@ -272,6 +272,40 @@ def test_a_topic_created_later_is_picked_up(bootstrap, make_topic, dataset, prod
     assert offsets(ds.positions) == producer.end
 
 
+def test_partitions_added_later_are_picked_up(bootstrap, make_topic, dataset, producer):
+    """Needs CreatePartitions: Apache Kafka has it (STREAMTRAIN_TEST_BOOTSTRAP), the embedded Tansu does not."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewPartitions
+
+    topic = make_topic(2)
+    ds = dataset([topic], kafka={"metadata_refresh_s": 0.5})
+    produce(producer, topic, [record(i) for i in range(10)], partitions=2)
+    assert_once(take(ds, 10), range(10))
+    try:
+        admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until the futures resolve
+        for fut in admin.create_partitions([NewPartitions(topic, 4)]).values():
+            fut.result(30)
+    except KafkaException as exc:
+        if exc.args[0].code() == KafkaError._UNSUPPORTED_FEATURE:
+            pytest.skip(f"the broker does not support CreatePartitions: {exc.args[0].str()}")
+        raise
+    within(lambda: _wait_partitions(bootstrap, topic, 4))
+    values = [record(i) for i in range(100, 140)]
+    for i, v in enumerate(values):
+        producer.send(topic, v, partition=2 + i % 2)  # only the new partitions
+    producer.flush()
+    assert_once(take(ds, 40), range(100, 140))
+    assert offsets(ds.positions) == producer.end
+
+
+def _wait_partitions(bootstrap: str, topic: str, n: int) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    while len(admin.list_topics(topic, timeout=5).topics[topic].partitions) < n:
+        time.sleep(0.1)
+
+
 def test_dataloader_workers_are_refused():
     ds = KafkaIterableDataset.from_dict({"kafka": {"bootstrap_servers": "127.0.0.1:1", "topics": ["t"]}, "data": JSON}, idle_timeout_s=0.1)
     # spawn: forked workers of a process with live librdkafka threads can hang on shutdown
