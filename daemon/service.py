@@ -20,6 +20,7 @@ from daemon.config import Config
 from daemon.errors import ConfigError, SnapshotLockedError, StreamtrainError
 from daemon.logs import setup_logging
 from daemon.metrics import Health, Metrics, MetricsServer
+from daemon.notify import Heartbeat, Notifier
 from daemon.trainer import Trainer
 
 log = logging.getLogger("streamtrain.service")
@@ -35,6 +36,7 @@ def run(cfg: Config) -> int:
     trainer = Trainer(cfg, metrics, stop)
     health = Health(cfg.metrics.stall_after_s)
     trainer.health_beat = health.beat
+    notifier = Notifier.from_env()  # systemd Type=notify; a no-op without $NOTIFY_SOCKET
     _install_signals(stop, trainer)
     server = None
     code = EXIT_OK
@@ -43,8 +45,11 @@ def run(cfg: Config) -> int:
             server = MetricsServer(metrics, health, cfg.metrics.host, cfg.metrics.port)
             server.start()
         log.info("starting: topics %s at %s, model %s", ", ".join(cfg.kafka.topics), cfg.kafka.bootstrap_servers, cfg.model.name)
+        notifier.status("starting: loading the model and the newest snapshot")
         trainer.setup()
         _wire(cfg, trainer, metrics, health)
+        if notifier.enabled:  # READY=1 once ready, WATCHDOG=1 from the loop, STATUS= lines
+            trainer.health_beat = Heartbeat(notifier, health.beat, health.ready, health.live, lambda: _status_line(trainer, health))
         trainer.train()
         log.info("stopping: finishing up (final snapshot, commit)")
     except ConfigError as exc:
@@ -60,6 +65,7 @@ def run(cfg: Config) -> int:
         log.exception("stopping after an unexpected error")
         code = EXIT_FAILURE
     finally:
+        notifier.stopping("stopping: final snapshot and commit" if code == EXIT_OK else f"stopping after an error (exit {code})")
         try:
             trainer.close()
         except Exception:
