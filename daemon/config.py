@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from daemon.overrides import apply_overrides, env_overrides, parse_set
+from daemon.secrets import Secret, redacted, resolve_secrets
 from streams.config import (
     DataConfig,
     DeadLetterConfig,
@@ -212,8 +215,15 @@ def config_from_dict(raw: Any) -> Config:
     return parse(Config, raw)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML config file; raises :class:`ConfigError`."""
+def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file; raises :class:`ConfigError`.
+
+    ``STREAMTRAIN__*`` variables of ``environ`` (default ``os.environ``), then the
+    ``key.path=value`` strings of ``overrides`` (``--set``), are applied to the file's
+    mapping; then ``${env:NAME}`` / ``${file:/path}`` references are resolved; then it
+    is validated. See :mod:`daemon.overrides` and :mod:`daemon.secrets`.
+    """
+    env = os.environ if environ is None else environ
     p = Path(path)
     try:
         text = p.read_text()
@@ -223,23 +233,40 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{p}: not valid YAML: {exc}"]) from exc
-    return config_from_dict(raw)
-
-
-_SECRET_WORDS = ("password", "secret", "token", "key")
+    found, problems = [], []
+    for source in (lambda: env_overrides(env, Config), lambda: parse_set(overrides, Config)):
+        try:
+            found += source()
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    raw = apply_overrides(raw, found)
+    raw, problems = resolve_secrets(raw, p.parent, env)
+    try:
+        cfg = config_from_dict(raw)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def config_to_dict(cfg: Any, redact: bool = True) -> Any:
-    """Plain-data form of a config, for printing and for snapshots; secrets redacted."""
+    """Plain-data form of a config, for printing and for snapshots.
+
+    With ``redact``, a value from a ``${env:...}``/``${file:...}`` reference shows as
+    the reference and a secret-looking key's value (``sasl.password``) as ``***``.
+    """
     if dataclasses.is_dataclass(cfg):
         return {f.name: config_to_dict(getattr(cfg, f.name), redact) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, tuple):
+    if isinstance(cfg, (tuple, list)):
         return [config_to_dict(v, redact) for v in cfg]
     if isinstance(cfg, dict):
-        return {
-            k: ("***" if redact and any(w in k.lower() for w in _SECRET_WORDS) and "location" not in k else config_to_dict(v, redact))
-            for k, v in cfg.items()
-        }
+        nested = (dict, tuple, list)
+        return {k: redacted(v, k) if redact and not isinstance(v, nested) else config_to_dict(v, redact) for k, v in cfg.items()}
+    if isinstance(cfg, Secret):
+        return cfg.ref if redact else str(cfg)
     return cfg
 
 

@@ -1,0 +1,139 @@
+"""Export a snapshot's model for serving: weights a process without streamtrain can load.
+
+Two forms, each with a JSON sidecar (``model.pt`` -> ``model.pt.json``) that says what the
+model expects and gives back:
+
+* ``state_dict`` (default): ``torch.save`` of the model's ``state_dict`` only, loadable
+  with ``torch.load(path, weights_only=True)`` into the model class (``models/*.py``
+  are self-contained: copy the one file).  The trainer standardizes features with
+  running statistics, so the sidecar carries them: ``x_std = (x - mean) * scale``.
+* ``program``: a ``torch.export`` program of standardization + model, loadable with
+  ``torch.export.load(path).module()`` and no model code at all; it takes raw features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from daemon.normalizer import RunningStandardizer
+from daemon.snapshot import SnapshotInfo
+from models.registry import build_model, resolve
+
+__all__ = ["EXPORT_FORMATS", "export_model", "serving_spec", "sidecar_path", "standardization"]
+
+EXPORT_FORMATS = ("state_dict", "program")
+SPEC_VERSION = 1
+
+_OUTPUTS = {
+    "regression": "one value per sample: the prediction",
+    "binary": "one logit per sample: sigmoid(output) is the probability of label 1",
+    "multiclass": "one logit per class per sample: softmax(output) gives the class probabilities",
+}
+
+
+def sidecar_path(out: str | os.PathLike[str]) -> Path:
+    """``model.pt`` -> ``model.pt.json``: one sidecar per exported file, whatever its suffix."""
+    return Path(f"{out}.json")
+
+
+def standardization(meta: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, scale) such that ``(x - mean) * scale`` is exactly what the trainer fed the model."""
+    cfg = meta["config"]
+    width = _width(meta)
+    norm = RunningStandardizer(width, enabled=bool(cfg["trainer"].get("standardize", True)))
+    mean, scale = torch.zeros(width), torch.ones(width)
+    if not norm.enabled or "normalizer" not in state:
+        return mean, scale
+    norm.load_state_dict(state["normalizer"])
+    if norm.count.item() < 2:  # identity until two samples were seen, as in training
+        return mean, scale
+    var = norm.m2 / norm.count
+    return norm.mean.to(torch.float32), torch.rsqrt(var + norm.eps).to(torch.float32)
+
+
+def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -> dict[str, Any]:
+    """The sidecar: model, inputs (feature order, standardization), outputs, and where it came from."""
+    meta = info.meta
+    cfg = meta["config"]
+    name, params = cfg["model"]["name"], dict(cfg["model"].get("params") or {})
+    _, cls = resolve(name)
+    mean, scale = standardization(meta, state)
+    data, trainer = cfg["data"], cfg["trainer"]
+    return {
+        "streamtrain_export": SPEC_VERSION,
+        "format": fmt,
+        "weights": weights_file,
+        "model": {"name": name, "class": f"{cls.__module__}:{cls.__qualname__}", "params": params, "in_features": _width(meta)},
+        "inputs": {
+            "features": list(data.get("features") or []),
+            "feature_field": data.get("feature_field"),
+            "num_features": _width(meta),
+            "standardize": {
+                "included_in_program": fmt == "program",
+                "formula": "x_std = (x - mean) * scale",
+                "mean": [float(v) for v in mean],
+                "scale": [float(v) for v in scale],
+            },
+        },
+        "outputs": {"task": trainer["task"], "num_classes": trainer.get("num_classes", 0), "meaning": _OUTPUTS.get(trainer["task"], "")},
+        "label": data.get("label"),
+        "snapshot": {
+            "name": info.name,
+            "step": info.step,
+            "created": info.created,
+            "samples": meta.get("samples"),
+            "loss_ewma": meta.get("loss_ewma"),
+            "metric": meta.get("metric"),
+        },
+        "versions": {**meta.get("versions", {}), "torch_export": torch.__version__},
+    }
+
+
+def export_model(info: SnapshotInfo, state: dict, out: str | os.PathLike[str], fmt: str = "state_dict") -> dict[str, Any]:
+    """Write the model of a loaded snapshot to ``out`` (and its sidecar); returns the sidecar."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu").clone() for k, v in state["model"].items()}
+    if fmt == "state_dict":
+        torch.save(weights, out)
+    else:
+        torch.export.save(_program(info.meta, weights, *standardization(info.meta, state)), out)
+    spec = serving_spec(info, state, fmt, out.name)
+    sidecar_path(out).write_text(json.dumps(spec, indent=2) + "\n")
+    return spec
+
+
+class _Standardized(nn.Module):
+    """Standardization then the model, as one module to export."""
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) * self.scale)
+
+
+def _program(meta: dict, weights: dict, mean: torch.Tensor, scale: torch.Tensor) -> torch.export.ExportedProgram:
+    cfg = meta["config"]
+    model = build_model(cfg["model"]["name"], dict(cfg["model"].get("params") or {}), _width(meta))
+    model.load_state_dict(weights)
+    module = _Standardized(model, mean, scale).eval()
+    example = torch.zeros(2, _width(meta))
+    batch = torch.export.Dim("batch", min=1)
+    return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+
+
+def _width(meta: dict) -> int:
+    data = meta["config"]["data"]
+    return int(data.get("num_features") or len(data.get("features") or []))

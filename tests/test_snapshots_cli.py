@@ -1,0 +1,190 @@
+"""``streamtrain snapshots list|show|export``: read-only views of a snapshot directory (also while the
+daemon holds its lock), and exported models that load without streamtrain and predict exactly as
+the trainer's model does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from daemon.cli import main
+from daemon.config import config_from_dict
+from daemon.metrics import Metrics
+from daemon.snapshot import SnapshotStore
+from daemon.trainer import Trainer
+from models.registry import build_model
+from streams.ring import Batch
+from tests.daemon_util import FEATURES, ROOT, Daemon, daemon_config, write_config
+
+WIDTH = 3
+
+
+def train(tmp_path, model: dict, task: str = "regression", snapshots: int = 2, **trainer) -> Trainer:
+    """A trainer fed without Kafka, with ``snapshots`` snapshots written; features far from N(0, 1)."""
+    raw = {
+        "kafka": {"topics": ["events"], "settings": {"sasl.password": "hunter2-literal"}},
+        "data": {"format": "json", "features": ["a", "b", "c"], "label": "y"},
+        "model": model,
+        "trainer": {"task": task, "lr": 0.01, **trainer},
+        "snapshot": {"dir": str(tmp_path / "snaps"), "keep": 5},
+    }
+    t = Trainer(config_from_dict(raw), Metrics())
+    t.setup(stream=False)
+    g = torch.Generator().manual_seed(1)
+    for i in range(10 * snapshots):
+        x = torch.randn(64, WIDTH, generator=g) * torch.tensor([10.0, 0.1, 3.0]) + torch.tensor([100.0, -5.0, 0.0])
+        y = (x[:, 0] > 100).float() if task == "binary" else x[:, 0] * 0.1 + x[:, 2]
+        pos = {("events", 0): ((i + 1) * 40, 0), ("events", 1): ((i + 1) * 24, 0)}
+        t.step(Batch(x, y, pos))
+        t.trained.update(pos)
+        if (i + 1) % 10 == 0:
+            t.snapshot(final=True)
+    return t
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["snapshots", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_table_and_json(tmp_path, capsys):
+    t = train(tmp_path, {"name": "linear"})
+    t.close()
+    d = str(tmp_path / "snaps")
+    code, out, _ = cli(capsys, "list", "--dir", d)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["NAME", "STEP", "CREATED"] and len(lines) == 3
+    assert lines[1].split()[1] == "20" and "events: 2 partition(s), offsets sum 1,280" in lines[1] and "mae" in lines[1]
+    code, out, _ = cli(capsys, "list", "--dir", d, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["step"] for r in rows] == [20, 10] and rows[0]["samples"] == 20 * 64
+    assert rows[0]["positions"] == [
+        {"topic": "events", "partition": 0, "offset": 800, "rows": 0},
+        {"topic": "events", "partition": 1, "offset": 480, "rows": 0},
+    ]
+    assert rows[0]["metric"]["mae"] > 0 and rows[0]["loss_ewma"] > 0
+
+
+def test_show_verifies_and_redacts_and_moves_nothing(tmp_path, capsys):
+    t = train(tmp_path, {"name": "linear"})
+    t.close()
+    d = tmp_path / "snaps"
+    code, out, _ = cli(capsys, "show", "latest", "--dir", str(d))
+    assert code == 0 and "verified   ok" in out and "step       20" in out and "events [1]  offset 480" in out
+    assert "hunter2-literal" not in out and "sasl.password: '***'" in out
+    newest, older = sorted(d.glob("snap-*"), reverse=True)
+    with open(newest / "state.pt", "r+b") as f:  # flip a byte: sha256 no longer matches
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    before = sorted(p.name for p in d.iterdir())
+    code, out, _ = cli(capsys, "show", newest.name, "--dir", str(d), "--json")
+    doc = json.loads(out)
+    assert code == 1 and doc["verified"] is False and "sha256 mismatch for state.pt" in doc["problem"]
+    code, out, _ = cli(capsys, "show", "latest", "--dir", str(d))  # the newest that verifies
+    assert code == 0 and older.name in out
+    code, _, err = cli(capsys, "export", newest.name, str(tmp_path / "m.pt"), "--dir", str(d))
+    assert code == 1 and "sha256 mismatch" in err and not (tmp_path / "m.pt").exists()
+    assert sorted(p.name for p in d.iterdir()) == before  # read-only: nothing quarantined
+    code, _, err = cli(capsys, "show", "snap-nope", "--dir", str(d))
+    assert code == 1 and "no snapshot 'snap-nope'" in err
+
+
+@pytest.mark.parametrize(
+    ("model", "task"),
+    [
+        ({"name": "mlp", "params": {"hidden": [16, 16]}}, "binary"),
+        ({"name": "transformer", "params": {"d_model": 16, "nhead": 2}}, "regression"),
+    ],
+    ids=["mlp-binary", "transformer-regression"],
+)
+def test_exported_weights_load_without_streamtrain_and_predict_like_the_trainer(tmp_path, capsys, model, task):
+    t = train(tmp_path, model, task)
+    x = torch.randn(33, WIDTH) * torch.tensor([10.0, 0.1, 3.0]) + torch.tensor([100.0, -5.0, 0.0])
+    t.model.eval()
+    with torch.no_grad():
+        want = t.model(t.normalizer.transform(x))  # what the trainer's model says on the standardized inputs
+    out = tmp_path / "export" / "model.pt"
+    code, text, _ = cli(capsys, "export", "latest", str(out), "--dir", str(tmp_path / "snaps"))
+    assert code == 0 and "model.pt.json" in text
+    spec = json.loads((tmp_path / "export" / "model.pt.json").read_text())
+    assert spec["model"]["name"] == model["name"] and spec["inputs"]["features"] == ["a", "b", "c"]
+    assert spec["outputs"]["task"] == task and spec["snapshot"]["step"] == 20
+
+    # the serving side: plain torch, the model class, the sidecar's statistics
+    weights = torch.load(out, weights_only=True)
+    served = build_model(spec["model"]["name"], spec["model"]["params"], spec["model"]["in_features"]).eval()
+    served.load_state_dict(weights)
+    std = spec["inputs"]["standardize"]
+    mean, scale = torch.tensor(std["mean"]), torch.tensor(std["scale"])
+    with torch.no_grad():
+        got = served((x - mean) * scale)
+    assert torch.equal(got, want)
+
+    program = tmp_path / "export" / "model.pt2"
+    assert cli(capsys, "export", "20", str(program), "--format", "program", "--dir", str(tmp_path / "snaps"))[0] == 0
+    with torch.no_grad():
+        raw_in = torch.export.load(program).module()(x)  # raw features in: standardization is inside
+    torch.testing.assert_close(raw_in, want, rtol=1e-5, atol=1e-5)
+    t.close()
+
+
+def test_works_while_the_directory_is_locked_and_reads_config(tmp_path, capsys):
+    t = train(tmp_path, {"name": "linear"}, snapshots=1)  # the trainer holds the lock, as the daemon does
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"kafka": {"topics": ["e"]}, "data": {"features": ["a"]}, "snapshot": {"dir": "elsewhere"}}))
+    code, out, _ = cli(capsys, "list", "--config", str(cfg), "--set", f"snapshot.dir={tmp_path / 'snaps'}", "--json")
+    assert code == 0 and len(out.splitlines()) == 1
+    assert cli(capsys, "export", "latest", str(tmp_path / "m.pt"), "--dir", str(tmp_path / "snaps"))[0] == 0
+    with pytest.raises(Exception, match="in use by another streamtrain process"):
+        SnapshotStore(tmp_path / "snaps").lock()  # still held by the trainer
+    t.close()
+    code, _, err = cli(capsys, "list", "--dir", str(tmp_path / "missing"))
+    assert code == 1 and "no such directory" in err
+
+
+@pytest.mark.integration
+def test_produce_then_train_then_export_from_the_running_daemon(tmp_path, bootstrap, make_topic):
+    """The whole path: a Parquet file into the topic with the daemon's config, the daemon trains every
+    row, and its snapshots are listed and exported while it runs."""
+    topic = make_topic(2)
+    n = 1000
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, len(FEATURES))).astype(np.float32)
+    cols = {f: x[:, i] for i, f in enumerate(FEATURES)}
+    pq.write_table(pa.table({**cols, "y": x[:, 0] * 2 + 1}), tmp_path / "train.parquet")
+    path = write_config(tmp_path / "c.yaml", daemon_config(tmp_path, bootstrap, [topic]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+    r = run("produce", "--config", str(path), "--json", str(tmp_path / "train.parquet"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rows_delivered"] == n
+    d = Daemon(path, tmp_path / "daemon.log")
+    d.wait_trained(n, timeout=60)
+    d.wait_for("a snapshot of every row", lambda m: m.get("streamtrain_last_snapshot_step", 0) > 0, timeout=30)
+    listed = run("snapshots", "list", "--config", str(path), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.strip(), "no snapshot listed"
+    exported = run("snapshots", "export", "latest", str(tmp_path / "model.pt"), "--config", str(path))
+    assert exported.returncode == 0, exported.stderr
+    assert d.proc.poll() is None  # the daemon kept running: nothing was locked or moved
+    code, _ = d.terminate()
+    assert code == 0
+    final = json.loads(run("snapshots", "list", "--config", str(path), "--json").stdout.splitlines()[0])
+    assert final["samples"] == n and sum(p["offset"] for p in final["positions"]) == n
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(weights) == set(build_model("mlp", {"hidden": [32]}, len(FEATURES)).state_dict())
