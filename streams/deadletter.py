@@ -89,7 +89,9 @@ class DeadLetterQueue:
         if not letters:
             return
         if self.producer is None:
-            self.producer = Producer(producer_settings(self.kafka, self.dl), logger=log)
+            from streams.source import make_client
+
+            self.producer = make_client(Producer, producer_settings(self.kafka, self.dl), "kafka.settings", logger=log)
         pending = letters
         started = time.monotonic()
         attempt = 0

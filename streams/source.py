@@ -28,7 +28,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 from streams.config import KafkaConfig
-from streams.errors import KafkaSourceError
+from streams.errors import ConfigError, KafkaSourceError
 from streams.ring import Position
 from streams.ring import TopicPartition as TP
 
@@ -56,6 +56,17 @@ def consumer_settings(kafka: KafkaConfig, client_id: str = "streamtrain") -> dic
     return settings
 
 
+def make_client(cls: type, settings: dict[str, Any], key: str, **kwargs: Any) -> Any:
+    """A librdkafka client; settings it refuses (bad value, unknown key, unreadable key file) are a config error."""
+    try:
+        return cls(settings, **kwargs)
+    except KafkaException as exc:
+        err = exc.args[0]
+        if err.code() == KafkaError._INVALID_ARG:
+            raise ConfigError([f"{key}: librdkafka refused the settings: {err.str().splitlines()[0]}"]) from exc
+        raise
+
+
 class KafkaSource:
     """Reads every partition of ``kafka.topics``; opens lazily (no network in ``__init__``)."""
 
@@ -80,7 +91,7 @@ class KafkaSource:
     def open(self, positions: dict[TP, Position] | None = None, timeout: float = 30.0) -> dict[TP, str]:
         """Create the consumer and assign every known partition; returns where each started from."""
         settings = consumer_settings(self.kafka, self.client_id)
-        self.consumer = Consumer(settings, error_cb=self._on_error, logger=log)
+        self.consumer = make_client(Consumer, settings, "kafka.settings", error_cb=self._on_error, logger=log)
         self._side = Consumer(settings, logger=log)
         partitions = self._discover(self.consumer, timeout)
         self._note_ok()
@@ -290,4 +301,4 @@ class KafkaSource:
             log.warning("Kafka error: %s", err.str())
 
 
-__all__ = ["OFFSET_INVALID", "KafkaSource", "consumer_settings"]
+__all__ = ["OFFSET_INVALID", "KafkaSource", "consumer_settings", "make_client"]

@@ -129,3 +129,16 @@ def test_default_yaml_documents_every_key():
     for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert "  # " in line, f"undocumented key: {line}"
+
+
+@pytest.mark.integration
+def test_settings_librdkafka_refuses_exit_2_naming_the_key(tmp_path, bootstrap, make_topic):
+    """A pass-through setting librdkafka rejects is a configuration error (exit 2), not a crash to restart."""
+    from tests.daemon_util import Daemon, daemon_config, write_config
+
+    cfg = daemon_config(tmp_path, bootstrap, [make_topic(1)], kafka={"settings": {"socket.timeout.ms": "soon"}})
+    d = Daemon(write_config(tmp_path / "d.yaml", cfg), tmp_path / "d.log")
+    assert d.wait_exit(60) == 2
+    log = d.log()
+    assert 'kafka.settings: librdkafka refused the settings: Invalid value for configuration property "socket.timeout.ms"' in log
+    assert "Traceback" not in log
