@@ -98,6 +98,8 @@ class SnapshotWriter:
 
     def _run(self, state: dict, meta: dict) -> None:
         try:
+            if not tensors_finite(state):  # here, not on the training thread: ~4x the copy's time for 300 MB
+                raise SnapshotError(f"not writing a snapshot with non-finite tensors (step {meta.get('step')})")
             self._write(state, meta)
         except BaseException as exc:  # a failed snapshot must not take the daemon down
             log.error("background snapshot write failed: %s", exc, exc_info=exc)

@@ -51,7 +51,7 @@ class KafkaConfig:
     topics: tuple[str, ...] = opt((), "Topics to train from; every partition of each is read.")
     group_id: str = opt("streamtrain", "Consumer group that mirrors the trained offsets (lag monitoring).")
     auto_offset_reset: str = opt("earliest", "Where to start with no snapshot and no committed offset: earliest|latest.")
-    consume_batch: int = opt(10000, "Most messages taken per consume() call.")
+    consume_batch: int = opt(2000, "Most messages taken per consume() call; larger batches hold the GIL longer (docs/BENCHMARKS.md).")
     consume_timeout_ms: int = opt(20, "Longest a consume() call waits; keep it short so slow streams flow.")
     metadata_refresh_s: float = opt(10.0, "How often to look for new partitions and check the broker is reachable.")
     queued_max_kbytes: int = opt(16384, "Bound of librdkafka's local prefetch queue (KiB); with the ring it bounds memory.")

@@ -23,11 +23,13 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
+from confluent_kafka import Message
 
 from streams.deadletter import DeadLetter, DeadLetterQueue
-from streams.decode import Decoder
+from streams.decode import Decoder, value_bytes
 from streams.errors import DeadLetterError, KafkaSourceError
 from streams.ring import Position, Ring, RingClosed
 from streams.ring import TopicPartition as TP
@@ -209,33 +211,30 @@ class Ingest:
             self._publish()
 
     def _ingest(self, msgs: list) -> None:
-        values, parts, offsets, stamps, good = [], [], [], [], []
-        tp_index = self._tp_index
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                self.stats.consumer_errors += 1
-                self.source.message_error(err)
-                continue
-            tp = (m.topic(), m.partition())
-            i = tp_index.get(tp)
-            if i is None:
-                i = tp_index[tp] = len(self._tps)
-                self._tps.append(tp)
-            values.append(m.value())
-            parts.append(i)
-            offsets.append(m.offset())
-            stamps.append(m.timestamp()[1])
-            good.append(m)
+        good = msgs
+        if any(map(Message.error, msgs)):  # rare: count and report each error, keep the rest
+            good = []
+            for m in msgs:
+                err = m.error()
+                if err is not None:
+                    self.stats.consumer_errors += 1
+                    self.source.message_error(err)
+                else:
+                    good.append(m)
         if not good:
             return
+        # one C-level pass per field, not a Python loop per message (docs/BENCHMARKS.md)
+        values = list(map(Message.value, good))
+        parts = self._partition_indices(good)
+        offsets = np.fromiter(map(Message.offset, good), np.int64, len(good))
+        stamps = np.fromiter(map(itemgetter(1), map(Message.timestamp, good)), np.float64, len(good))
         self.source.note_fetched()
         n = len(good)
         self.stats.messages += n
         t0 = time.perf_counter()
         decoded = self.decoder.decode(values)
         self.stats.decode_seconds += time.perf_counter() - t0
-        self.stats.bytes += sum(len(v) for v in values if v is not None)
+        self.stats.bytes += value_bytes(values)
         part = np.asarray(parts, np.int32)
         offset = np.asarray(offsets, np.int64)
         ts = np.asarray(stamps, np.float64) / 1000.0
@@ -252,6 +251,27 @@ class Ingest:
         has_ts = not np.isnan(ts).all()
         self._pending = _Pending(x, y, part, offset, ts, row_end - counts, row_end, row_base, msg_of_row, self._tps, has_ts)
         self._place()
+
+    def _partition_indices(self, msgs: list) -> np.ndarray:
+        """Each message's index into ``self._tps`` (partitions get an index when first seen)."""
+        topics = list(map(Message.topic, msgs))
+        partitions = np.fromiter(map(Message.partition, msgs), np.int64, len(msgs))
+        names = set(topics)
+        if len(names) == 1:  # one topic: a lookup table over the few partition numbers
+            (topic,) = names
+            seen = np.unique(partitions).tolist()
+            table = np.zeros(max(seen) + 1, np.int32)
+            for p in seen:
+                table[p] = self._tp_slot((topic, p))
+            return table[partitions]
+        return np.fromiter(map(self._tp_slot, zip(topics, partitions.tolist())), np.int32, len(msgs))
+
+    def _tp_slot(self, tp: TP) -> int:
+        i = self._tp_index.get(tp)
+        if i is None:
+            i = self._tp_index[tp] = len(self._tps)
+            self._tps.append(tp)
+        return i
 
     def _skip_trained_rows(self, part, offset, x, y, msg_of_row, row_base):
         """Drop the rows of a record that the snapshot says were already trained."""

@@ -40,10 +40,17 @@ def start(tmp_path, bootstrap, topic, name="d", **sections) -> Daemon:
 
 def test_trains_every_record_snapshots_and_commits(tmp_path, bootstrap, make_topic):
     topic = make_topic(4)
-    n = 20_000
-    p = produce(bootstrap, topic, n)
+    n, first = 20_000, 2_000
+    x, y = SyntheticStream(16).batch(n)
+    values = encode("json", x, y, FEATURES)
+    # a first part only: a fast daemon is well into training before a poll sees its first loss
+    p = TestProducer(bootstrap)
+    p.send_all(topic, values[:first], partitions=4)
+    p.flush()
     d = start(tmp_path, bootstrap, topic)
     early = d.wait_for("a first loss", lambda m: m.get("streamtrain_steps_total", 0) >= 5, 60)
+    p.send_all(topic, values[first:], partitions=4)
+    p.flush()
     d.wait_trained(n, timeout=90)
     late = d.metrics()
     code, _ = d.terminate()

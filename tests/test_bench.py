@@ -1,0 +1,31 @@
+"""The benchmarks run (a tiny size, figures not checked: a benchmark is not a test)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import pipeline
+from bench.common import MODELS, daemon_config, fill_topic, records, snapshot_dir, unique
+from bench.loops import compute_only, end_to_end
+
+pytestmark = pytest.mark.integration
+
+
+def test_pipeline_quick_prints_its_table(bootstrap, capsys):
+    assert pipeline.main(["--quick", "--formats", "raw", "--models", "mlp", "--samples", "20000", "--bootstrap", bootstrap]) == 0
+    out = capsys.readouterr().out
+    assert "| raw    | mlp   |" in out
+    assert "E = e2e/compute" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compute_only_and_end_to_end_on_cuda(bootstrap):
+    topic = unique("bench-gpu")
+    fill_topic(bootstrap, topic, records("raw", 30_000))
+    cfg = daemon_config(bootstrap, topic, "raw", MODELS["mlp"], snapshot_dir(), trainer={"device": "cuda"})
+    assert compute_only(cfg, 5_000, 1_000).rate > 0
+    e = end_to_end(cfg, 10_000, 2_000)
+    assert e.samples >= 10_000
+    assert 0 <= e.wait_fraction <= 1
