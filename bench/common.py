@@ -279,6 +279,18 @@ def machine_cpu() -> float:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (e.g. the daemon's ingest process), from /proc."""
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 class CpuMeter:
     """CPU used over a window: by this process, by the broker, and by everything else on the machine.
 
@@ -291,7 +303,9 @@ class CpuMeter:
         self.start()
 
     def _read(self) -> tuple[float, float, float, float]:
-        return time.perf_counter(), proc_cpu(os.getpid()), proc_cpu(self.broker_pid), machine_cpu()
+        me = os.getpid()
+        own = proc_cpu(me) + sum(proc_cpu(c) for c in children(me))  # the ingest process is the daemon's too
+        return time.perf_counter(), own, proc_cpu(self.broker_pid), machine_cpu()
 
     def start(self) -> None:
         self._t0 = self._read()

@@ -21,18 +21,22 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench.common import FEATURES, Broker, machine, print_machine, quiet_logs, snapshot_dir, start_producer, table, unique
+from bench.common import FEATURES, Broker, children, machine, print_machine, quiet_logs, snapshot_dir, start_producer, table, unique
 from tests.kafka_util import create_topic, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of the daemon and its children (the ingest process), MiB."""
+    total = 0.0
+    for p in (pid, *children(pid)):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0) / 1024
+        except OSError:
+            pass
+    return total
 
 
 def scrape(port: int, name: str) -> float:

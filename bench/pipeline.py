@@ -55,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="run each e2e/compute pair this many times and keep the best of each")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive loop")
     ap.add_argument("--bootstrap", help="an existing broker instead of the embedded one")
+    ap.add_argument("--ingest", default="process", help="comma-separated ring.ingest modes to run e2e with: process,thread")
     args = ap.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     models = [m for m in args.models.split(",") if m]
+    modes = [m for m in args.ingest.split(",") if m]
+    if any(m not in ("process", "thread") for m in modes):
+        ap.error(f"--ingest takes process and/or thread, got {args.ingest!r}")
     bad = [f for f in formats if f not in FORMATS] + [m for m in models if m not in MODELS]
     if bad:
         ap.error(f"unknown format(s)/model(s): {bad}")
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 naive = naive_loop(daemon_config(broker.bootstrap, topics["json"], "json", spec, d), size(key, NAIVE_SAMPLES), warm // 4)
                 shutil.rmtree(d, ignore_errors=True)
                 print(f"{key}: naive loop {fmt_rate(naive.rate)} samples/s", flush=True)
-            for fmt in formats:
+            for fmt, mode in [(f, m) for f in formats for m in modes]:
                 best_c = best_e = None
                 for _ in range(args.repeat):
                     d = snapshot_dir()
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     c = compute_only(cfg, n, warm)
                     shutil.rmtree(d, ignore_errors=True)
                     d = snapshot_dir()
-                    cfg = daemon_config(broker.bootstrap, topics[fmt], fmt, spec, d)
+                    cfg = daemon_config(broker.bootstrap, topics[fmt], fmt, spec, d, ring={"ingest": mode})
                     e = end_to_end(cfg, n, warm, broker_pid=broker.pid)
                     shutil.rmtree(d, ignore_errors=True)
                     best_c = c if best_c is None or c.rate > best_c.rate else best_c
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     [
                         fmt,
                         key,
+                        mode,
                         fmt_rate(best_c.rate),
                         fmt_rate(raw.rate),
                         fmt_rate(naive.rate) if naive else "-",
@@ -128,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                     ]
                 )
                 print(
-                    f"{fmt}/{key}: compute {fmt_rate(best_c.rate)}/s, raw consume {fmt_rate(raw.rate)}/s, e2e {fmt_rate(best_e.rate)}/s,"
+                    f"{fmt}/{key}/{mode}: compute {fmt_rate(best_c.rate)}/s, raw consume {fmt_rate(raw.rate)}/s,"
+                    f" e2e {fmt_rate(best_e.rate)}/s,"
                     f" E {eff:.2f}, data-wait {100 * best_e.wait_fraction:.1f} %,"
                     f" decode {1e9 * best_e.extra['decode_s_per_record']:.0f} ns/record,"
                     f" step {1e6 * best_e.extra['step_s']:.0f} us (compute-only {1e6 * best_c.extra['step_s']:.0f} us),"
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     headers = [
         "format",
         "model",
+        "ingest",
         "compute-only",
         "raw consume",
         "naive loop",

@@ -88,7 +88,7 @@ def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> No
     """Point the scrape-time collector and the health checks at the running pieces."""
     ds = trainer.dataset
     src = metrics.scrape.sources
-    src.ingest_stats = lambda: ds.stats
+    src.ingest_stats = lambda: (ds.pump(), ds.stats)[1]  # read first: the ingest process reports by message
     src.dead_letter = lambda: ds.dead_letter_counts
     src.lag = trainer.lag
     src.trained_positions = lambda: dict(trainer.trained)
@@ -97,6 +97,7 @@ def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> No
     reach_within = max(15.0, 2 * cfg.kafka.metadata_refresh_s + 5.0)
 
     def kafka_ready() -> tuple[bool, str]:
+        ds.pump()
         if not ds.connected:
             return False, f"connecting to {cfg.kafka.bootstrap_servers}"
         if not ds.source.assigned:

@@ -35,8 +35,10 @@ from streams.deadletter import DeadLetterQueue
 from streams.decode import LabelRule, make_decoder
 from streams.errors import StreamtrainError
 from streams.ingest import Ingest, IngestStats
+from streams.ingest_process import IngestProcess
 from streams.ring import Batch, Position, Ring, RingClosed
 from streams.ring import TopicPartition as TP
+from streams.shared_ring import SharedRing
 from streams.source import KafkaSource
 
 
@@ -73,6 +75,7 @@ class KafkaIterableDataset(IterableDataset):
         self._committed: dict[TP, Position] = {}
         self._stats = IngestStats()  # cumulative over restarts of the stream
         self._dlq: DeadLetterQueue | None = None
+        self._dl_counts = [0, 0]  # process mode: [sent, failed attempts], over the dataset's life
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], **kwargs: Any) -> KafkaIterableDataset:
@@ -103,17 +106,35 @@ class KafkaIterableDataset(IterableDataset):
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Start the ingest thread (iterating does this; the daemon calls it to start early)."""
+        """Start the ingest process or thread (iterating does this; the daemon calls it to start early)."""
         if self.ingest is not None:
             return
         info = get_worker_info()
         if info is not None and info.num_workers > 1:
             raise StreamtrainError(
                 "KafkaIterableDataset reads every partition in one process: use DataLoader(num_workers=0); "
-                "it already prefetches in a background thread"
+                "it already prefetches in the background"
             )
         rc = self.ring_config
-        self.ring = Ring(rc.slots, rc.batch_size, self.data.width, pin_memory=self.pin_memory and torch.cuda.is_available())
+        pin = self.pin_memory and torch.cuda.is_available()
+        if rc.ingest == "process":
+            self.ring = SharedRing(rc.slots, rc.batch_size, self.data.width, pin_memory=pin)
+            self.ingest = IngestProcess(
+                self.kafka,
+                self.data,
+                rc,
+                self.dead_letter_config,
+                self.label_rule,
+                self.ring,
+                self.positions,
+                self._stats,
+                self._dl_counts,
+                self.client_id,
+            )
+            self.source = self.ingest.source
+            self.ingest.start()
+            return
+        self.ring = Ring(rc.slots, rc.batch_size, self.data.width, pin_memory=pin)
         self.source = KafkaSource(self.kafka, self.client_id)
         if self._dlq is None:  # one for the dataset's life, so its counters survive restarts
             self._dlq = DeadLetterQueue(self.kafka, self.dead_letter_config)
@@ -140,8 +161,9 @@ class KafkaIterableDataset(IterableDataset):
             return
         self.ingest.stop()
         self.ring.close()
-        self.ingest.dead_letter.close()
-        self.source.close()
+        if isinstance(self.ingest, Ingest):  # the process mode closes its own
+            self.ingest.dead_letter.close()
+            self.source.close()
         self.ingest = None  # iterating again starts over from self.positions
 
     def __iter__(self) -> Iterator[Batch]:
@@ -204,10 +226,18 @@ class KafkaIterableDataset(IterableDataset):
             self.source.commit(changed)
             self._committed.update(changed)
 
+    def pump(self) -> None:
+        """Take in the ingest process's latest status (metrics and health call this before reading)."""
+        ingest = self.ingest
+        if ingest is not None and hasattr(ingest, "pump"):
+            ingest.pump()
+
     @property
     def dead_letter_counts(self) -> tuple[int, int]:
         """(records written to the dead-letter topic, failed attempts), over the dataset's life."""
-        return (self._dlq.sent, self._dlq.failures) if self._dlq is not None else (0, 0)
+        if self._dlq is not None:
+            return (self._dlq.sent, self._dlq.failures)
+        return (self._dl_counts[0], self._dl_counts[1])
 
     @property
     def connected(self) -> bool:

@@ -31,8 +31,8 @@ from confluent_kafka import Message
 from streams.deadletter import DeadLetter, DeadLetterQueue
 from streams.decode import Decoder, value_bytes
 from streams.errors import DeadLetterError, KafkaSourceError
-from streams.ring import Position, Ring, RingClosed
-from streams.ring import TopicPartition as TP
+from streams.slots import Position, RingClosed, SlotProducer
+from streams.slots import TopicPartition as TP
 from streams.source import KafkaSource
 
 log = logging.getLogger("streamtrain.ingest")
@@ -79,7 +79,7 @@ class Ingest:
         source: KafkaSource,
         decoder: Decoder,
         dead_letter: DeadLetterQueue,
-        ring: Ring,
+        ring: SlotProducer,
         *,
         max_batch_wait_s: float,
         max_messages: int,
@@ -95,10 +95,14 @@ class Ingest:
         self.ring = ring
         self.max_batch_wait_s = max_batch_wait_s
         self.max_messages = max_messages
+        # Rows to take per consume(): about a ring's worth.  An Arrow record holds many rows, and
+        # decoding 2000 of them at once (2 M rows, ~0.5 s) let the ring run dry meanwhile.
+        self.target_rows = max(ring.batch_size, getattr(ring, "slots", 8) * ring.batch_size)
+        self._rows_per_msg = 1.0
         self.consume_timeout_s = consume_timeout_s
         self.refresh_every_s = refresh_every_s
         self.pause_after_s = pause_after_s
-        self._full_since: float | None = None
+        self._last_slot_at = time.monotonic()  # when the trainer last freed a slot we could take
         self.start_positions = dict(positions or {})
         self.stats = stats if stats is not None else IngestStats()  # kept across stream restarts
         self.stop_event = dead_letter.stop
@@ -181,17 +185,14 @@ class Ingest:
         if self._pending is not None:
             if not self._place():
                 # Ring full.  Pausing purges librdkafka's prefetched records (a refetch on
-                # resume: 830k -> 155k msg/s measured when done often), so only a ring that
-                # stays full -- a slow or stalled trainer -- pauses fetching.
-                now = time.monotonic()
-                if self._full_since is None:
-                    self._full_since = now
-                elif now - self._full_since >= self.pause_after_s:
+                # resume: 830k -> 155k msg/s measured when done often), so only a trainer that
+                # has freed no slot for pause_after_ms (stalled, or minutes per step) pauses
+                # fetching; otherwise librdkafka's queue bound caps what waits.
+                if time.monotonic() - self._last_slot_at >= self.pause_after_s:
                     self.source.pause()
                 self.ring.wait_free(0.05)
                 self._flush_if_due()
                 return
-            self._full_since = None
         self._flush_if_due()
         if self.source.paused:
             self.source.resume()
@@ -201,10 +202,14 @@ class Ingest:
         timeout = self.consume_timeout_s
         if self._fill or self._slot_positions:
             timeout = max(0.0, min(timeout, self._slot_deadline - time.monotonic()))
-        msgs = self.source.consume(self.max_messages, timeout)
+        msgs = self.source.consume(self._consume_size(), timeout)
         self.stats.consume_calls += 1
         if msgs:
             self._ingest(msgs)
+
+    def _consume_size(self) -> int:
+        """Messages to ask for: ``kafka.consume_batch``, fewer when each record holds many rows."""
+        return max(1, min(self.max_messages, int(self.target_rows / max(1.0, self._rows_per_msg))))
 
     def _flush_if_due(self) -> None:
         if (self._fill or self._slot_positions) and time.monotonic() >= self._slot_deadline:
@@ -248,6 +253,7 @@ class Ingest:
         counts = np.bincount(msg_of_row, minlength=n) if len(msg_of_row) else np.zeros(n, np.int64)
         row_end = np.cumsum(counts)
         self.stats.rows += len(y)
+        self._rows_per_msg = 0.8 * self._rows_per_msg + 0.2 * (len(y) / n)
         has_ts = not np.isnan(ts).all()
         self._pending = _Pending(x, y, part, offset, ts, row_end - counts, row_end, row_base, msg_of_row, self._tps, has_ts)
         self._place()
@@ -312,6 +318,7 @@ class Ingest:
                 self._slot = self.ring.acquire(timeout=0)
                 if self._slot is None:
                     return False
+                self._last_slot_at = time.monotonic()
                 self._fill = 0
             k = min(total - p.row, self.ring.batch_size - self._fill)
             if k > 0:

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-Position = tuple[int, int]  # (next offset to read, rows of that record already taken)
-TopicPartition = tuple[str, int]
+from streams.slots import Position, RingClosed, TopicPartition
+
+__all__ = ["Batch", "Position", "Ring", "RingClosed", "TopicPartition"]
 
 
 @dataclass
@@ -47,10 +48,6 @@ class Batch:
         if self.x.is_pinned():
             return self
         return Batch(self.x.pin_memory(), self.y.pin_memory(), dict(self.positions), self.oldest_timestamp, -1)
-
-
-class RingClosed(Exception):
-    """The ring was closed (shutdown, or the producer failed: see :attr:`Ring.error`)."""
 
 
 class Ring:

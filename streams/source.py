@@ -29,8 +29,8 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, Consum
 
 from streams.config import KafkaConfig
 from streams.errors import ConfigError, KafkaSourceError
-from streams.ring import Position
-from streams.ring import TopicPartition as TP
+from streams.slots import Position
+from streams.slots import TopicPartition as TP
 
 log = logging.getLogger("streamtrain.source")
 
@@ -51,6 +51,10 @@ def consumer_settings(kafka: KafkaConfig, client_id: str = "streamtrain") -> dic
         "fetch.queue.backoff.ms": 10,
         "allow.auto.create.topics": False,
     }
+    # One fetch response may be as large as fetch.max.bytes (50 MiB by default) and is held
+    # whole: keep it within the configured queue bound, so that bound is the memory bound.
+    fetch_max = max(1 << 20, min(50 << 20, kafka.queued_max_kbytes * 1024))
+    settings["fetch.max.bytes"] = fetch_max  # receive.message.max.bytes stays a loose sanity cap (some brokers overshoot)
     settings.update(kafka.settings)
     settings.update({"enable.auto.commit": False, "enable.auto.offset.store": False})
     return settings
@@ -223,6 +227,11 @@ class KafkaSource:
         return origins
 
     # ------------------------------------------------------------------ offsets and lag
+    def open_for_commits(self) -> None:
+        """A consumer for :meth:`commit` only (no assignment), for a process that does not read."""
+        if self._side is None:
+            self._side = make_client(Consumer, consumer_settings(self.kafka, self.client_id), "kafka.settings", logger=log)
+
     def commit(self, positions: dict[TP, Position], timeout: float = 10.0) -> None:
         """Mirror trained positions into the consumer group (after a snapshot is durable)."""
         if not positions:

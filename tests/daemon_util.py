@@ -117,6 +117,11 @@ class Daemon:
                 )
             time.sleep(0.1)
 
+    def settled(self) -> dict[str, float]:
+        """Metrics once the ingest process's counters have caught up (it reports every 0.25 s)."""
+        time.sleep(0.6)
+        return self.metrics()
+
     def wait_trained(self, n: int, timeout: float = 60.0) -> dict[str, float]:
         return self.wait_for(f"{n} samples trained", lambda m: m.get("streamtrain_samples_trained_total", 0) >= n, timeout)
 

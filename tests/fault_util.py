@@ -159,10 +159,18 @@ def assert_exact(ledger: dict[str, Any], producer: LedgerProducer, excluded: dic
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident memory of a process and its children (the daemon's ingest process), MiB."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        pids += [int(c) for c in task.read_text().split()]
+    total = 0.0
+    for p in pids:
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in lines if line.startswith("VmRSS:")), 0) / 1024
+    return total
 
 
 def in_flight_snapshot(snapshot_dir: Path) -> bool:

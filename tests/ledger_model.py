@@ -9,7 +9,8 @@ exactly-once holds if and only if the ledger equals what was produced.
 Fault knobs (all off by default):
 - ``ballast_mb``: an unused buffer that makes snapshots large, so writes are slow
   enough to be interrupted by ``kill -9``;
-- ``slow_ms``: a sleep per training step (a slow trainer);
+- ``slow_ms``: a sleep per training step (a slow trainer), only while ``slow_file``
+  exists if that is set (a stall that ends);
 - ``poison_rate`` / ``poison_grad_rate``: chance a step's loss / gradient is NaN/Inf,
   drawn from an RNG outside the saved state so a replay does not repeat the pattern;
 - ``poison_file``: while this file exists every step's loss is NaN (a divergence).
@@ -35,6 +36,7 @@ class LedgerConfig:
     partitions: int = 4
     ballast_mb: float = 0.0
     slow_ms: float = 0.0
+    slow_file: str = ""
     poison_rate: float = 0.0
     poison_grad_rate: float = 0.0
     poison_file: str = ""
@@ -59,7 +61,7 @@ class Ledger(nn.Module):
         if not self.training:
             return out
         cfg = self.config
-        if cfg.slow_ms:
+        if cfg.slow_ms and (not cfg.slow_file or os.path.exists(cfg.slow_file)):
             time.sleep(cfg.slow_ms / 1000)
         poison = bool(cfg.poison_file and os.path.exists(cfg.poison_file)) or self._rng.random() < cfg.poison_rate
         poison_grad = not poison and self._rng.random() < cfg.poison_grad_rate

@@ -52,7 +52,7 @@ def test_trains_every_record_snapshots_and_commits(tmp_path, bootstrap, make_top
     p.send_all(topic, values[first:], partitions=4)
     p.flush()
     d.wait_trained(n, timeout=90)
-    late = d.metrics()
+    late = d.settled()
     code, _ = d.terminate()
     assert code == 0, d.log()[-3000:]
 
@@ -78,7 +78,8 @@ def test_restart_trains_exactly_the_new_records(tmp_path, bootstrap, make_topic)
 
     produce(bootstrap, topic, second, seed=1, producer=p)
     d2 = start(tmp_path, bootstrap, topic, "b")
-    m = d2.wait_trained(second, timeout=90)  # counters restart with the process; the snapshot keeps the total
+    d2.wait_trained(second, timeout=90)  # counters restart with the process; the snapshot keeps the total
+    m = d2.settled()
     code, _ = d2.terminate()
     assert code == 0
     assert "resumed from snapshot" in d2.log()
@@ -131,7 +132,8 @@ def test_sigterm_mid_stream_final_snapshot_and_no_double_training(tmp_path, boot
     assert 5_000 <= done < n, "stopped mid-stream"
 
     d2 = start(tmp_path, bootstrap, topic, "b")
-    m = d2.wait_trained(n - done, timeout=120)
+    d2.wait_trained(n - done, timeout=120)
+    m = d2.settled()
     assert d2.terminate()[0] == 0
     assert m["streamtrain_records_consumed_total"] == n - done, "nothing read twice after the restart"
     meta = latest_meta(tmp_path / "snapshots")

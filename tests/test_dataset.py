@@ -25,6 +25,7 @@ JSON = {"format": "json", "features": ["seq", "f"], "label": "y"}
 ARROW = {"format": "arrow", "features": ["seq", "f"], "label": "y"}
 IDLE = 1.5  # idle_timeout_s: a stream that has been fully read ends after this long
 DEADLINE = 30.0  # bound on waiting for records that were produced
+INGEST_MODES = ["process", "thread"]  # ring.ingest: the default and the in-process alternative
 
 
 def record(i: int) -> bytes:
@@ -115,11 +116,12 @@ def producer(bootstrap) -> TestProducer:
     return TestProducer(bootstrap)
 
 
-def test_every_record_once_positions_and_commit(bootstrap, make_topic, dataset, producer):
+@pytest.mark.parametrize("ingest", INGEST_MODES)
+def test_every_record_once_positions_and_commit(bootstrap, make_topic, dataset, producer, ingest):
     topic = make_topic(4)
     n = 3000
     produce(producer, topic, [record(i) for i in range(n)], partitions=4)
-    ds = dataset([topic])
+    ds = dataset([topic], ring={"ingest": ingest})
     seen = []
     for batch in DataLoader(ds, batch_size=None):
         assert 0 < len(batch) <= 64
@@ -148,7 +150,8 @@ def test_commit_and_lag_from_another_thread_while_the_stream_is_idle(bootstrap, 
     assert within(ds.source.high_watermarks) == producer.end
 
 
-def test_garbage_goes_to_the_dead_letter_topic(bootstrap, make_topic, dataset, producer):
+@pytest.mark.parametrize("ingest", INGEST_MODES)
+def test_garbage_goes_to_the_dead_letter_topic(bootstrap, make_topic, dataset, producer, ingest):
     topic = make_topic(4)
     n = 2000
     bad = {i: kind for i, kind in zip(range(7, n, 100), ["undecodable", "missing_label", "non_finite", "wrong_shape"] * 5)}
@@ -160,7 +163,7 @@ def test_garbage_goes_to_the_dead_letter_topic(bootstrap, make_topic, dataset, p
     }
     values = [garbage[bad[i]](i) if i in bad else record(i) for i in range(n)]
     produce(producer, topic, values, partitions=4)
-    ds = dataset([topic])
+    ds = dataset([topic], ring={"ingest": ingest})
     seen = [s for batch in DataLoader(ds, batch_size=None) for s in seqs(batch)]
     assert_once(seen, set(range(n)) - set(bad))
     assert offsets(ds.positions) == producer.end  # rejected records count as done too
@@ -314,11 +317,12 @@ def test_dataloader_workers_are_refused():
         next(iter(loader))
 
 
-def test_a_full_ring_pauses_the_consumer_and_nothing_is_lost(make_topic, dataset, producer):
+@pytest.mark.parametrize("ingest", INGEST_MODES)
+def test_a_full_ring_pauses_the_consumer_and_nothing_is_lost(make_topic, dataset, producer, ingest):
     topic = make_topic(4)
     n = 20000
     produce(producer, topic, [record(i) for i in range(n)], partitions=4)
-    ds = dataset([topic], ring={"slots": 2, "batch_size": 16})
+    ds = dataset([topic], ring={"slots": 2, "batch_size": 16, "ingest": ingest})
     ds.start()
     deadline = time.monotonic() + DEADLINE
     while ds.source.pauses < 1 and time.monotonic() < deadline:

@@ -51,6 +51,7 @@ def test_live_metrics_are_complete_and_valid(tmp_path, bootstrap, make_topic):
         lambda m: m.get("streamtrain_samples_trained_total", 0) == n - 20 and m.get("streamtrain_snapshots_total", 0) >= 1,
         90,
     )
+    m = d.settled()
     code, text = d.get("/metrics")
     assert code == 200
     for name in REQUIRED:

@@ -39,7 +39,8 @@ def test_defaults_of_each_section():
     assert parse(CsvConfig, {}, "data.csv") == CsvConfig()
     kafka = KafkaConfig()
     assert (kafka.auto_offset_reset, kafka.group_id, kafka.settings) == ("earliest", "streamtrain", {})
-    assert (RingConfig().batch_size, RingConfig().slots) == (256, 8)
+    assert (RingConfig().batch_size, RingConfig().slots) == (256, 32)
+    assert RingConfig().ingest == "process"
     assert DeadLetterConfig().on_failure == "block"
     assert (DataConfig().format, DataConfig().label, DataConfig().csv.delimiter) == ("json", "y", ",")
 

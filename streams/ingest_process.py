@@ -1,0 +1,274 @@
+"""The ingest loop in its own process: ``python -m streams.ingest_process``.
+
+The child runs the same :class:`streams.ingest.Ingest` as the thread mode -- source,
+decoder, dead-letter producer -- writing into a :class:`streams.shared_ring.ChildRing`.
+It imports no torch, so it starts in a fraction of a second.  It is started as a plain
+subprocess (not ``multiprocessing``), so the daemon's ``__main__`` is never imported
+again in the child.
+
+The parent keeps :class:`IngestProcess`: it starts and stops the child and mirrors what
+the metrics and health checks read (assignment, pauses, watermarks, reachability,
+counters) from the status the child sends four times a second.  Offsets are committed
+from the parent through a consumer of its own, so a commit never waits on the child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, fields
+from multiprocessing.connection import Connection
+from typing import Any
+
+from streams.config import DataConfig, DeadLetterConfig, KafkaConfig, RingConfig
+from streams.decode import LabelRule
+from streams.ingest import IngestStats
+from streams.shared_ring import SharedRing
+from streams.slots import Position
+from streams.slots import TopicPartition as TP
+from streams.source import KafkaSource
+
+log = logging.getLogger("streamtrain.ingest")
+
+STATUS_EVERY_S = 0.25
+
+
+class SourceMirror:
+    """The parent's view of the child's consumer: what metrics, lag and /readyz read."""
+
+    def __init__(self, kafka: KafkaConfig, client_id: str) -> None:
+        self.pump = lambda: None  # set by IngestProcess: take in the child's latest status first
+        self._assigned: dict[TP, int] = {}
+        self._paused = False
+        self._pauses = 0
+        self._errors: dict[str, int] = {}
+        self._hwm: dict[TP, int] = {}
+        self._last_ok = 0.0
+        self._committer = KafkaSource(kafka, client_id)  # commits only; never assigned
+
+    def update(self, s: dict[str, Any]) -> None:
+        self._assigned = {(t, p): o for t, p, o in s["assigned"]}
+        self._hwm = {(t, p): h for t, p, h in s["hwm"]}
+        self._paused, self._pauses, self._errors = s["paused"], s["pauses"], s["errors"]
+        if s["ok_age"] is not None:
+            self._last_ok = time.monotonic() - s["ok_age"]
+
+    @property
+    def assigned(self) -> dict[TP, int]:
+        self.pump()
+        return self._assigned
+
+    @property
+    def paused(self) -> bool:
+        self.pump()
+        return self._paused
+
+    @property
+    def pauses(self) -> int:
+        self.pump()
+        return self._pauses
+
+    @property
+    def errors(self) -> dict[str, int]:
+        self.pump()
+        return self._errors
+
+    def high_watermarks(self) -> dict[TP, int]:
+        self.pump()
+        return dict(self._hwm)
+
+    def reachable(self, within: float) -> bool:
+        self.pump()
+        return time.monotonic() - self._last_ok < within
+
+    def commit(self, positions: dict[TP, Position], timeout: float = 10.0) -> None:
+        self._committer.open_for_commits()
+        self._committer.commit(positions, timeout)
+
+    def close(self) -> None:
+        self._committer.close()
+
+
+class IngestProcess:
+    """Starts, watches and stops the ingest child; the same surface the dataset uses of :class:`Ingest`."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        data: DataConfig,
+        ring_config: RingConfig,
+        dead_letter: DeadLetterConfig,
+        label_rule: LabelRule,
+        ring: SharedRing,
+        positions: dict[TP, Position],
+        stats: IngestStats,
+        dead_letter_counts: list[int],
+        client_id: str = "streamtrain",
+    ) -> None:
+        self.ring = ring
+        self.source = SourceMirror(kafka, client_id)
+        self.stats = stats
+        self.opened = threading.Event()
+        self._dl_counts = dead_letter_counts  # [sent, failures], cumulative over restarts (the dataset's)
+        self._last_child: dict[str, Any] = {"stats": asdict(IngestStats()), "dead_letter": [0, 0]}
+        self._lock = threading.Lock()
+        self._params = {
+            "kafka": kafka,
+            "data": data,
+            "ring_config": ring_config,
+            "dead_letter": dead_letter,
+            "label_rule": label_rule,
+            "positions": dict(positions),
+            "client_id": client_id,
+            "geometry": (ring.slots, ring.batch_size, ring.width),
+            "log": (logging.getLogger("streamtrain").getEffectiveLevel(), os.environ.get("STREAMTRAIN_LOG_FORMAT", "text")),
+        }
+        self.proc: subprocess.Popen | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        ann_r, ann_w = os.pipe()  # child -> parent: batches, status, errors
+        give_r, give_w = os.pipe()  # parent -> child: given-back slots, one byte each
+        ctl_r, ctl_w = os.pipe()  # parent -> child: the parameters; then its EOF means stop
+        child_fds = (self.ring.fd, ann_w, give_r, ctl_r)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.ingest_process", *map(str, child_fds)],
+            pass_fds=child_fds,
+            close_fds=True,
+        )
+        for fd in (ann_w, give_r, ctl_r):
+            os.close(fd)
+        self._control = os.fdopen(ctl_w, "wb")
+        pickle.dump(self._params, self._control)
+        self._control.flush()
+        self.source.pump = self.ring.pump
+        self.ring.on_status = self._on_status
+        self.ring.on_end = self._on_end
+        self.ring.connect(Connection(ann_r, writable=False), give_w)
+        log.debug("ingest process %d started", self.proc.pid)
+
+    def _on_status(self, s: dict[str, Any]) -> None:
+        """Fold the child's counters (which start at zero in each child) into the cumulative ones."""
+        with self._lock:
+            prev = self._last_child
+            for f in fields(IngestStats):
+                new, old = s["stats"][f.name], prev["stats"][f.name]
+                if isinstance(new, dict):
+                    total = getattr(self.stats, f.name)
+                    for k, v in new.items():
+                        total[k] = total.get(k, 0) + v - old.get(k, 0)
+                else:
+                    setattr(self.stats, f.name, getattr(self.stats, f.name) + new - old)
+            for i in (0, 1):
+                self._dl_counts[i] += s["dead_letter"][i] - prev["dead_letter"][i]
+            self._last_child = s
+        self.source.update(s["source"])
+        if s["opened"]:
+            self.opened.set()
+
+    def _on_end(self) -> BaseException | None:
+        """The child's announcements ended: an error if it was not asked to stop."""
+        from streams.errors import StreamtrainError
+
+        proc = self.proc
+        if proc is None or self._stopping:
+            return None
+        try:
+            code = proc.wait(10)
+        except subprocess.TimeoutExpired:
+            code = "still running"
+        return StreamtrainError(f"the ingest process exited unexpectedly (exit code {code}); see the log above")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.ring.error is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        self._stopping = True
+        self._control.close()  # EOF: the child stops reading, closes its clients, exits
+        self.ring.detach()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("ingest process %d did not stop within %.0f s; killing it", proc.pid, timeout)
+            proc.kill()
+            proc.wait(10)
+        self.source.close()
+
+    def pump(self) -> None:
+        """Take in the child's latest status (the trainer does this between steps; readers call it too)."""
+        self.ring.pump()
+
+
+# ---------------------------------------------------------------------------- the child
+def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
+    control = os.fdopen(control_fd, "rb")
+    p = pickle.load(control)
+    level, fmt = p["log"]
+    from daemon.logs import setup_logging  # stdlib only; the child logs like the daemon
+
+    setup_logging(logging.getLevelName(level), fmt)
+    from streams.deadletter import DeadLetterQueue
+    from streams.decode import make_decoder
+    from streams.ingest import Ingest
+    from streams.shared_ring import ChildRing
+
+    slots, batch_size, width = p["geometry"]
+    ring = ChildRing(ring_fd, slots, batch_size, width, Connection(ann_fd, readable=False), give_fd)
+    kafka, rc = p["kafka"], p["ring_config"]
+    source = KafkaSource(kafka, p["client_id"])
+    dlq = DeadLetterQueue(kafka, p["dead_letter"])
+    ingest = Ingest(
+        source,
+        make_decoder(p["data"], p["label_rule"]),
+        dlq,
+        ring,
+        max_batch_wait_s=rc.max_batch_wait_ms / 1000.0,
+        max_messages=kafka.consume_batch,
+        consume_timeout_s=kafka.consume_timeout_ms / 1000.0,
+        refresh_every_s=kafka.metadata_refresh_s,
+        pause_after_s=rc.pause_after_ms / 1000.0,
+        positions=p["positions"],
+    )
+    ingest.start()
+    try:
+        # the control pipe's EOF (a stop, or the daemon gone) ends the loop
+        while ingest.alive and not select.select([control], [], [], STATUS_EVERY_S)[0]:
+            ring.send(("status", _status(ingest, source, dlq)))
+    finally:
+        ingest.stop()
+        dlq.close()
+        source.close()
+        ring.send(("status", _status(ingest, source, dlq)))
+        ring.send(("closed",))
+    return 0
+
+
+def _status(ingest: Any, source: KafkaSource, dlq: Any) -> dict[str, Any]:
+    ok_age = time.monotonic() - source._last_ok if source._last_ok else None
+    return {
+        "stats": asdict(ingest.stats),
+        "dead_letter": [dlq.sent, dlq.failures],
+        "opened": ingest.opened.is_set(),
+        "source": {
+            "assigned": [[t, p, o] for (t, p), o in source.assigned.items()],
+            "hwm": [[t, p, h] for (t, p), h in source.high_watermarks().items()],
+            "paused": source.paused,
+            "pauses": source.pauses,
+            "errors": dict(source.errors),
+            "ok_age": ok_age,
+        },
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(_child(*map(int, sys.argv[1:5])))

@@ -1,0 +1,112 @@
+"""Unit tests for streams.shared_ring: the two sides of the ring shared with the ingest process.
+
+Both sides run in this process here, over the same real pipes and shared mapping the
+daemon uses across processes (the integration tests cover the process itself).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+from streams.errors import ConfigError, DeadLetterError, StreamtrainError
+from streams.shared_ring import ChildRing, SharedRing, describe_error, rebuild_error
+from streams.slots import RingClosed
+
+WAIT = 5.0
+
+
+def pair(slots: int = 3, batch_size: int = 4, width: int = 2) -> tuple[SharedRing, ChildRing]:
+    parent = SharedRing(slots, batch_size, width)
+    recv, send = multiprocessing.Pipe(duplex=False)
+    give_r, give_w = os.pipe()
+    parent.connect(recv, give_w)
+    child = ChildRing(os.dup(parent.fd), slots, batch_size, width, send, give_r)
+    return parent, child
+
+
+def fill(child: ChildRing, value: float, n: int, positions: dict | None = None, ts: float = math.nan) -> int:
+    slot = child.acquire(timeout=0)
+    assert slot is not None
+    child.x_np[slot, :n] = value
+    child.y_np[slot, :n] = -value
+    child.publish(slot, n, positions or {}, ts)
+    return slot
+
+
+def test_batches_written_by_the_child_are_read_by_the_trainer_without_a_copy():
+    parent, child = pair()
+    fill(child, 1.5, 3, {("t", 0): (10, 0)}, ts=99.0)
+    batch = parent.get(WAIT)
+    assert batch is not None and len(batch) == 3
+    assert torch.equal(batch.x, torch.full((3, 2), 1.5)) and torch.equal(batch.y, torch.full((3,), -1.5))
+    assert batch.positions == {("t", 0): (10, 0)} and batch.oldest_timestamp == 99.0
+    # the batch is a view of the shared mapping: the child's next write would show through
+    child.x_np[batch.slot, 0, 0] = 7.0
+    assert batch.x[0, 0].item() == 7.0
+
+
+def test_slots_come_back_to_the_child_only_when_released():
+    parent, child = pair(slots=2)
+    fill(child, 1.0, 1)
+    fill(child, 2.0, 1)
+    assert child.acquire(timeout=0.05) is None  # both slots are out
+    assert not child.wait_free(0.05)
+    first = parent.get(WAIT)
+    assert child.acquire(timeout=0.05) is None  # taken but not released yet
+    parent.release(first.slot)
+    assert child.wait_free(WAIT)
+    assert child.acquire(timeout=0) == 0  # slots cycle in order
+    second = parent.get(WAIT)
+    assert second.x[0, 0].item() == 2.0
+
+
+def test_status_messages_reach_the_callback_and_fill_counts_ready_slots():
+    parent, child = pair()
+    seen = []
+    parent.on_status = seen.append
+    child.send(("status", {"consumed": 5}))
+    fill(child, 1.0, 1)
+    fill(child, 1.0, 1)
+    parent.pump(WAIT)
+    assert seen == [{"consumed": 5}]
+    assert parent.fill() == 2
+
+
+def test_an_error_in_the_child_is_raised_as_the_same_class_on_the_trainer_side():
+    parent, child = pair()
+    fill(child, 1.0, 1)
+    child.close(DeadLetterError("dead-letter topic dlq unwritable: broker down"))
+    assert parent.get(WAIT) is not None  # what was published before the error is still trained
+    with pytest.raises(RingClosed):
+        parent.get(WAIT)
+    assert isinstance(parent.error, DeadLetterError) and "broker down" in str(parent.error)
+
+
+def test_the_child_going_away_closes_the_ring_with_what_on_end_reports():
+    parent, child = pair()
+    parent.on_end = lambda: StreamtrainError("ingest process exited with code -9")
+    child._conn.close()
+    with pytest.raises(RingClosed):
+        parent.get(WAIT)
+    assert "code -9" in str(parent.error)
+
+
+def test_the_trainer_detaching_makes_the_child_stop():
+    parent, child = pair(slots=1)
+    fill(child, 1.0, 1)
+    parent.detach()
+    with pytest.raises(RingClosed):
+        child.acquire(timeout=WAIT)
+    child.send(("status", {}))  # writing to a trainer that is gone does not raise
+
+
+def test_errors_cross_the_pipe_by_description():
+    config = rebuild_error(describe_error(ConfigError(["kafka.settings: no such property"])))
+    assert isinstance(config, ConfigError) and config.problems == ["kafka.settings: no such property"]
+    other = rebuild_error(describe_error(ZeroDivisionError("boom")))
+    assert type(other) is StreamtrainError and "ZeroDivisionError: boom" in str(other)
