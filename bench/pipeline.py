@@ -22,6 +22,8 @@ import gc
 import shutil
 import sys
 
+import yaml
+
 from bench.common import (
     MODELS,
     Broker,
@@ -56,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-naive", action="store_true", help="skip the naive loop")
     ap.add_argument("--bootstrap", help="an existing broker instead of the embedded one")
     ap.add_argument("--ingest", default="process", help="comma-separated ring.ingest modes to run e2e with: process,thread")
+    ap.add_argument("--ring", action="append", default=[], metavar="KEY=VALUE", help="a ring setting for e2e, e.g. slots=64 (repeatable)")
     args = ap.parse_args(argv)
+    ring_settings = {}
+    for item in args.ring:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--ring takes KEY=VALUE, got {item!r}")
+        ring_settings[key] = yaml.safe_load(value)
     formats = [f for f in args.formats.split(",") if f]
     models = [m for m in args.models.split(",") if m]
     modes = [m for m in args.ingest.split(",") if m]
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     c = compute_only(cfg, n, warm)
                     shutil.rmtree(d, ignore_errors=True)
                     d = snapshot_dir()
-                    cfg = daemon_config(broker.bootstrap, topics[fmt], fmt, spec, d, ring={"ingest": mode})
+                    cfg = daemon_config(broker.bootstrap, topics[fmt], fmt, spec, d, ring={**ring_settings, "ingest": mode})
                     e = end_to_end(cfg, n, warm, broker_pid=broker.pid)
                     shutil.rmtree(d, ignore_errors=True)
                     best_c = c if best_c is None or c.rate > best_c.rate else best_c

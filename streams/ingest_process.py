@@ -210,6 +210,19 @@ class IngestProcess:
 
 
 # ---------------------------------------------------------------------------- the child
+def _batch_scheduling() -> None:
+    """SCHED_BATCH for this process and the threads it starts (librdkafka's too).
+
+    A wake-up of the ingest process (a slot given back, a fetch arriving) then does not
+    preempt the trainer on its core; the ingest still gets its full share of CPU.
+    """
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as exc:  # pragma: no cover - refused by a seccomp profile, say
+            log.debug("SCHED_BATCH refused: %s", exc)
+
+
 def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     control = os.fdopen(control_fd, "rb")
     p = pickle.load(control)
@@ -217,6 +230,7 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     from daemon.logs import setup_logging  # stdlib only; the child logs like the daemon
 
     setup_logging(logging.getLevelName(level), fmt)
+    _batch_scheduling()
     from streams.deadletter import DeadLetterQueue
     from streams.decode import make_decoder
     from streams.ingest import Ingest

@@ -110,3 +110,28 @@ def test_errors_cross_the_pipe_by_description():
     assert isinstance(config, ConfigError) and config.problems == ["kafka.settings: no such property"]
     other = rebuild_error(describe_error(ZeroDivisionError("boom")))
     assert type(other) is StreamtrainError and "ZeroDivisionError: boom" in str(other)
+
+
+def free_slots(child: ChildRing) -> int:
+    """Acquire every slot the trainer has given back; how many there were."""
+    n = 0
+    while child.acquire(timeout=0.05) is not None:
+        n += 1
+    return n
+
+
+def test_slots_are_given_back_a_few_at_a_time_and_all_before_the_trainer_waits():
+    parent, child = pair(slots=8)
+    assert parent.give_back_every == 2
+    for v in range(8):
+        fill(child, float(v), 1)
+    parent.release(parent.get(WAIT).slot)
+    assert free_slots(child) == 0  # one released slot is not written back yet
+    parent.release(parent.get(WAIT).slot)
+    assert free_slots(child) == 2  # the second one sends both
+    for _ in range(5):
+        parent.release(parent.get(WAIT).slot)
+    assert free_slots(child) == 4  # 5 released, 4 given back
+    assert parent.get(WAIT).x[0, 0].item() == 7.0  # the last ready batch
+    assert parent.get(0.05) is None  # nothing ready: what was owed went back before waiting
+    assert free_slots(child) == 1
