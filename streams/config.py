@@ -170,12 +170,16 @@ class DataConfig:
 @dataclass(frozen=True)
 class RingConfig:
     batch_size: int = opt(256, "Samples per training batch (1 works).")
-    slots: int = opt(32, "Preallocated batch slots in the prefetch ring; bounds memory (32 x 256 x 16 floats = 0.5 MiB).")
+    slots: int = opt(
+        32,
+        "Preallocated batch slots in the prefetch ring; bounds memory (32 x 256 x 17 floats = 0.5 MiB). "
+        "The process mode hands trained slots back a quarter of the ring at a time.",
+    )
     max_batch_wait_ms: int = opt(50, "A batch closes at batch_size samples or after this long, whichever is first.")
     ingest: str = opt(
         "process",
-        "Where consume + decode run: process (their own process, sharing no GIL with the trainer: ~2x a small "
-        "model's throughput on CPU) or thread.",
+        "Where consume + decode run: process (their own process, sharing no GIL with the trainer: 1.3-1.7x a "
+        "small model's throughput on CPU, docs/BENCHMARKS.md) or thread (one process, e.g. a notebook).",
     )
     pause_after_ms: int = opt(
         1000,

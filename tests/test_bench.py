@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from bench import pipeline
+from bench import neighbour, pipeline
 from bench.common import MODELS, daemon_config, fill_topic, records, snapshot_dir, unique
 from bench.loops import compute_only, end_to_end
 
@@ -29,3 +31,11 @@ def test_compute_only_and_end_to_end_on_cuda(bootstrap):
     e = end_to_end(cfg, 10_000, 2_000)
     assert e.samples >= 10_000
     assert 0 <= e.wait_fraction <= 1
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_neighbour_prints_each_case(capsys):
+    assert neighbour.main(["--steps", "50", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    for case in neighbour.NEIGHBOURS:
+        assert f"| {case}" in out
