@@ -135,3 +135,14 @@ def test_slots_are_given_back_a_few_at_a_time_and_all_before_the_trainer_waits()
     assert parent.get(WAIT).x[0, 0].item() == 7.0  # the last ready batch
     assert parent.get(0.05) is None  # nothing ready: what was owed went back before waiting
     assert free_slots(child) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_slots_are_page_locked_for_asynchronous_copies_on_cuda():
+    parent = SharedRing(2, 4, 3, pin_memory=True)
+    assert parent.x.is_pinned() and parent.y.is_pinned()
+    parent.x_np[0, :2] = 2.0
+    on_gpu = parent.x[0, :2].to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), torch.full((2, 3), 2.0))
