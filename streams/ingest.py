@@ -22,6 +22,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
 
@@ -107,6 +108,7 @@ class Ingest:
         self.stats = stats if stats is not None else IngestStats()  # kept across stream restarts
         self.stop_event = dead_letter.stop
         self.opened = threading.Event()
+        self.on_opened: Callable[[], None] = lambda: None  # called once the consumer is open, before any batch
         self._positions: dict[TP, Position] = dict(self.start_positions)
         # resume inside a record: skip the rows of it that were already trained
         self._skip = {tp: pos for tp, pos in self.start_positions.items() if pos[1] > 0}
@@ -166,6 +168,7 @@ class Ingest:
             try:
                 self.source.open(self.start_positions)
                 self.opened.set()
+                self.on_opened()
                 return
             except KafkaSourceError as exc:
                 self.source.close()

@@ -253,6 +253,9 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
         pause_after_s=rc.pause_after_ms / 1000.0,
         positions=p["positions"],
     )
+    # Say "open, assigned" before the first batch: the trainer may train records the moment
+    # they come, and /readyz must not answer "connecting" meanwhile (seen in CI).
+    ingest.on_opened = lambda: ring.send(("status", _status(ingest, source, dlq)))
     ingest.start()
     try:
         # the control pipe's EOF (a stop, or the daemon gone) ends the loop

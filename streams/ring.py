@@ -104,12 +104,7 @@ class Ring:
         with self._cond:
             if not self._ready and not self._closed:
                 self._cond.wait_for(lambda: self._ready or self._closed, timeout)
-            if self._ready:
-                slot, n, positions, ts = self._ready.popleft()
-                return Batch(self.x[slot, :n], self.y[slot, :n], positions, ts, slot)
-            if self._closed:
-                raise RingClosed
-            return None
+            return next_ready(self._ready, self.x, self.y, self._closed)
 
     def release(self, slot: int) -> None:
         with self._cond:
@@ -130,3 +125,13 @@ class Ring:
         deadline = time.monotonic() + timeout
         with self._cond:
             return self._cond.wait_for(lambda: self._free or self._closed, max(0.0, deadline - time.monotonic()))
+
+
+def next_ready(ready: deque, x: torch.Tensor, y: torch.Tensor, closed: bool) -> Batch | None:
+    """The oldest announced batch as views of its slot; None if there is none; RingClosed once closed and drained."""
+    if ready:
+        slot, n, positions, ts = ready.popleft()
+        return Batch(x[slot, :n], y[slot, :n], positions, ts, slot)
+    if closed:
+        raise RingClosed
+    return None

@@ -131,17 +131,12 @@ class SharedRing:
 
     # ------------------------------------------------------------------ consumer side
     def get(self, timeout: float | None = None):
-        from streams.ring import Batch
+        from streams.ring import next_ready
 
         if not self._ready and not self._closed:
             self._flush_give_back()  # never wait for a batch while holding slots the child could fill
             self.pump(0.1 if timeout is None else timeout)
-        if self._ready:
-            slot, n, positions, ts = self._ready.popleft()
-            return Batch(self.x[slot, :n], self.y[slot, :n], positions, ts, slot)
-        if self._closed:
-            raise RingClosed
-        return None
+        return next_ready(self._ready, self.x, self.y, self._closed)
 
     def release(self, slot: int) -> None:
         self._owed += 1

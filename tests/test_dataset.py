@@ -332,3 +332,14 @@ def test_a_full_ring_pauses_the_consumer_and_nothing_is_lost(make_topic, dataset
     assert_once(take(ds, n), range(n))
     assert_nothing_more(ds)
     assert offsets(ds.positions) == producer.end
+
+
+@pytest.mark.parametrize("ingest", INGEST_MODES)
+def test_connected_and_assigned_as_soon_as_a_batch_comes(make_topic, dataset, producer, ingest):
+    """Readiness (/readyz) must not say "connecting" while batches already train (seen once in CI)."""
+    topic = make_topic(4)
+    produce(producer, topic, [record(i) for i in range(1000)], partitions=4)
+    ds = dataset([topic], ring={"ingest": ingest})
+    batch = ds.next_batch(timeout=DEADLINE)
+    assert batch is not None
+    assert ds.connected and sorted(ds.source.assigned) == [(topic, p) for p in range(4)]

@@ -170,7 +170,8 @@ def test_broker_stall_30s(tmp_path, own_broker, make_topic):
     d = launch(tmp_path, cfg, "a")
     producer.start(rate=1000)
     d.wait_for("training", lambda m: m.get("streamtrain_samples_trained_total", 0) >= 2000, 60)
-    assert d.get("/readyz")[0] == 200
+    status, body = d.get("/readyz")
+    assert status == 200, body
     own_broker.stop_process()
     stalled_at = time.monotonic()
     not_ready_after = None
