@@ -110,6 +110,7 @@ class Trainer:
             self._warm_start(cfg.model.init_weights)
         self._freeze(cfg.model.freeze)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trained_params = params  # what the optimizer updates and the step clips
         self.optimizer = self._make_optimizer(params)
         self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -242,10 +243,8 @@ class Trainer:
             t0 = time.perf_counter()
             batch = self.dataset.next_batch(timeout=0.1)
             waited = time.perf_counter() - t0
-            if batch is None:
-                self.metrics.data_wait.observe(waited)
-            else:
-                self.metrics.data_wait.observe(waited)
+            self.metrics.data_wait.observe(waited)
+            if batch is not None:
                 epoch = self.stream_epoch
                 if len(batch):
                     self.step(batch)
@@ -283,8 +282,7 @@ class Trainer:
         else:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip_norm if tc.grad_clip_norm > 0 else math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(self.trained_params, tc.grad_clip_norm if tc.grad_clip_norm > 0 else math.inf)
             result.grad_norm = float(norm)
             if not math.isfinite(result.grad_norm):
                 result.skipped = "amp_overflow" if self.scaler.is_enabled() else "grad_nonfinite"

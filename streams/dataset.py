@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from streams.config import DataConfig, DeadLetterConfig, KafkaConfig, RingConfig, parse
 from streams.deadletter import DeadLetterQueue
-from streams.decode import LabelRule, make_decoder
+from streams.decode import LabelRule
 from streams.errors import StreamtrainError
 from streams.ingest import Ingest, IngestStats
 from streams.ingest_process import IngestProcess
@@ -140,18 +140,8 @@ class KafkaIterableDataset(IterableDataset):
             self._dlq = DeadLetterQueue(self.kafka, self.dead_letter_config)
         dlq = self._dlq
         dlq.stop = threading.Event()
-        self.ingest = Ingest(
-            self.source,
-            make_decoder(self.data, self.label_rule),
-            dlq,
-            self.ring,
-            max_batch_wait_s=rc.max_batch_wait_ms / 1000.0,
-            max_messages=self.kafka.consume_batch,
-            consume_timeout_s=self.kafka.consume_timeout_ms / 1000.0,
-            refresh_every_s=self.kafka.metadata_refresh_s,
-            pause_after_s=rc.pause_after_ms / 1000.0,
-            positions=self.positions,
-            stats=self._stats,
+        self.ingest = Ingest.from_config(
+            self.source, dlq, self.ring, self.kafka, self.data, rc, self.label_rule, self.positions, self._stats
         )
         self.ingest.start()
 
@@ -228,9 +218,8 @@ class KafkaIterableDataset(IterableDataset):
 
     def pump(self) -> None:
         """Take in the ingest process's latest status (metrics and health call this before reading)."""
-        ingest = self.ingest
-        if ingest is not None and hasattr(ingest, "pump"):
-            ingest.pump()
+        if self.ingest is not None:
+            self.ingest.pump()
 
     @property
     def dead_letter_counts(self) -> tuple[int, int]:

@@ -29,8 +29,9 @@ from operator import itemgetter
 import numpy as np
 from confluent_kafka import Message
 
+from streams.config import DataConfig, KafkaConfig, RingConfig
 from streams.deadletter import DeadLetter, DeadLetterQueue
-from streams.decode import Decoder, value_bytes
+from streams.decode import Decoder, LabelRule, make_decoder, value_bytes
 from streams.errors import DeadLetterError, KafkaSourceError
 from streams.slots import Position, RingClosed, SlotProducer
 from streams.slots import TopicPartition as TP
@@ -74,6 +75,34 @@ class _Pending:
 
 class Ingest:
     """Runs the source -> decoder -> dead-letter -> ring loop on its own thread."""
+
+    @classmethod
+    def from_config(
+        cls,
+        source: KafkaSource,
+        dead_letter: DeadLetterQueue,
+        ring: SlotProducer,
+        kafka: KafkaConfig,
+        data: DataConfig,
+        ring_config: RingConfig,
+        label_rule: LabelRule,
+        positions: dict[TP, Position] | None = None,
+        stats: IngestStats | None = None,
+    ) -> Ingest:
+        """The ingest loop as the configuration sets it up (the same in a thread and in the ingest process)."""
+        return cls(
+            source,
+            make_decoder(data, label_rule),
+            dead_letter,
+            ring,
+            max_batch_wait_s=ring_config.max_batch_wait_ms / 1000.0,
+            max_messages=kafka.consume_batch,
+            consume_timeout_s=kafka.consume_timeout_ms / 1000.0,
+            refresh_every_s=kafka.metadata_refresh_s,
+            pause_after_s=ring_config.pause_after_ms / 1000.0,
+            positions=positions,
+            stats=stats,
+        )
 
     def __init__(
         self,
@@ -135,6 +164,9 @@ class Ingest:
             self._thread.join(timeout)
         if getattr(self, "_watcher", None) is not None:
             self._watcher.join(timeout)
+
+    def pump(self) -> None:
+        """Nothing to take in: a thread shares its state (the ingest process's handle reads its status)."""
 
     @property
     def alive(self) -> bool:

@@ -232,7 +232,6 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     setup_logging(logging.getLevelName(level), fmt)
     _batch_scheduling()
     from streams.deadletter import DeadLetterQueue
-    from streams.decode import make_decoder
     from streams.ingest import Ingest
     from streams.shared_ring import ChildRing
 
@@ -241,18 +240,7 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     kafka, rc = p["kafka"], p["ring_config"]
     source = KafkaSource(kafka, p["client_id"])
     dlq = DeadLetterQueue(kafka, p["dead_letter"])
-    ingest = Ingest(
-        source,
-        make_decoder(p["data"], p["label_rule"]),
-        dlq,
-        ring,
-        max_batch_wait_s=rc.max_batch_wait_ms / 1000.0,
-        max_messages=kafka.consume_batch,
-        consume_timeout_s=kafka.consume_timeout_ms / 1000.0,
-        refresh_every_s=kafka.metadata_refresh_s,
-        pause_after_s=rc.pause_after_ms / 1000.0,
-        positions=p["positions"],
-    )
+    ingest = Ingest.from_config(source, dlq, ring, kafka, p["data"], rc, p["label_rule"], p["positions"])
     # Say "open, assigned" before the first batch: the trainer may train records the moment
     # they come, and /readyz must not answer "connecting" meanwhile (seen in CI).
     ingest.on_opened = lambda: ring.send(("status", _status(ingest, source, dlq)))

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from bench import neighbour, pipeline
+from bench import calls, neighbour, pipeline
 from bench.common import MODELS, daemon_config, fill_topic, records, snapshot_dir, unique
 from bench.loops import compute_only, end_to_end
 
@@ -39,3 +39,9 @@ def test_neighbour_prints_each_case(capsys):
     out = capsys.readouterr().out
     for case in neighbour.NEIGHBOURS:
         assert f"| {case}" in out
+
+
+def test_calls_prints_its_table(bootstrap, capsys):
+    assert calls.main(["--samples", "5000", "--repeat", "1", "--bootstrap", bootstrap]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 " in out and "(default)" in out and "release median / mean" in out
