@@ -157,14 +157,20 @@ class SharedRing:
         self._closed = True
 
     def detach(self) -> None:
-        """Stop taking announcements and close the give-back pipe (the ingest process is stopping)."""
+        """Stop taking announcements, close the pipes and the shared file (the ingest process is stopping).
+
+        The mapping stays: batches already handed out are views of it.  Closing the file here
+        matters because each restart of the stream (a roll-back) makes a new ring.
+        """
         with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
-        fd, self._give_back = self._give_back, None
-        if fd is not None:
-            os.close(fd)
+        fds = [self._give_back, self.fd]
+        self._give_back, self.fd = None, -1
+        for fd in fds:
+            if fd is not None and fd >= 0:
+                os.close(fd)
         self.close()
 
 
