@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from dataclasses import asdict, fields
-from multiprocessing.connection import Connection
 from typing import Any
 
 from streams.config import DataConfig, DeadLetterConfig, KafkaConfig, RingConfig
@@ -150,7 +149,7 @@ class IngestProcess:
         self.source.pump = self.ring.pump
         self.ring.on_status = self._on_status
         self.ring.on_end = self._on_end
-        self.ring.connect(Connection(ann_r, writable=False), give_w)
+        self.ring.connect(ann_r, give_w)
         log.debug("ingest process %d started", self.proc.pid)
 
     def _on_status(self, s: dict[str, Any]) -> None:
@@ -236,7 +235,7 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     from streams.shared_ring import ChildRing
 
     slots, batch_size, width = p["geometry"]
-    ring = ChildRing(ring_fd, slots, batch_size, width, Connection(ann_fd, readable=False), give_fd)
+    ring = ChildRing(ring_fd, slots, batch_size, width, ann_fd, give_fd)
     kafka, rc = p["kafka"], p["ring_config"]
     source = KafkaSource(kafka, p["client_id"])
     dlq = DeadLetterQueue(kafka, p["dead_letter"])

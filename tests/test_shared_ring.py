@@ -7,14 +7,15 @@ daemon uses across processes (the integration tests cover the process itself).
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
+import threading
+import time
 
 import pytest
 import torch
 
 from streams.errors import ConfigError, DeadLetterError, StreamtrainError
-from streams.shared_ring import ChildRing, SharedRing, describe_error, rebuild_error
+from streams.shared_ring import ChildRing, SharedRing, describe_error, rebuild_error, send_frame
 from streams.slots import RingClosed
 
 WAIT = 5.0
@@ -22,10 +23,10 @@ WAIT = 5.0
 
 def pair(slots: int = 3, batch_size: int = 4, width: int = 2) -> tuple[SharedRing, ChildRing]:
     parent = SharedRing(slots, batch_size, width)
-    recv, send = multiprocessing.Pipe(duplex=False)
+    ann_r, ann_w = os.pipe()
     give_r, give_w = os.pipe()
-    parent.connect(recv, give_w)
-    child = ChildRing(os.dup(parent.fd), slots, batch_size, width, send, give_r)
+    parent.connect(ann_r, give_w)
+    child = ChildRing(os.dup(parent.fd), slots, batch_size, width, ann_w, give_r)
     return parent, child
 
 
@@ -90,7 +91,7 @@ def test_an_error_in_the_child_is_raised_as_the_same_class_on_the_trainer_side()
 def test_the_child_going_away_closes_the_ring_with_what_on_end_reports():
     parent, child = pair()
     parent.on_end = lambda: StreamtrainError("ingest process exited with code -9")
-    child._conn.close()
+    os.close(child._announce)
     with pytest.raises(RingClosed):
         parent.get(WAIT)
     assert "code -9" in str(parent.error)
@@ -151,3 +152,47 @@ def test_shared_slots_are_page_locked_for_asynchronous_copies_on_cuda():
     on_gpu = parent.x[0, :2].to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(on_gpu.cpu(), torch.full((2, 3), 2.0))
+
+
+def test_every_waiting_announcement_is_taken_in_one_pump_in_order():
+    parent, child = pair(slots=32)
+    for v in range(32):
+        fill(child, float(v), 1, {("t", 0): (v + 1, 0)})
+    parent.pump(0)
+    assert parent.fill() == 32
+    got = [parent.get(0) for _ in range(32)]
+    assert [b.x[0, 0].item() for b in got] == [float(v) for v in range(32)]
+    assert [b.positions[("t", 0)] for b in got] == [(v + 1, 0) for v in range(32)]
+
+
+def test_a_frame_that_arrives_in_pieces_is_read_once_whole():
+    parent, child = pair()
+    seen = []
+    parent.on_status = seen.append
+    r, w = os.pipe()
+    send_frame(w, ("status", {"big": "x" * 1000}))
+    whole = os.read(r, 1 << 16)
+    for fd in (r, w):
+        os.close(fd)
+    os.write(child._announce, whole[:3])  # not even the whole length prefix
+    parent.pump(0)
+    os.write(child._announce, whole[3:500])
+    parent.pump(0)
+    assert seen == []
+    os.write(child._announce, whole[500:])
+    parent.pump(WAIT)
+    assert seen == [{"big": "x" * 1000}]
+
+
+def test_a_status_larger_than_the_pipe_gets_through():
+    parent, child = pair()
+    seen = []
+    parent.on_status = seen.append
+    big = {"hwm": [["t", p, p * 7] for p in range(20_000)]}  # well over a pipe's 64 KiB
+    writer = threading.Thread(target=child.send, args=(("status", big),))
+    writer.start()
+    deadline = time.monotonic() + WAIT
+    while not seen and time.monotonic() < deadline:
+        parent.pump(0.05)
+    writer.join(WAIT)
+    assert seen == [big]
