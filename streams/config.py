@@ -57,7 +57,11 @@ class KafkaConfig:
     queued_max_kbytes: int = opt(
         16384, "Bound of librdkafka's local prefetch queue and of one fetch response (KiB); with the ring it bounds memory."
     )
-    settings: dict[str, Any] = opt({}, "Any other librdkafka option, passed through (security.protocol, sasl.*, ssl.*, ...).")
+    settings: dict[str, Any] = opt(
+        {},
+        "Any other librdkafka option, passed through (security.protocol, sasl.*, ssl.*, ...); it overrides the daemon's own "
+        "librdkafka defaults (fetch.wait.max.ms 300, fetch.queue.backoff.ms 10: see docs/BENCHMARKS.md, Freshness).",
+    )
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
