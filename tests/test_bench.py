@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from bench import calls, neighbour, pipeline
+from bench import calls, fetchwait, neighbour, pipeline
 from bench.common import MODELS, daemon_config, fill_topic, records, snapshot_dir, unique
 from bench.loops import compute_only, end_to_end
 
@@ -45,3 +45,11 @@ def test_calls_prints_its_table(bootstrap, capsys):
     assert calls.main(["--samples", "5000", "--repeat", "1", "--bootstrap", bootstrap]) == 0
     out = capsys.readouterr().out
     assert "| 1 " in out and "(default)" in out and "release median / mean" in out
+
+
+def test_fetchwait_reads_the_topic_with_each_wait(bootstrap, capsys):
+    assert fetchwait.main(["--records", "3000", "--waits", "default,100", "--seconds", "1", "--bootstrap", bootstrap]) == 0
+    out = capsys.readouterr().out
+    assert "| default (300) " in out and "| 100 " in out
+    rates = [int(line.split("|")[2].replace(",", "")) for line in out.splitlines() if line.startswith(("| default", "| 100 "))]
+    assert all(r > 0 for r in rates)  # both read the 3,000 records (a short topic: no broker is slow to serve it)
