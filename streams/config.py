@@ -60,7 +60,7 @@ class KafkaConfig:
     settings: dict[str, Any] = opt(
         {},
         "Any other librdkafka option, passed through (security.protocol, sasl.*, ssl.*, ...); it overrides the daemon's own "
-        "librdkafka defaults (fetch.wait.max.ms 300, fetch.queue.backoff.ms 10: see docs/BENCHMARKS.md, Freshness).",
+        "librdkafka defaults (fetch.wait.max.ms 200, fetch.queue.backoff.ms 10: see docs/BENCHMARKS.md, Freshness).",
     )
 
     def _validate(self) -> list[tuple[str, str]]:

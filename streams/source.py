@@ -52,9 +52,10 @@ def consumer_settings(kafka: KafkaConfig, client_id: str = "streamtrain") -> dic
         # How long a broker may hold a fetch that finds nothing.  Kafka answers as soon as
         # records arrive, so this only paces empty fetches there; a broker that polls instead
         # (Tansu sleeps half the remaining wait, then looks again) adds up to half of it to
-        # every record's freshness: p99 316 ms at librdkafka's 500, 207 ms at 300 (measured,
-        # bench.freshness).  Much shorter starves long topics on such a broker (bench.fetchwait).
-        "fetch.wait.max.ms": 300,
+        # every record's freshness: at 50 k/s, p99 253 ms at 300, 188 ms at 200 (librdkafka's
+        # 500: ~320 ms; bench.freshness).  Much shorter starves long topics on such a broker
+        # (bench.fetchwait: 0 msg/s at 50 ms).
+        "fetch.wait.max.ms": 200,
         "allow.auto.create.topics": False,
     }
     # One fetch response may be as large as fetch.max.bytes (50 MiB by default) and is held

@@ -42,14 +42,15 @@ def test_neighbour_prints_each_case(capsys):
 
 
 def test_calls_prints_its_table(bootstrap, capsys):
-    assert calls.main(["--samples", "5000", "--repeat", "1", "--bootstrap", bootstrap]) == 0
+    assert calls.main(["--samples", "5000", "--repeat", "1", "--step-on", "slot,private", "--bootstrap", bootstrap]) == 0
     out = capsys.readouterr().out
     assert "| 1 " in out and "(default)" in out and "release median / mean" in out
+    assert "| private " in out and "| slot " in out
 
 
 def test_fetchwait_reads_the_topic_with_each_wait(bootstrap, capsys):
-    assert fetchwait.main(["--records", "3000", "--waits", "default,100", "--seconds", "1", "--bootstrap", bootstrap]) == 0
+    assert fetchwait.main(["--records", "3000", "--waits", "default,500", "--seconds", "1", "--bootstrap", bootstrap]) == 0
     out = capsys.readouterr().out
-    assert "| default (300) " in out and "| 100 " in out
-    rates = [int(line.split("|")[2].replace(",", "")) for line in out.splitlines() if line.startswith(("| default", "| 100 "))]
+    assert "| default (200) " in out and "| 500 " in out
+    rates = [int(line.split("|")[2].replace(",", "")) for line in out.splitlines() if line.startswith(("| default", "| 500 "))]
     assert all(r > 0 for r in rates)  # both read the 3,000 records (a short topic: no broker is slow to serve it)

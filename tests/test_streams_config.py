@@ -219,6 +219,6 @@ def test_settings_pass_through_to_the_clients():
 
 def test_the_daemons_librdkafka_defaults_give_way_to_settings():
     kafka = parse(KafkaConfig, {"topics": ["a"]}, "kafka")
-    assert consumer_settings(kafka)["fetch.wait.max.ms"] == 300  # freshness on brokers that poll (docs/BENCHMARKS.md)
+    assert consumer_settings(kafka)["fetch.wait.max.ms"] == 200  # freshness on brokers that poll (docs/BENCHMARKS.md)
     tuned = parse(KafkaConfig, {"topics": ["a"], "settings": {"fetch.wait.max.ms": 50, "fetch.queue.backoff.ms": 100}}, "kafka")
     assert consumer_settings(tuned)["fetch.wait.max.ms"] == 50 and consumer_settings(tuned)["fetch.queue.backoff.ms"] == 100
