@@ -18,7 +18,7 @@ def test_pipeline_quick_prints_its_table(bootstrap, capsys):
     assert pipeline.main(["--quick", "--formats", "raw", "--models", "mlp", "--samples", "20000", "--bootstrap", bootstrap]) == 0
     out = capsys.readouterr().out
     assert "| raw    | mlp   |" in out
-    assert "E = e2e/compute" in out
+    assert "E, side by side" in out and "E, strict" in out
 
 
 @pytest.mark.gpu
