@@ -14,6 +14,7 @@ import platform
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,12 +103,17 @@ def producer(bootstrap: str, **settings: Any):
     return Producer({**base, **settings})
 
 
-def fill_topic(bootstrap: str, topic: str, values: list[bytes], partitions: int = PARTITIONS) -> None:
-    """Create ``topic`` and produce ``values`` round-robin over its partitions; returns when all are acknowledged."""
+def fill_topic(
+    bootstrap: str, topic: str, values: Sequence[bytes], partitions: int = PARTITIONS, flush_s: float = 120.0, **settings: Any
+) -> None:
+    """Create ``topic`` and produce ``values`` round-robin over its partitions; returns when all are acknowledged.
+
+    ``settings`` override the producer's (e.g. ``batch.num.messages`` for small produce batches).
+    """
     from tests.kafka_util import create_topic
 
     create_topic(bootstrap, topic, partitions)
-    p = producer(bootstrap)
+    p = producer(bootstrap, **settings)
     failed: list[str] = []
 
     def on_delivery(err, _msg) -> None:
@@ -123,7 +129,7 @@ def fill_topic(bootstrap: str, topic: str, values: list[bytes], partitions: int 
                 p.poll(0.05)
         if i % 10000 == 0:
             p.poll(0)
-    left = p.flush(120)
+    left = p.flush(flush_s)
     if left or failed:
         raise RuntimeError(f"filling {topic}: {left} record(s) undelivered, errors {failed[:3]}")
 

@@ -14,30 +14,17 @@ import argparse
 import sys
 import time
 
-from bench.common import PARTITIONS, Broker, machine, print_machine, producer, quiet_logs, records, table, unique
+from bench.common import PARTITIONS, Broker, fill_topic, machine, print_machine, quiet_logs, records, table, unique
 from streams.config import KafkaConfig
 from streams.source import consumer_settings
-from tests.kafka_util import create_topic
 
 
 def fill_small_batches(bootstrap: str, topic: str, n: int, per_batch: int) -> float:
     """Produce ``n`` JSON records, at most ``per_batch`` per produce batch; returns seconds taken."""
-    create_topic(bootstrap, topic, PARTITIONS)
     pool = records("json", 50_000)
-    p = producer(bootstrap, **{"linger.ms": 0, "batch.num.messages": per_batch})
+    values = [pool[i % len(pool)] for i in range(n)]  # references to the pool, not copies
     t0 = time.perf_counter()
-    for i in range(n):
-        while True:
-            try:
-                p.produce(topic, pool[i % len(pool)], partition=i % PARTITIONS)
-                break
-            except BufferError:
-                p.poll(0.05)
-        if i % 10_000 == 0:
-            p.poll(0)
-    left = p.flush(300)
-    if left:
-        raise RuntimeError(f"filling {topic}: {left} record(s) undelivered")
+    fill_topic(bootstrap, topic, values, flush_s=300, **{"linger.ms": 0, "batch.num.messages": per_batch})
     return time.perf_counter() - t0
 
 
