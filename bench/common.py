@@ -297,6 +297,18 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` and its children (the daemon's ingest process), MiB."""
+    total = 0.0
+    for p in (pid, *children(pid)):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0) / 1024
+        except OSError:
+            pass
+    return total
+
+
 class CpuMeter:
     """CPU used over a window: by this process, by the broker, and by everything else on the machine.
 

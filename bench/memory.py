@@ -21,22 +21,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench.common import FEATURES, Broker, children, machine, print_machine, quiet_logs, snapshot_dir, start_producer, table, unique
+from bench.common import FEATURES, Broker, machine, print_machine, quiet_logs, rss_mib, snapshot_dir, start_producer, table, unique
 from tests.kafka_util import create_topic, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rss_mib(pid: int) -> float:
-    """Resident memory of the daemon and its children (the ingest process), MiB."""
-    total = 0.0
-    for p in (pid, *children(pid)):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0) / 1024
-        except OSError:
-            pass
-    return total
 
 
 def scrape(port: int, name: str) -> float:

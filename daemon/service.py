@@ -22,6 +22,7 @@ from daemon.logs import setup_logging
 from daemon.metrics import Health, Metrics, MetricsServer
 from daemon.notify import Heartbeat, Notifier
 from daemon.trainer import Trainer
+from streams.ingest import IngestStats
 
 log = logging.getLogger("streamtrain.service")
 
@@ -88,7 +89,12 @@ def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> No
     """Point the scrape-time collector and the health checks at the running pieces."""
     ds = trainer.dataset
     src = metrics.scrape.sources
-    src.ingest_stats = lambda: (ds.pump(), ds.stats)[1]  # read first: the ingest process reports by message
+
+    def ingest_stats() -> IngestStats:
+        ds.pump()  # take in the ingest process's latest report first
+        return ds.stats
+
+    src.ingest_stats = ingest_stats
     src.dead_letter = lambda: ds.dead_letter_counts
     src.lag = trainer.lag
     src.trained_positions = lambda: dict(trainer.trained)

@@ -127,7 +127,7 @@ class Ingest:
         self.max_messages = max_messages
         # Rows to take per consume(): about a ring's worth.  An Arrow record holds many rows, and
         # decoding 2000 of them at once (2 M rows, ~0.5 s) let the ring run dry meanwhile.
-        self.target_rows = max(ring.batch_size, getattr(ring, "slots", 8) * ring.batch_size)
+        self.target_rows = ring.slots * ring.batch_size
         self._rows_per_msg = 1.0
         self.consume_timeout_s = consume_timeout_s
         self.refresh_every_s = refresh_every_s

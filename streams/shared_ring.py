@@ -118,7 +118,7 @@ class SharedRing:
     def __init__(self, slots: int, batch_size: int, width: int, pin_memory: bool = False) -> None:
         import torch
 
-        from streams.ring import slot_views
+        from streams.ring import next_ready, slot_views
 
         self.slots = slots
         self.batch_size = batch_size
@@ -128,6 +128,7 @@ class SharedRing:
         self.x = torch.from_numpy(self.x_np)
         self.y = torch.from_numpy(self.y_np)
         self.views = slot_views(self.x, self.y)
+        self._next_ready = next_ready  # streams.ring imports torch: not at module level (the child imports this module)
         if pin_memory:
             _pin(self.x_np, self.y_np)
         self._ready: deque[tuple[int, int, dict, float]] = deque()
@@ -192,12 +193,10 @@ class SharedRing:
 
     # ------------------------------------------------------------------ consumer side
     def get(self, timeout: float | None = None):
-        from streams.ring import next_ready
-
         if not self._ready and not self._closed:
             self._flush_give_back()  # never wait for a batch while holding slots the child could fill
             self.pump(0.1 if timeout is None else timeout)
-        return next_ready(self._ready, self.views, self._closed)
+        return self._next_ready(self._ready, self.views, self._closed)
 
     def release(self, slot: int) -> None:
         self._owed += 1

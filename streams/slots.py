@@ -20,6 +20,7 @@ class RingClosed(Exception):
 class SlotProducer(Protocol):
     """The producer side of a ring, as the ingest loop uses it (in a thread or in its own process)."""
 
+    slots: int
     batch_size: int
     x_np: np.ndarray  # (slots, batch_size, width) float32, written in place
     y_np: np.ndarray  # (slots, batch_size) float32

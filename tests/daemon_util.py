@@ -117,10 +117,19 @@ class Daemon:
                 )
             time.sleep(0.1)
 
-    def settled(self) -> dict[str, float]:
-        """Metrics once the ingest process's counters have caught up (it reports every 0.25 s)."""
-        time.sleep(0.6)
-        return self.metrics()
+    def settled(self, timeout: float = 10.0) -> dict[str, float]:
+        """Metrics once the ingest process's last report covers every trained record.
+
+        Its counters (consumed, rejected, pauses) come with a status it sends every 0.25 s, so
+        they can trail the trainer's.  With one sample per record a report is current once
+        records consumed >= samples trained + records rejected.
+        """
+
+        def caught_up(m: dict[str, float]) -> bool:
+            rejected = sum(v for k, v in m.items() if k.startswith("streamtrain_records_rejected_total"))
+            return m.get("streamtrain_records_consumed_total", 0) >= m.get("streamtrain_samples_trained_total", 0) + rejected
+
+        return self.wait_for("the ingest process's counters to catch up", caught_up, timeout)
 
     def wait_trained(self, n: int, timeout: float = 60.0) -> dict[str, float]:
         return self.wait_for(f"{n} samples trained", lambda m: m.get("streamtrain_samples_trained_total", 0) >= n, timeout)

@@ -158,21 +158,6 @@ def assert_exact(ledger: dict[str, Any], producer: LedgerProducer, excluded: dic
     return lost, dup
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the daemon's ingest process), MiB."""
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        pids += [int(c) for c in task.read_text().split()]
-    total = 0.0
-    for p in pids:
-        try:
-            lines = Path(f"/proc/{p}/status").read_text().splitlines()
-        except OSError:
-            continue
-        total += next((int(line.split()[1]) for line in lines if line.startswith("VmRSS:")), 0) / 1024
-    return total
-
-
 def in_flight_snapshot(snapshot_dir: Path) -> bool:
     """A snapshot write is under way (or was cut off): a temp dir or a snapshot without its manifest."""
     d = Path(snapshot_dir)

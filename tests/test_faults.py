@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.common import rss_mib
 from daemon.snapshot import SnapshotStore
 from tests.daemon_util import Daemon, latest_meta, meta_positions, write_config
 from tests.fault_util import (
@@ -29,7 +30,6 @@ from tests.fault_util import (
     ledger_config,
     read_ledger,
     record,
-    rss_mb,
     snapshots_finite,
 )
 from tests.kafka_util import read_topic, start_tansu
@@ -225,11 +225,11 @@ def test_stalled_trainer_fast_producer_memory_bounded(tmp_path, bootstrap, make_
     producer.producer.flush(60)
     d.wait_for("records flowing", lambda m: m.get("streamtrain_samples_trained_total", 0) >= 64, 30)
     time.sleep(1.0)  # both processes warmed up (allocator pools, librdkafka buffers): the baseline
-    base = rss_mb(d.proc.pid)
+    base = rss_mib(d.proc.pid)
     peak, paused_seen = base, False
     deadline = time.monotonic() + 8  # the stall
     while time.monotonic() < deadline:
-        peak = max(peak, rss_mb(d.proc.pid))
+        peak = max(peak, rss_mib(d.proc.pid))
         paused_seen |= d.value("streamtrain_consumer_paused") == 1
         time.sleep(0.2)
     slow.unlink()  # the trainer recovers; everything drains
