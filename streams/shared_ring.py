@@ -5,8 +5,8 @@ daemon is killed) mapped by both processes; the trainer's batches are torch view
 it, without a copy.  Two pipes carry the little that moves: the ingest process
 announces each filled slot (row count, positions, oldest timestamp) and its status on
 one, as length-prefixed frames the trainer reads in bulk (one ``read()`` takes every
-frame waiting: ~1 us per announcement, against ~7 us with a poll and two reads each,
-measured); the trainer gives each slot back with one byte on the other.  Slots are
+frame waiting: ~1 us per announcement, against ~6 us with a poll and two reads each,
+``python -m bench.frames``); the trainer gives each slot back with one byte on the other.  Slots are
 filled and given back in the same order, so a byte is all a slot's return needs.
 
 No thread exists only to move these messages: each pipe is read by the thread that

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from bench import calls, fetchwait, neighbour, pipeline
+from bench import calls, fetchwait, frames, neighbour, pipeline
 from bench.common import MODELS, daemon_config, fill_topic, records, snapshot_dir, unique
 from bench.loops import compute_only, end_to_end
 
@@ -54,3 +54,9 @@ def test_fetchwait_reads_the_topic_with_each_wait(bootstrap, capsys):
     assert "| default (200) " in out and "| 500 " in out
     rates = [int(line.split("|")[2].replace(",", "")) for line in out.splitlines() if line.startswith(("| default", "| 500 "))]
     assert all(r > 0 for r in rates)  # both read the 3,000 records (a short topic: no broker is slow to serve it)
+
+
+def test_frames_prints_each_way_of_taking_a_batch(capsys):
+    assert frames.main(["--messages", "200", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "every frame waiting in one read" in out and "views made once" in out
