@@ -77,16 +77,19 @@ class TrainerConfig:
     num_classes: int = opt(0, "multiclass: number of classes (labels 0..num_classes-1).")
     loss: str = opt("auto", "auto (by task) | mse | huber | bce | cross_entropy.")
     huber_delta: float = opt(1.0, "huber: the delta.")
-    optimizer: str = opt("adamw", "sgd | adam | adamw.")
-    lr: float = opt(1e-3, "Learning rate.")
+    optimizer: str = opt("auto", "auto (by model: see docs/LEARNING.md) | sgd | adam | adamw.")
+    lr: float | None = opt(None, "Learning rate; null = the default of the optimizer auto picks (docs/LEARNING.md).")
     weight_decay: float = opt(0.0, "Weight decay.")
     momentum: float = opt(0.0, "sgd: momentum.")
     betas: tuple[float, float] = opt((0.9, 0.999), "adam/adamw: betas.")
     schedule: ScheduleConfig = section(ScheduleConfig, "Learning-rate schedule.")
     device: str = opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N.")
     amp: str = opt("auto", "Mixed precision: auto (fp16 on CUDA, off on CPU) | off | fp16 (CUDA) | bf16.")
-    grad_clip_norm: float = opt(1.0, "Clip the global gradient norm to this; 0 turns clipping off.")
-    standardize: bool = opt(True, "Standardize features with running mean/variance (updated after use).")
+    grad_clip_norm: float | None = opt(
+        None, "Clip the global gradient norm to this; 0 turns clipping off; null = by model (docs/LEARNING.md)."
+    )
+    standardize: bool = opt(True, "Standardize features with their running mean/variance (a batch is folded in, then scaled).")
+    standardize_target: bool = opt(True, "regression: train on the label standardized by its running statistics (any label scale).")
     num_threads: int = opt(0, "torch intra-op threads; 0 = the cores the data path leaves free.")
     seed: int = opt(0, "Seed for weight init and dropout.")
     max_consecutive_nonfinite: int = opt(
@@ -106,9 +109,9 @@ class TrainerConfig:
         allowed = losses.get(self.task, ("auto",))
         if self.loss not in allowed:
             problems.append(("loss", f"must be one of {', '.join(allowed)} for task {self.task}, got {self.loss!r}"))
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            problems.append(("optimizer", f"must be sgd, adam or adamw, got {self.optimizer!r}"))
-        if not self.lr > 0:
+        if self.optimizer not in ("auto", "sgd", "adam", "adamw"):
+            problems.append(("optimizer", f"must be auto, sgd, adam or adamw, got {self.optimizer!r}"))
+        if self.lr is not None and not self.lr > 0:
             problems.append(("lr", f"must be > 0, got {self.lr}"))
         if not all(0 <= b < 1 for b in self.betas):
             problems.append(("betas", f"must be two numbers in [0, 1), got {list(self.betas)}"))
@@ -118,13 +121,38 @@ class TrainerConfig:
             problems.append(("amp", f"must be auto, off, fp16 or bf16, got {self.amp!r}"))
         if self.amp == "fp16" and self.device == "cpu":
             problems.append(("amp", "fp16 needs CUDA; on the CPU use bf16 or off"))
+        if self.grad_clip_norm is not None and not self.grad_clip_norm >= 0:
+            problems.append(("grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}"))
         if not 0 < self.ewma_alpha <= 1:
             problems.append(("ewma_alpha", f"must be in (0, 1], got {self.ewma_alpha}"))
         return (
             problems
-            + non_negative(self, "weight_decay", "momentum", "grad_clip_norm", "num_threads", "huber_delta")
+            + non_negative(self, "weight_decay", "momentum", "num_threads", "huber_delta")
             + positive(self, "max_consecutive_nonfinite", "max_rollbacks")
         )
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    detector: str = opt("adwin", "Drift detector on the prequential error: adwin | page_hinkley | off.")
+    action: str = opt("reset_optimizer", "On a drift: log (metric + log line) | reset_optimizer | lr_boost (docs/LEARNING.md).")
+    delta: float = opt(0.002, "adwin: confidence of each test (smaller: fewer false alarms, later detections).")
+    threshold: float = opt(50.0, "page_hinkley: alarm threshold, in units of the batch error.")
+    cooldown_samples: int = opt(1000, "Detections within this many samples of the last drift are the same drift.")
+    lr_boost_factor: float = opt(3.0, "lr_boost: the learning rate is multiplied by this at the drift ...")
+    lr_boost_samples: int = opt(1000, "lr_boost: ... and the boost fades linearly back to the schedule over this many samples.")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.detector not in ("adwin", "page_hinkley", "off"):
+            problems.append(("detector", f"must be adwin, page_hinkley or off, got {self.detector!r}"))
+        if self.action not in ("log", "reset_optimizer", "lr_boost"):
+            problems.append(("action", f"must be log, reset_optimizer or lr_boost, got {self.action!r}"))
+        if not 0 < self.delta < 1:
+            problems.append(("delta", f"must be in (0, 1), got {self.delta}"))
+        if not self.lr_boost_factor >= 1:
+            problems.append(("lr_boost_factor", f"must be >= 1, got {self.lr_boost_factor}"))
+        return problems + positive(self, "threshold", "lr_boost_samples") + non_negative(self, "cooldown_samples")
 
 
 @dataclass(frozen=True)
@@ -161,6 +189,10 @@ class LoggingConfig:
     level: str = opt("INFO", "DEBUG | INFO | WARNING | ERROR.")
     format: str = opt("text", "text (for a terminal) | json (one object per line, for journald/Docker).")
     progress_every_s: float = opt(10.0, "Seconds between progress lines; 0 = none.")
+    tensorboard_dir: str | None = opt(
+        None, "Write TensorBoard scalars here (loss, metrics, lr, grad norm, drifts); needs the tensorboard extra."
+    )
+    tensorboard_every_steps: int = opt(100, "Steps between TensorBoard points.")
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -168,7 +200,7 @@ class LoggingConfig:
             problems.append(("level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.level!r}"))
         if self.format not in ("text", "json"):
             problems.append(("format", f"must be text or json, got {self.format!r}"))
-        return problems + non_negative(self, "progress_every_s")
+        return problems + non_negative(self, "progress_every_s") + positive(self, "tensorboard_every_steps")
 
 
 @dataclass(frozen=True)
@@ -179,6 +211,7 @@ class Config:
     ring: RingConfig = section(RingConfig, "Batching and the prefetch ring.")
     model: ModelConfig = section(ModelConfig, "What is trained.")
     trainer: TrainerConfig = section(TrainerConfig, "How it is trained.")
+    drift: DriftConfig = section(DriftConfig, "Concept drift: detected on the prequential error, and acted on.")
     snapshot: SnapshotConfig = section(SnapshotConfig, "Durable training state.")
     metrics: MetricsConfig = section(MetricsConfig, "Prometheus metrics and health endpoints.")
     logging: LoggingConfig = section(LoggingConfig, "Logs.")

@@ -7,8 +7,17 @@ model expects and gives back:
   with ``torch.load(path, weights_only=True)`` into the model class (``models/*.py``
   are self-contained: copy the one file).  The trainer standardizes features with
   running statistics, so the sidecar carries them: ``x_std = (x - mean) * scale``.
-* ``program``: a ``torch.export`` program of standardization + model, loadable with
-  ``torch.export.load(path).module()`` and no model code at all; it takes raw features.
+  For regression the model is trained on the standardized label (unless
+  ``trainer.standardize_target`` is off), so its raw output is in standardized units and
+  the sidecar's ``outputs.destandardize`` gives them back in label units:
+  ``y = output * std + mean``.
+* ``program``: a ``torch.export`` program of standardization + model (+ for regression
+  the de-standardization of the output), loadable with ``torch.export.load(path).module()``
+  and no model code at all; it takes raw features and gives what the trainer predicts
+  (for regression: in the label's units).
+
+The numbers are the trainer's own float32 statistics (``RunningStandardizer.shift``,
+``.scale`` and ``.std``), so either form reproduces the trainer's prediction exactly.
 """
 
 from __future__ import annotations
@@ -25,13 +34,14 @@ from daemon.normalizer import RunningStandardizer
 from daemon.snapshot import SnapshotInfo
 from models.registry import build_model, resolve
 
-__all__ = ["EXPORT_FORMATS", "export_model", "serving_spec", "sidecar_path", "standardization"]
+__all__ = ["EXPORT_FORMATS", "export_model", "serving_spec", "sidecar_path", "standardization", "target_standardization"]
 
 EXPORT_FORMATS = ("state_dict", "program")
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: outputs.destandardize (regression trains on the standardized label)
 
 _OUTPUTS = {
-    "regression": "one value per sample: the prediction",
+    "regression": "one value per sample: output * std + mean (outputs.destandardize) is the prediction in the label's units; "
+    "the model learns the standardized label, and the program format already includes this step",
     "binary": "one logit per sample: sigmoid(output) is the probability of label 1",
     "multiclass": "one logit per class per sample: softmax(output) gives the class probabilities",
 }
@@ -45,16 +55,24 @@ def sidecar_path(out: str | os.PathLike[str]) -> Path:
 def standardization(meta: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, scale) such that ``(x - mean) * scale`` is exactly what the trainer fed the model."""
     cfg = meta["config"]
-    width = _width(meta)
-    norm = RunningStandardizer(width, enabled=bool(cfg["trainer"].get("standardize", True)))
-    mean, scale = torch.zeros(width), torch.ones(width)
-    if not norm.enabled or "normalizer" not in state:
-        return mean, scale
-    norm.load_state_dict(state["normalizer"])
-    if norm.count.item() < 2:  # identity until two samples were seen, as in training
-        return mean, scale
-    var = norm.m2 / norm.count
-    return norm.mean.to(torch.float32), torch.rsqrt(var + norm.eps).to(torch.float32)
+    norm = RunningStandardizer(_width(meta), enabled=bool(cfg["trainer"].get("standardize", True)))
+    if norm.enabled and "normalizer" in state:
+        norm.load_state_dict(state["normalizer"])
+    return norm.shift.clone(), norm.scale.clone()  # disabled: zeros and ones, the identity
+
+
+def target_standardization(meta: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each of shape (1,), such that ``output * std + mean`` is the trainer's prediction in label units.
+
+    Only regression standardizes its label (``trainer.standardize_target``, default on);
+    otherwise, and for snapshots written before the label was standardized (no
+    ``state["target"]``), the identity: mean 0, std 1.
+    """
+    tc = meta["config"]["trainer"]
+    target = RunningStandardizer(1, enabled=tc.get("task") == "regression" and bool(tc.get("standardize_target", True)))
+    if target.enabled and "target" in state:
+        target.load_state_dict(state["target"])
+    return target.shift.clone(), target.std.clone()  # otherwise zero and one, the identity
 
 
 def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -> dict[str, Any]:
@@ -64,6 +82,7 @@ def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -
     name, params = cfg["model"]["name"], dict(cfg["model"].get("params") or {})
     _, cls = resolve(name)
     mean, scale = standardization(meta, state)
+    y_mean, y_std = target_standardization(meta, state)
     data, trainer = cfg["data"], cfg["trainer"]
     return {
         "streamtrain_export": SPEC_VERSION,
@@ -81,7 +100,17 @@ def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -
                 "scale": [float(v) for v in scale],
             },
         },
-        "outputs": {"task": trainer["task"], "num_classes": trainer.get("num_classes", 0), "meaning": _OUTPUTS.get(trainer["task"], "")},
+        "outputs": {
+            "task": trainer["task"],
+            "num_classes": trainer.get("num_classes", 0),
+            "meaning": _OUTPUTS.get(trainer["task"], ""),
+            "destandardize": {
+                "included_in_program": fmt == "program",
+                "formula": "y = output * std + mean",
+                "mean": float(y_mean[0]),
+                "std": float(y_std[0]),
+            },
+        },
         "label": data.get("label"),
         "snapshot": {
             "name": info.name,
@@ -90,6 +119,7 @@ def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -
             "samples": meta.get("samples"),
             "loss_ewma": meta.get("loss_ewma"),
             "metric": meta.get("metric"),
+            "prequential": meta.get("prequential"),
         },
         "versions": {**meta.get("versions", {}), "torch_export": torch.__version__},
     }
@@ -105,30 +135,45 @@ def export_model(info: SnapshotInfo, state: dict, out: str | os.PathLike[str], f
     if fmt == "state_dict":
         torch.save(weights, out)
     else:
-        torch.export.save(_program(info.meta, weights, *standardization(info.meta, state)), out)
+        torch.export.save(_program(info.meta, state, weights), out)
     spec = serving_spec(info, state, fmt, out.name)
     sidecar_path(out).write_text(json.dumps(spec, indent=2) + "\n")
     return spec
 
 
 class _Standardized(nn.Module):
-    """Standardization then the model, as one module to export."""
+    """Standardization, the model, and (regression) the output back in label units, as one module to export."""
 
-    def __init__(self, model: nn.Module, mean: torch.Tensor, scale: torch.Tensor) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        y_mean: torch.Tensor | None = None,
+        y_std: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mean", mean)
         self.register_buffer("scale", scale)
+        self.destandardize = y_mean is not None and y_std is not None
+        if self.destandardize:
+            self.register_buffer("y_mean", y_mean)
+            self.register_buffer("y_std", y_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) * self.scale)
+        out = self.model((x - self.mean) * self.scale)
+        if self.destandardize:
+            out = out * self.y_std + self.y_mean  # as the trainer's prequential prediction
+        return out
 
 
-def _program(meta: dict, weights: dict, mean: torch.Tensor, scale: torch.Tensor) -> torch.export.ExportedProgram:
+def _program(meta: dict, state: dict, weights: dict) -> torch.export.ExportedProgram:
     cfg = meta["config"]
     model = build_model(cfg["model"]["name"], dict(cfg["model"].get("params") or {}), _width(meta))
     model.load_state_dict(weights)
-    module = _Standardized(model, mean, scale).eval()
+    target = target_standardization(meta, state) if cfg["trainer"].get("task") == "regression" else (None, None)
+    module = _Standardized(model, *standardization(meta, state), *target).eval()
     example = torch.zeros(2, _width(meta))
     batch = torch.export.Dim("batch", min=1)
     return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))

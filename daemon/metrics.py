@@ -1,9 +1,10 @@
 """Prometheus metrics, declared in one place against an injected registry, and the HTTP endpoint.
 
 The metrics answer three questions an operator asks:
-- *is it learning?* ``streamtrain_train_loss``, ``..._loss_ewma``, ``..._prequential_metric``,
-  ``streamtrain_prequential_loss_total`` / ``streamtrain_samples_trained_total`` (windowed mean loss
-  in PromQL), learning rate, gradient norm, skipped steps;
+- *is it learning?* the cumulative prequential counters ``streamtrain_prequential_{samples,loss,
+  correct,abs_error,squared_error}_total`` (``rate(correct[1h]) / rate(samples[1h])`` is the accuracy
+  of the last hour), ``streamtrain_train_loss``, ``..._loss_ewma``, ``..._prequential_metric``,
+  learning rate, gradient norm, skipped steps, drifts detected;
 - *is it keeping up?* ``streamtrain_consumer_lag``, data-wait, step and record-freshness
   histograms (``rate(streamtrain_data_wait_seconds_sum[1m])`` is the data-wait fraction),
   ring fill, consumer pauses;
@@ -53,11 +54,6 @@ class Metrics:
             self.steps_skipped.labels(reason)
         self.rollbacks = Counter(
             "streamtrain_rollbacks", "Roll-backs to the last good snapshot after repeated non-finite steps.", registry=r
-        )
-        self.prequential_loss = Counter(
-            "streamtrain_prequential_loss",
-            "Sum over trained samples of the loss before the update; divide its rate by samples_trained's.",
-            registry=r,
         )
         self.train_loss = Gauge("streamtrain_train_loss", "Loss of the last batch, before its update (prequential).", registry=r)
         self.train_loss_ewma = Gauge("streamtrain_train_loss_ewma", "Exponentially weighted mean of the per-step loss.", registry=r)
@@ -116,14 +112,45 @@ class ScrapeSources:
     ring: Callable[[], tuple[int, int]] | None = None  # (filled, capacity)
     consumer: Callable[[], tuple[bool, int, dict[str, int]]] | None = None  # (paused, pauses, errors by name)
     ready: Callable[[], bool] | None = None
+    learning: Callable[[], LearningTotals] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LearningTotals:
+    """The trainer's cumulative prequential totals and drift record (training state: they continue across restarts)."""
+
+    task: str
+    samples: int
+    loss: float
+    correct: int
+    abs_error: float
+    squared_error: float
+    drifts: int
+    last_drift: float  # Unix time, 0 before any
+
+
+_PREQUENTIAL = {
+    "samples": "Samples scored before they were trained on (test-then-train); continues across restarts from the snapshot.",
+    "loss": "Sum of the prequential loss (label units for regression); rate(loss) / rate(samples) is the windowed mean loss.",
+    "correct": "Classification: prequential predictions that were right; rate(correct) / rate(samples) is the windowed accuracy.",
+    "abs_error": "Regression: sum of |prediction - label| of the prequential predictions; over rate(samples): the windowed MAE.",
+    "squared_error": "Regression: sum of (prediction - label)^2 of the prequential predictions; over rate(samples): the windowed MSE.",
+}
+
+
 class ScrapeCollector:
-    """Reads the data path's own counters and the lag when Prometheus scrapes."""
+    """Reads the data path's own counters, the lag and the learning totals when Prometheus scrapes."""
 
     def __init__(self) -> None:
         self.sources = ScrapeSources()
+        # learning totals go back with a roll-back to a snapshot; a counter never does, so it holds its highest value
+        self._high: dict[str, float] = {}
+
+    def _monotonic(self, name: str, value: float) -> float:
+        value = max(self._high.get(name, 0.0), value)
+        self._high[name] = value
+        return value
 
     def describe(self) -> list:
         return []
@@ -181,6 +208,22 @@ class ScrapeCollector:
             yield err
         if s.ready is not None:
             yield GaugeMetricFamily("streamtrain_ready", "1 when /readyz answers ready.", value=int(s.ready()))
+        if s.learning is not None:
+            yield from self._learning(s.learning())
+
+    def _learning(self, t: LearningTotals):
+        names = ["samples", "loss", *(("abs_error", "squared_error") if t.task == "regression" else ("correct",))]
+        for name in names:
+            value = self._monotonic(name, getattr(t, name))
+            yield CounterMetricFamily(f"streamtrain_prequential_{name}", _PREQUENTIAL[name], value=value)
+        yield CounterMetricFamily(
+            "streamtrain_drift_detected",
+            "Concept drifts the detector found in the prequential error (drift.detector); continues across restarts.",
+            value=self._monotonic("drifts", t.drifts),
+        )
+        yield GaugeMetricFamily(
+            "streamtrain_drift_last_timestamp_seconds", "Unix time of the last drift detected; 0 before any.", value=t.last_drift
+        )
 
 
 class Health:

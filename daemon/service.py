@@ -98,6 +98,7 @@ def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> No
     src.dead_letter = lambda: ds.dead_letter_counts
     src.lag = trainer.lag
     src.trained_positions = lambda: dict(trainer.trained)
+    src.learning = trainer.learning_totals
     src.ring = lambda: (ds.ring.fill(), ds.ring.slots)
     src.consumer = lambda: (ds.source.paused, ds.source.pauses, dict(ds.source.errors))
     reach_within = max(15.0, 2 * cfg.kafka.metadata_refresh_s + 5.0)

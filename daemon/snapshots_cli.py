@@ -39,7 +39,9 @@ def add_parser(sub: Any) -> None:
         where.add_argument("--config", "-c", help="daemon config: its snapshot.dir")
         add_set_argument(q)
 
-    q = cmds.add_parser("list", help="every snapshot, newest first: step, time, samples, loss, metric, offsets")
+    q = cmds.add_parser(
+        "list", help="every snapshot, newest first: step, time, samples, loss, metric, cumulative prequential loss and metric, offsets"
+    )
     common(q)
     q.add_argument("--json", action="store_true", help="one JSON object per snapshot, one per line")
     q = cmds.add_parser("show", help="one snapshot's meta (positions, metrics, versions, redacted config) and whether it verifies")
@@ -121,7 +123,7 @@ def _list(store: SnapshotStore, as_json: bool) -> int:
     if not infos:
         print(f"no snapshots in {store.directory}")
         return EXIT_OK
-    head = ("NAME", "STEP", "CREATED (UTC)", "SAMPLES", "LOSS_EWMA", "METRIC", "POSITIONS")
+    head = ("NAME", "STEP", "CREATED (UTC)", "SAMPLES", "LOSS_EWMA", "METRIC", "CUM_LOSS", "CUM_METRIC", "POSITIONS")
     rows = [head] + [_row_text(_row(i)) for i in infos]
     widths = [max(len(r[c]) for r in rows) for c in range(len(head) - 1)]
     for r in rows:
@@ -141,6 +143,7 @@ def _row(info: SnapshotInfo) -> dict[str, Any]:
         "samples": m.get("samples"),
         "loss_ewma": m.get("loss_ewma"),
         "metric": m.get("metric") or {},
+        "prequential": m.get("prequential"),  # cumulative test-then-train metrics; None in snapshots older than them
         "positions": _positions(m),
     }
 
@@ -149,7 +152,29 @@ def _row_text(r: dict[str, Any]) -> tuple[str, ...]:
     metric = ", ".join(f"{k} {_num(v)}" for k, v in r["metric"].items()) or "-"
     positions = "; ".join(f"{t}: {n} partition(s), offsets sum {total:,}" for t, (n, total) in _by_topic(r["positions"]).items()) or "-"
     samples = f"{r['samples']:,}" if isinstance(r["samples"], int) else "-"
-    return (r["name"], f"{r['step']:,}", _time(r["created"]), samples, _num(r["loss_ewma"]), metric, positions)
+    preq = r["prequential"] or {}
+    score = next((k for k in ("accuracy", "mae") if k in preq), None)
+    cum_metric = f"{score} {_num(preq[score])}" if score else "-"
+    return (
+        r["name"],
+        f"{r['step']:,}",
+        _time(r["created"]),
+        samples,
+        _num(r["loss_ewma"]),
+        metric,
+        _num(preq.get("loss")),
+        cum_metric,
+        positions,
+    )
+
+
+def _prequential_text(preq: dict[str, Any] | None) -> str:
+    """``1,280 samples: loss 0.1, mae 0.2, rmse 0.3``, or ``-`` for a snapshot older than the prequential totals."""
+    if not preq:
+        return "-"
+    samples = preq.get("samples")
+    scores = ", ".join(f"{k} {_num(preq[k])}" for k in ("loss", "accuracy", "mae", "rmse") if k in preq)
+    return f"{samples:,} samples: {scores}" if isinstance(samples, int) else scores or "-"
 
 
 def _positions(meta: dict) -> list[dict[str, Any]]:
@@ -190,20 +215,28 @@ def _show(store: SnapshotStore, info: SnapshotInfo, as_json: bool) -> int:
     if as_json:
         print(json.dumps(doc, indent=2))
         return EXIT_OK if verified else EXIT_FAILED
-    print(f"snapshot   {info.name}")
-    print(f"path       {info.path}")
-    print(f"verified   {'ok (sizes and sha256 match the manifest)' if verified else 'FAILED: ' + str(problem)}")
-    print(f"step       {info.step:,}")
-    print(f"created    {_time(info.created)} UTC")
-    print(f"samples    {doc['samples']:,}" if isinstance(doc["samples"], int) else "samples    -")
-    print(f"loss_ewma  {_num(doc['loss_ewma'])}")
-    print(f"metric     {', '.join(f'{k} {_num(v)}' for k, v in doc['metric'].items()) or '-'}")
-    print(f"model      {doc['model']}")
-    print(f"versions   {', '.join(f'{k} {v}' for k, v in doc['versions'].items())}")
-    print("positions  (the next record to train, per partition; rows = rows of it already trained)")
+
+    def field(label: str, value: str) -> None:
+        print(f"{label:<12} {value}")
+
+    field("snapshot", info.name)
+    field("path", str(info.path))
+    field("verified", "ok (sizes and sha256 match the manifest)" if verified else "FAILED: " + str(problem))
+    field("step", f"{info.step:,}")
+    field("created", f"{_time(info.created)} UTC")
+    field("samples", f"{doc['samples']:,}" if isinstance(doc["samples"], int) else "-")
+    field("loss_ewma", _num(doc["loss_ewma"]))
+    field("metric", ", ".join(f"{k} {_num(v)}" for k, v in doc["metric"].items()) or "-")
+    field(
+        "prequential",
+        _prequential_text(doc["prequential"]) + (" (cumulative, each sample scored before it was trained)" if doc["prequential"] else ""),
+    )
+    field("model", str(doc["model"]))
+    field("versions", ", ".join(f"{k} {v}" for k, v in doc["versions"].items()))
+    field("positions", "(the next record to train, per partition; rows = rows of it already trained)")
     for p in doc["positions"]:
         print(f"  {p['topic']} [{p['partition']}]  offset {p['offset']:,}" + (f"  rows {p['rows']}" if p["rows"] else ""))
-    print("config     (secrets redacted)")
+    field("config", "(secrets redacted)")
     print("  " + yaml.safe_dump(doc["config"], sort_keys=False).rstrip().replace("\n", "\n  "))
     return EXIT_OK if verified else EXIT_FAILED
 
@@ -234,8 +267,12 @@ def _export(store: SnapshotStore, info: SnapshotInfo, out: str, fmt: str) -> int
     if fmt == "state_dict":
         print(f"  load: torch.load({out!r}, weights_only=True) into {model['class']} built with the sidecar's model.params")
         print("  inputs: standardize with the sidecar's inputs.standardize: x_std = (x - mean) * scale")
+        if spec["outputs"]["task"] == "regression":
+            print("  outputs: back to label units with the sidecar's outputs.destandardize: y = output * std + mean")
     else:
         print(f"  load: model = torch.export.load({out!r}).module()  # takes raw features; standardization included")
+        if spec["outputs"]["task"] == "regression":
+            print("  outputs: predictions in the label's units (the label's de-standardization is included)")
     return EXIT_OK
 
 

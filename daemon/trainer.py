@@ -25,11 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from daemon.config import Config, config_to_dict
+from daemon.drift_response import DriftMonitor
 from daemon.errors import ConfigError, TrainingError
-from daemon.metrics import Metrics
+from daemon.metrics import LearningTotals, Metrics
 from daemon.normalizer import RunningStandardizer
+from daemon.prequential import Prequential
 from daemon.snapshot import SnapshotInfo, SnapshotStore
 from daemon.snapshot_writer import SnapshotWriter, state_to_host, tensors_finite
+from daemon.tensorboard import TensorBoard
 from models.registry import build_model
 from streams.dataset import KafkaIterableDataset
 from streams.decode import LabelRule
@@ -68,6 +71,24 @@ def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
     if name == "bf16":
         return torch.bfloat16
     return None
+
+
+# What learns best at batch size 1 and small batches, measured with `python -m bench.learning` against
+# River on the same rows (docs/LEARNING.md): (optimizer, learning rate, gradient clipping norm).
+# Linear models: River's own SGD at 0.01 without clipping (convex, standardized inputs and label);
+# the MLP: AdamW at 0.01, clipped at 1; other models (not measured): AdamW at 1e-3, clipped at 1.
+AUTO = {"linear": ("sgd", 0.01, 0.0), "logistic": ("sgd", 0.01, 0.0), "mlp": ("adamw", 0.01, 1.0)}
+AUTO_OTHER = ("adamw", 1e-3, 1.0)
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+
+
+def optimizer_defaults(model: str, optimizer: str, lr: float | None, clip: float | None) -> tuple[str, float, float]:
+    """What ``trainer.optimizer: auto``, ``trainer.lr: null`` and ``trainer.grad_clip_norm: null`` stand for."""
+    auto_name, auto_lr, auto_clip = AUTO.get(model, AUTO_OTHER)
+    name = auto_name if optimizer == "auto" else optimizer
+    if lr is None:
+        lr = auto_lr if name == auto_name else DEFAULT_LR[name]
+    return name, lr, auto_clip if clip is None else clip
 
 
 class Trainer:
@@ -110,11 +131,16 @@ class Trainer:
             self._warm_start(cfg.model.init_weights)
         self._freeze(cfg.model.freeze)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.clip_norm = optimizer_defaults(cfg.model.name, tc.optimizer, tc.lr, tc.grad_clip_norm)[2] or math.inf
         self.trained_params = params  # what the optimizer updates and the step clips
         self.optimizer = self._make_optimizer(params)
         self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.normalizer = RunningStandardizer(cfg.data.width, self.device, enabled=tc.standardize)
+        self.target = RunningStandardizer(1, self.device, enabled=tc.task == "regression" and tc.standardize_target)
+        self.prequential = Prequential()
+        self.drift = DriftMonitor(cfg.drift)
+        self.tensorboard = TensorBoard(cfg.logging.tensorboard_dir) if cfg.logging.tensorboard_dir else None
         self._plateau_losses: list[float] = []
 
         self.store = SnapshotStore(cfg.snapshot.dir, keep=cfg.snapshot.keep)
@@ -214,10 +240,11 @@ class Trainer:
 
     def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         tc = self.cfg.trainer
-        if tc.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-        cls = torch.optim.Adam if tc.optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        name, lr, _ = optimizer_defaults(self.cfg.model.name, tc.optimizer, tc.lr, tc.grad_clip_norm)
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay)
 
     def _make_scheduler(self) -> Any:
         s = self.cfg.trainer.schedule
@@ -270,59 +297,80 @@ class Trainer:
         started = time.perf_counter()
         x = batch.x.to(self.device, non_blocking=True)
         y = batch.y.to(self.device, non_blocking=True)
+        self.normalizer.update(x)  # features are known before the prediction; a skipped step's records count too
         xn = self.normalizer.transform(x)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             out = self.model(xn)
-            loss = self._loss(out, y)
-        metric = self._metric(out.detach(), y)
-        loss_value = float(loss.detach())
-        result = StepResult(loss_value, metric, math.nan)
+        loss, stats = self._loss(out.float(), y)
+        # one device sync: the training loss, then the prequential sums
+        loss_value, loss_sum, hits_or_abs, sq, scaled_abs = torch.stack([loss.detach(), *stats]).tolist()
+        n = len(batch)
+        metric = hits_or_abs / n
+        result = StepResult(loss_sum / n, metric, math.nan)
         if not math.isfinite(loss_value):
             result.skipped = "loss_nonfinite"
         else:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.trained_params, tc.grad_clip_norm if tc.grad_clip_norm > 0 else math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(self.trained_params, self.clip_norm)
             result.grad_norm = float(norm)
             if not math.isfinite(result.grad_norm):
                 result.skipped = "amp_overflow" if self.scaler.is_enabled() else "grad_nonfinite"
                 self.scaler.update()  # fp16: lowers the loss scale; no optimizer step
             else:
+                boosted = self.drift.boost(self.optimizer)
                 self.scaler.step(self.optimizer)
+                self.drift.unboost(self.optimizer, boosted)
                 self.scaler.update()
                 self._schedule(loss_value)
         self.optimizer.zero_grad(set_to_none=True)
-        n = len(batch)
         if result.skipped:
             self._skipped(result)
         else:
             self.consecutive_nonfinite = 0
-            self.normalizer.update(x)
             self.step_count += 1
             self.samples += n
+            if tc.task == "regression":
+                self.prequential.add(n, loss_sum, abs_error=hits_or_abs, squared_error=sq)
+                error = scaled_abs / n
+            else:
+                self.prequential.add(n, loss_sum, correct=round(hits_or_abs))
+                error = 1.0 - metric
+            if self.drift.observe(error, n, self.optimizer) and self.tensorboard is not None:
+                self.tensorboard.drift(self.step_count, self.drift.drifts)
             self._record(result, n, batch)
         self.metrics.step_time.observe(time.perf_counter() - started)
         return result
 
-    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tc = self.cfg.trainer
-        if tc.task == "multiclass":
-            return F.cross_entropy(out.float(), y.long())
-        out = out.float().reshape(-1)
-        if tc.task == "binary":
-            return F.binary_cross_entropy_with_logits(out, y)
-        if tc.loss == "huber":
-            return F.huber_loss(out, y, delta=tc.huber_delta)
-        return F.mse_loss(out, y)
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The training loss, and the batch's prequential sums: loss, hits or |error|, squared error, |error| / label std.
 
-    def _metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
-        task = self.cfg.trainer.task
-        if task == "multiclass":
-            return float((out.argmax(1) == y.long()).float().mean())
-        out = out.float().reshape(-1)
-        if task == "binary":
-            return float(((out > 0).float() == y).float().mean())
-        return float((out - y).abs().mean())
+        Regression trains on the label standardized by its running statistics (so a label
+        of any scale trains at the same pace); the prediction scored is made with the
+        statistics of the labels *before* this batch, in the label's own units.
+        """
+        tc = self.cfg.trainer
+        zero = out.new_zeros(())
+        if tc.task == "multiclass":
+            labels = y.long()
+            loss = F.cross_entropy(out, labels)
+            return loss, (loss.detach() * len(y), (out.detach().argmax(1) == labels).sum().float(), zero, zero)
+        out = out.reshape(-1)
+        if tc.task == "binary":
+            loss = F.binary_cross_entropy_with_logits(out, y)
+            return loss, (loss.detach() * len(y), ((out.detach() > 0) == (y > 0.5)).sum().float(), zero, zero)
+        target = self.target
+        err = out.detach() * target.std + target.shift - y  # the prequential prediction's error
+        inv_std = target.scale  # the statistics before this batch's labels (update() replaces the tensors)
+        target.update(y[:, None])
+        if tc.loss == "huber":
+            per_sample = F.huber_loss(out * target.std + target.shift, y, delta=tc.huber_delta, reduction="none")
+            loss = per_sample.mean() * target.scale[0] ** 2
+            preq = F.huber_loss(err, torch.zeros_like(err), delta=tc.huber_delta, reduction="sum")
+        else:
+            loss = F.mse_loss(out, (y - target.shift) * target.scale)
+            preq = (err**2).sum()
+        return loss, (preq, err.abs().sum(), (err**2).sum(), (err.abs() * inv_std).sum())
 
     def _schedule(self, loss: float) -> None:
         s = self.cfg.trainer.schedule
@@ -356,7 +404,6 @@ class Trainer:
         self.metric_ewma = result.metric if math.isnan(self.metric_ewma) else (1 - a) * self.metric_ewma + a * result.metric
         m.steps.inc()
         m.samples_trained.inc(n)
-        m.prequential_loss.inc(result.loss * n)
         self.last_loss = result.loss
         m.train_loss.set(result.loss)
         m.train_loss_ewma.set(self.loss_ewma)
@@ -365,6 +412,22 @@ class Trainer:
         m.learning_rate.set(self._lr())
         if not math.isnan(batch.oldest_timestamp):
             m.freshness.observe(max(0.0, time.time() - batch.oldest_timestamp))
+        if self.tensorboard is not None and self.step_count % self.cfg.logging.tensorboard_every_steps == 0:
+            summary = self.prequential.summary(self.cfg.trainer.task)
+            scalars = {
+                "loss/prequential": result.loss,
+                "loss/ewma": self.loss_ewma,
+                f"{self.metric_name}/ewma": self.metric_ewma,
+                "learning_rate": self._lr(),
+                "grad_norm": result.grad_norm,
+            }
+            scalars.update({f"{k}/cumulative": v for k, v in summary.items() if k != "samples" and v is not None})
+            self.tensorboard.scalars(self.step_count, scalars)
+
+    def learning_totals(self) -> LearningTotals:
+        """The cumulative prequential totals and drift record, for the scrape-time counters."""
+        p, d = self.prequential, self.drift
+        return LearningTotals(self.cfg.trainer.task, p.samples, p.loss, p.correct, p.abs_error, p.squared_error, d.drifts, d.last_drift)
 
     @property
     def metric_name(self) -> str:
@@ -416,6 +479,9 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "normalizer": self.normalizer.state_dict(),
+            "target": self.target.state_dict(),
+            "prequential": self.prequential.state_dict(),
+            "drift": self.drift.state_dict(),
             "rng": rng,
             "trainer": {
                 "step": self.step_count,
@@ -433,6 +499,8 @@ class Trainer:
             "positions": [[t, p, o, r] for (t, p), (o, r) in sorted(self.trained.items())],
             "loss_ewma": None if math.isnan(self.loss_ewma) else self.loss_ewma,
             "metric": {self.metric_name: None if math.isnan(self.metric_ewma) else self.metric_ewma},
+            "prequential": self.prequential.summary(self.cfg.trainer.task),
+            "drift": {"detected": self.drift.drifts, "last": self.drift.last_drift or None},
             "model": self.cfg.model.name,
             "config": config_to_dict(self.cfg),
             "versions": {"streamtrain": VERSION, "torch": torch.__version__},
@@ -455,6 +523,10 @@ class Trainer:
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.normalizer.load_state_dict(state["normalizer"])
+        if "target" in state:
+            self.target.load_state_dict(state["target"])
+        self.prequential.load_state_dict(state.get("prequential", {}))
+        self.drift.load_state_dict(state.get("drift", {}))
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -579,6 +651,8 @@ class Trainer:
             store = getattr(self, "store", None)
             if store is not None:
                 store.unlock()
+            if getattr(self, "tensorboard", None) is not None:
+                self.tensorboard.close()
 
 
 def _fmt_positions(positions: dict[TP, Position]) -> str:

@@ -41,6 +41,11 @@ class Linear(nn.Module):
             raise ValueError(f"invalid LinearConfig: {'; '.join(problems)}")
         self.config = config
         self.linear = nn.Linear(config.in_features, config.out_features, bias=config.bias)
+        # zeros, as River's linear models start: a convex model needs no random start, and an
+        # untrained one then predicts the mean (regression) or 0.5 (classification)
+        nn.init.zeros_(self.linear.weight)
+        if self.linear.bias is not None:
+            nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)

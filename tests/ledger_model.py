@@ -13,7 +13,9 @@ Fault knobs (all off by default):
   exists if that is set (a stall that ends);
 - ``poison_rate`` / ``poison_grad_rate``: chance a step's loss / gradient is NaN/Inf,
   drawn from an RNG outside the saved state so a replay does not repeat the pattern;
-- ``poison_file``: while this file exists every step's loss is NaN (a divergence).
+- ``poison_file``: while this file exists every step's loss is NaN (a divergence);
+- ``oracle``: the prediction is ``seq % 2``, whatever the weights (they get zero gradients),
+  so the prequential error of every record is known from the record alone.
 A poisoned step's records go to ``skipped`` instead of ``count``, so
 ``count + skipped == produced`` stays exact.
 """
@@ -40,6 +42,7 @@ class LedgerConfig:
     poison_rate: float = 0.0
     poison_grad_rate: float = 0.0
     poison_file: str = ""
+    oracle: bool = False
 
 
 class Ledger(nn.Module):
@@ -58,6 +61,8 @@ class Ledger(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.lin(x[:, 2:3])
+        if self.config.oracle:
+            out = out * 0 + torch.remainder(x[:, 1:2], 2)
         if not self.training:
             return out
         cfg = self.config

@@ -33,7 +33,7 @@ BAD = [
     ("unknown section", {**merged(), "trainr": {}}, "trainr: unknown key; did you mean 'trainer'?"),
     ("negative lr", merged(trainer={"lr": -1}), "trainer.lr: must be > 0, got -1"),
     ("lr not a number", merged(trainer={"lr": "fast"}), "trainer.lr: must be a number, got 'fast'"),
-    ("unknown optimizer", merged(trainer={"optimizer": "rmsprop"}), "trainer.optimizer: must be sgd, adam or adamw"),
+    ("unknown optimizer", merged(trainer={"optimizer": "rmsprop"}), "trainer.optimizer: must be auto, sgd, adam or adamw"),
     ("multiclass without classes", merged(trainer={"task": "multiclass"}), "trainer.num_classes: must be >= 2 for task multiclass"),
     ("loss for another task", merged(trainer={"task": "binary", "loss": "mse"}), "trainer.loss: must be one of auto, bce for task binary"),
     ("fp16 on cpu", merged(trainer={"device": "cpu", "amp": "fp16"}), "trainer.amp: fp16 needs CUDA"),
@@ -84,7 +84,7 @@ def test_good_config_prints_effective_config_with_secrets_redacted(tmp_path, cap
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
     effective = yaml.safe_load(out)
-    assert effective["trainer"]["lr"] == 0.001 and effective["kafka"]["topics"] == ["events"]
+    assert effective["trainer"]["lr"] is None and effective["trainer"]["optimizer"] == "auto" and effective["kafka"]["topics"] == ["events"]
     assert "hunter2" not in out and effective["kafka"]["settings"]["sasl.password"] == "***"
 
 

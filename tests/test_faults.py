@@ -110,6 +110,54 @@ def test_kill_9_at_random_moments_and_during_snapshot_writes(tmp_path, bootstrap
     )
 
 
+# ---------------------------------------------------------------------------- 1b. prequential totals under kill -9
+def test_prequential_totals_equal_the_records_across_kill_9(tmp_path, bootstrap, make_topic):
+    """The cumulative prequential counters are training state: after kill -9 and restarts they count every record once.
+
+    The oracle ledger predicts ``seq % 2`` whatever it learns, so each record's absolute error
+    is known from the record itself; the totals of the surviving snapshot and of /metrics
+    must equal the sums over what the producer delivered.
+    """
+    topic = make_topic(2)
+    cfg = ledger_config(tmp_path, bootstrap, topic, partitions=2, ledger={"oracle": True}, snapshot={"every_seconds": 0.5, "keep": 2})
+    cfg["trainer"]["standardize_target"] = False
+    snaps = tmp_path / "snapshots"
+    producer = LedgerProducer(bootstrap, topic, partitions=2)
+    producer.start(rate=1500)
+    rng = random.Random(5)
+    try:
+        for i in range(5):
+            d = launch(tmp_path, cfg, f"p{i}")
+            d.wait_for("training", lambda m: m.get("streamtrain_steps_total", 0) >= 1, 60)
+            time.sleep(rng.uniform(0.2, 1.5))
+            d.kill9()
+    finally:
+        producer.stop()
+    d = launch(tmp_path, cfg, "drain")
+    want = {f'streamtrain_trained_offset{{partition="{p}",topic="{topic}"}}': e for p, e in enumerate(producer.end) if e}
+    m = d.wait_for("the topic drained", lambda m: all(m.get(k, -1) >= v for k, v in want.items()), 120)
+    assert d.terminate()[0] == 0, d.log()[-3000:]
+    lost, dup = assert_exact(read_ledger(snaps), producer)
+    records = read_topic(bootstrap, topic, producer.total)
+    rows = np.frombuffer(b"".join(r.value() for r in records), dtype="<f4").reshape(-1, 4)
+    abs_error = np.abs(np.remainder(rows[:, 1], 2) - rows[:, 3]).astype(np.float64).sum()
+    state = SnapshotStore(snaps).load_latest()[1]["prequential"]
+    assert len(rows) == producer.total
+    assert state["samples"] == producer.total and m["streamtrain_prequential_samples_total"] == producer.total
+    assert state["abs_error"] == pytest.approx(abs_error, rel=1e-5)
+    assert m["streamtrain_prequential_abs_error_total"] == pytest.approx(abs_error, rel=1e-5)
+    assert latest_meta(snaps)["prequential"]["mae"] == pytest.approx(abs_error / producer.total, rel=1e-5)
+    record(
+        "kill -9 x5, prequential totals checked",
+        trials="5 kills",
+        produced=producer.total,
+        lost=lost,
+        duplicated=dup,
+        recovery="-",
+        notes="prequential samples and |error| totals = the sums over the delivered records",
+    )
+
+
 # ---------------------------------------------------------------------------- 2. corrupt snapshots
 def test_corrupt_and_half_written_snapshots_fall_back_loudly(tmp_path, bootstrap, make_topic):
     topic = make_topic(4)

@@ -240,6 +240,8 @@ tests:
         values: '60x40'
       - series: 'streamtrain_ready{{job="streamtrain",instance="a"}}'
         values: '1x40'
+      - series: 'streamtrain_drift_detected_total{{job="streamtrain",instance="a"}}'
+        values: '0x10 1x30'
     alert_rule_test:
       - eval_time: 10m
         alertname: StreamtrainNotTraining
@@ -260,6 +262,18 @@ tests:
       - eval_time: 30m
         alertname: StreamtrainNotReady
         exp_alerts: []
+      - eval_time: 10m
+        alertname: StreamtrainDriftDetected
+        exp_alerts: []
+      - eval_time: 15m
+        alertname: StreamtrainDriftDetected
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: streamtrain, instance: a}}
+            exp_annotations:
+              summary: "the drift detector found a change in the prequential error: the data changed; see the dashboard's drift marks"
+      - eval_time: 30m
+        alertname: StreamtrainDriftDetected
+        exp_alerts: []
 """
 
 
@@ -275,13 +289,24 @@ def test_alert_rules_fire_when_they_should(tmp_path):
 
 
 def dashboard_queries() -> list[dict]:
-    """Every Prometheus query of the dashboard: its panels' targets and its variables."""
+    """Every Prometheus query of the dashboard: its panels' targets, its variables and its annotations."""
     dash = json.loads(DASHBOARD.read_text())
     out = [dict(t, panel=p["title"]) for p in dash["panels"] for t in p.get("targets", [])]
     for var in dash["templating"]["list"]:
         if var["type"] == "query":
             out.append({"expr": var["definition"], "panel": f"variable {var['name']}", "legendFormat": ""})
+    for ann in dash["annotations"]["list"]:
+        if "expr" in ann:
+            out.append({"expr": ann["expr"], "panel": f"annotation {ann['name']}", "legendFormat": ann.get("textFormat", "")})
     return out
+
+
+# prequential counters of one kind of task only: a daemon of the other kind does not serve them
+TASK_ONLY = {
+    "streamtrain_prequential_correct_total": "classification",
+    "streamtrain_prequential_abs_error_total": "regression",
+    "streamtrain_prequential_squared_error_total": "regression",
+}
 
 
 def alert_queries() -> list[dict]:
@@ -307,12 +332,21 @@ def test_grafana_is_provisioned_with_the_dashboard():
         mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
         assert not cells & mine, f"{p['title']} overlaps another panel"
         cells |= mine
+    (drift,) = dash["annotations"]["list"]
+    assert drift["datasource"]["uid"] == ds["uid"] and drift["enable"] and "changes(streamtrain_drift_detected_total" in drift["expr"]
     exprs = " ".join(q["expr"] for q in dashboard_queries())
+    assert "/ rate(streamtrain_samples_trained_total" not in exprs, "the prequential loss is a mean over the prequential samples"
+    inst, win = '{instance=~"$instance"}', "[$__rate_interval]"
     for needed in (
         "rate(streamtrain_samples_trained_total",  # throughput
         "rate(streamtrain_records_consumed_total",
         "streamtrain_train_loss_ewma",  # loss
-        "rate(streamtrain_prequential_loss_total",
+        f"rate(streamtrain_prequential_loss_total{inst}[5m]) / rate(streamtrain_prequential_samples_total{inst}[5m])",
+        f"rate(streamtrain_prequential_correct_total{inst}{win}) / rate(streamtrain_prequential_samples_total{inst}{win})",  # windowed
+        f"rate(streamtrain_prequential_abs_error_total{inst}{win}) / rate(streamtrain_prequential_samples_total{inst}{win})",
+        f"streamtrain_prequential_correct_total{inst} / streamtrain_prequential_samples_total{inst}",  # cumulative
+        f"streamtrain_prequential_abs_error_total{inst} / streamtrain_prequential_samples_total{inst}",
+        "increase(streamtrain_drift_detected_total",
         "streamtrain_prequential_metric",
         "sum by (topic) (streamtrain_consumer_lag",
         "rate(streamtrain_data_wait_seconds_sum",  # data-wait fraction
@@ -386,12 +420,15 @@ def test_every_metric_the_dashboard_and_alerts_name_exists_in_a_live_daemon(tmp_
             labels.setdefault(s.name, set()).update(s.labels)
     assert kinds.get("streamtrain_records_rejected_total") == "counter" and "reason" in labels["streamtrain_records_rejected_total"]
 
+    task = "regression" if cfg["trainer"]["task"] == "regression" else "classification"
+    assert {n for n, t in TASK_ONLY.items() if t == task} <= set(kinds), "this daemon's own prequential counters are served"
     problems = []
     for q in dashboard_queries() + alert_queries():
         expr, where = q["expr"], q["panel"]
         names = set(METRIC.findall(expr))
         for name in sorted(names - set(kinds)):
-            problems.append(f"{where}: {name} is not in /metrics")
+            if TASK_ONLY.get(name, task) == task:  # a counter of the other kind of task is not served by this daemon
+                problems.append(f"{where}: {name} is not in /metrics")
         for name in RATED.findall(expr):
             ok = kinds.get(name) == "counter" or (kinds.get(name) == "histogram" and name.endswith(("_sum", "_count", "_bucket")))
             if name in kinds and not ok:

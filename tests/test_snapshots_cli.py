@@ -1,6 +1,6 @@
 """``streamtrain snapshots list|show|export``: read-only views of a snapshot directory (also while the
-daemon holds its lock), and exported models that load without streamtrain and predict exactly as
-the trainer's model does."""
+daemon holds its lock), with the cumulative prequential metrics, and exported models that load without
+streamtrain and predict exactly as the trainer does (for regression: in the label's units)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import yaml
 
 from daemon.cli import main
 from daemon.config import config_from_dict
+from daemon.export import export_model, sidecar_path
 from daemon.metrics import Metrics
-from daemon.snapshot import SnapshotStore
+from daemon.snapshot import STATE_FILE, SnapshotStore
 from daemon.trainer import Trainer
 from models.registry import build_model
 from streams.ring import Batch
@@ -28,8 +29,11 @@ from tests.daemon_util import FEATURES, ROOT, Daemon, daemon_config, write_confi
 WIDTH = 3
 
 
-def train(tmp_path, model: dict, task: str = "regression", snapshots: int = 2, **trainer) -> Trainer:
-    """A trainer fed without Kafka, with ``snapshots`` snapshots written; features far from N(0, 1)."""
+def train(tmp_path, model: dict, task: str = "regression", snapshots: int = 2, label_offset: float = 0.0, **trainer) -> Trainer:
+    """A trainer fed without Kafka, with ``snapshots`` snapshots written; features far from N(0, 1).
+
+    Regression labels are ``x0 / 10 + x2`` (about 10 +- 3), times 1000 plus ``label_offset`` if one is given.
+    """
     raw = {
         "kafka": {"topics": ["events"], "settings": {"sasl.password": "hunter2-literal"}},
         "data": {"format": "json", "features": ["a", "b", "c"], "label": "y"},
@@ -43,6 +47,8 @@ def train(tmp_path, model: dict, task: str = "regression", snapshots: int = 2, *
     for i in range(10 * snapshots):
         x = torch.randn(64, WIDTH, generator=g) * torch.tensor([10.0, 0.1, 3.0]) + torch.tensor([100.0, -5.0, 0.0])
         y = (x[:, 0] > 100).float() if task == "binary" else x[:, 0] * 0.1 + x[:, 2]
+        if label_offset:
+            y = y * 1000 + label_offset
         pos = {("events", 0): ((i + 1) * 40, 0), ("events", 1): ((i + 1) * 24, 0)}
         t.step(Batch(x, y, pos))
         t.trained.update(pos)
@@ -64,7 +70,10 @@ def test_list_table_and_json(tmp_path, capsys):
     code, out, _ = cli(capsys, "list", "--dir", d)
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["NAME", "STEP", "CREATED"] and len(lines) == 3
+    assert lines[0].split()[-3:] == ["CUM_LOSS", "CUM_METRIC", "POSITIONS"]
     assert lines[1].split()[1] == "20" and "events: 2 partition(s), offsets sum 1,280" in lines[1] and "mae" in lines[1]
+    cum = t.prequential.summary("regression")  # the trainer's totals at step 20, as the newest snapshot holds them
+    assert f"{cum['loss']:.6g}  mae {cum['mae']:.6g}" in lines[1]
     code, out, _ = cli(capsys, "list", "--dir", d, "--json")
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["step"] for r in rows] == [20, 10] and rows[0]["samples"] == 20 * 64
@@ -73,6 +82,49 @@ def test_list_table_and_json(tmp_path, capsys):
         {"topic": "events", "partition": 1, "offset": 480, "rows": 0},
     ]
     assert rows[0]["metric"]["mae"] > 0 and rows[0]["loss_ewma"] > 0
+    assert rows[0]["prequential"] == cum and set(cum) == {"samples", "loss", "mae", "rmse"} and cum["samples"] == 20 * 64
+    assert rows[1]["prequential"]["samples"] == 10 * 64 and rows[1]["prequential"]["mae"] > cum["mae"]  # it learns
+
+
+def test_list_and_show_cumulative_accuracy_for_classification(tmp_path, capsys):
+    t = train(tmp_path, {"name": "logistic", "params": {"num_classes": 2}}, "binary")
+    t.close()
+    d = str(tmp_path / "snaps")
+    cum = t.prequential.summary("binary")
+    assert set(cum) == {"samples", "loss", "accuracy"} and cum["samples"] == 20 * 64
+    code, out, _ = cli(capsys, "list", "--dir", d)
+    assert code == 0 and f"accuracy {cum['accuracy']:.6g}" in out.splitlines()[1]
+    code, out, _ = cli(capsys, "list", "--dir", d, "--json")
+    assert json.loads(out.splitlines()[0])["prequential"] == cum
+    code, out, _ = cli(capsys, "show", "latest", "--dir", d)
+    line = next(x for x in out.splitlines() if x.startswith("prequential"))
+    assert code == 0 and line.startswith(f"prequential  1,280 samples: loss {cum['loss']:.6g}, accuracy {cum['accuracy']:.6g} (cumulative")
+    code, out, _ = cli(capsys, "show", "latest", "--dir", d, "--json")
+    assert code == 0 and json.loads(out)["prequential"] == cum
+
+
+def older_snapshot(tmp_path, t: Trainer):
+    """The trainer's newest snapshot as one written before the label standardization and the prequential totals."""
+    info, state = SnapshotStore(tmp_path / "snaps").load_latest()
+    meta = {k: v for k, v in info.meta.items() if k != "prequential"}
+    meta["config"]["trainer"].pop("standardize_target")
+    state = {k: v for k, v in state.items() if k not in ("target", "prequential")}
+    return SnapshotStore(tmp_path / "old").write(state, meta)
+
+
+def test_snapshots_older_than_the_prequential_totals_show_dashes(tmp_path, capsys):
+    t = train(tmp_path, {"name": "linear"}, snapshots=1)
+    t.close()
+    older_snapshot(tmp_path, t)
+    d = str(tmp_path / "old")
+    code, out, _ = cli(capsys, "list", "--dir", d)
+    head, row = out.splitlines()
+    columns = dict(zip(head.replace("CREATED (UTC)", "CREATED").split(), row.split()[:2] + row.split()[4:]))
+    assert code == 0 and columns["CUM_LOSS"] == "-" and columns["CUM_METRIC"] == "-"
+    code, out, _ = cli(capsys, "list", "--dir", d, "--json")
+    assert code == 0 and json.loads(out)["prequential"] is None
+    code, out, _ = cli(capsys, "show", "latest", "--dir", d)
+    assert code == 0 and "prequential  -\n" in out
 
 
 def test_show_verifies_and_redacts_and_moves_nothing(tmp_path, capsys):
@@ -80,7 +132,9 @@ def test_show_verifies_and_redacts_and_moves_nothing(tmp_path, capsys):
     t.close()
     d = tmp_path / "snaps"
     code, out, _ = cli(capsys, "show", "latest", "--dir", str(d))
-    assert code == 0 and "verified   ok" in out and "step       20" in out and "events [1]  offset 480" in out
+    assert code == 0 and "verified     ok" in out and "step         20" in out and "events [1]  offset 480" in out
+    cum = t.prequential.summary("regression")
+    assert f"prequential  1,280 samples: loss {cum['loss']:.6g}, mae {cum['mae']:.6g}, rmse {cum['rmse']:.6g} (cumulative" in out
     assert "hunter2-literal" not in out and "sasl.password: '***'" in out
     newest, older = sorted(d.glob("snap-*"), reverse=True)
     with open(newest / "state.pt", "r+b") as f:  # flip a byte: sha256 no longer matches
@@ -115,6 +169,12 @@ def test_exported_weights_load_without_streamtrain_and_predict_like_the_trainer(
     t.model.eval()
     with torch.no_grad():
         want = t.model(t.normalizer.transform(x))  # what the trainer's model says on the standardized inputs
+    if task == "regression":  # in the label's units, as the trainer scores its prequential prediction
+        assert t.target.enabled and t.target.count.item() == 20 * 64
+        want_label = want * t.target.std + t.target.shift
+    else:
+        assert not t.target.enabled
+        want_label = want
     out = tmp_path / "export" / "model.pt"
     code, text, _ = cli(capsys, "export", "latest", str(out), "--dir", str(tmp_path / "snaps"))
     assert code == 0 and "model.pt.json" in text
@@ -131,13 +191,83 @@ def test_exported_weights_load_without_streamtrain_and_predict_like_the_trainer(
     with torch.no_grad():
         got = served((x - mean) * scale)
     assert torch.equal(got, want)
+    dst = spec["outputs"]["destandardize"]
+    assert dst["included_in_program"] is False and dst["formula"] == "y = output * std + mean"
+    if task != "regression":
+        assert (dst["mean"], dst["std"]) == (0.0, 1.0)
+    assert torch.equal(got * torch.tensor([dst["std"]]) + torch.tensor([dst["mean"]]), want_label)
 
     program = tmp_path / "export" / "model.pt2"
     assert cli(capsys, "export", "20", str(program), "--format", "program", "--dir", str(tmp_path / "snaps"))[0] == 0
     with torch.no_grad():
         raw_in = torch.export.load(program).module()(x)  # raw features in: standardization is inside
-    torch.testing.assert_close(raw_in, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(raw_in, want_label, rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "export" / "model.pt2.json").read_text())["outputs"]["destandardize"]["included_in_program"] is True
     t.close()
+
+
+@pytest.mark.parametrize("model", [{"name": "linear"}, {"name": "mlp", "params": {"hidden": [16]}}], ids=["linear", "mlp"])
+def test_exported_regression_predicts_in_label_units(tmp_path, capsys, model):
+    """Labels around 1e5: the model learns them standardized; both export forms give the trainer's prediction in label units."""
+    t = train(tmp_path, model, label_offset=1e5, lr=0.1)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(50, WIDTH, generator=g) * torch.tensor([10.0, 0.1, 3.0]) + torch.tensor([100.0, -5.0, 0.0])
+    y = (x[:, 0] * 0.1 + x[:, 2]) * 1000 + 1e5
+    t.model.eval()
+    with torch.no_grad():  # the trainer's prequential prediction: the raw output in the label's running statistics
+        want = (t.model(t.normalizer.transform(x)) * t.target.std + t.target.shift).reshape(-1)
+    assert abs(t.target.shift.item() - 1.1e5) < 1e3 and t.target.std.item() > 1e3  # labels 1.1e5 +- 3e3
+    assert (want - y).abs().mean() < 0.3 * y.std()  # in label units, and learned: far better than predicting the mean
+    d = str(tmp_path / "snaps")
+
+    program = tmp_path / "model.pt2"
+    code, text, _ = cli(capsys, "export", "latest", str(program), "--format", "program", "--dir", d)
+    assert code == 0 and "label's units" in text
+    with torch.no_grad():
+        got = torch.export.load(program).module()(x).reshape(-1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.05)  # float32 at 1e5: one ulp is 0.008
+    spec = json.loads(sidecar_path(program).read_text())
+    dst = spec["outputs"]["destandardize"]
+    assert spec["streamtrain_export"] == 2 and dst["included_in_program"] is True
+    assert dst["mean"] == t.target.shift.item() and dst["std"] == t.target.std.item()
+    assert spec["snapshot"]["prequential"] == t.prequential.summary("regression")
+
+    weights_file = tmp_path / "model.pt"
+    code, text, _ = cli(capsys, "export", "latest", str(weights_file), "--dir", d)
+    assert code == 0 and "y = output * std + mean" in text
+    spec = json.loads(sidecar_path(weights_file).read_text())
+    served = build_model(spec["model"]["name"], spec["model"]["params"], spec["model"]["in_features"]).eval()
+    served.load_state_dict(torch.load(weights_file, weights_only=True))
+    std, dst = spec["inputs"]["standardize"], spec["outputs"]["destandardize"]
+    assert dst["included_in_program"] is False
+    with torch.no_grad():  # the serving side, from the sidecar's numbers alone
+        out = served((x - torch.tensor(std["mean"])) * torch.tensor(std["scale"]))
+        label = (out * torch.tensor([dst["std"]]) + torch.tensor([dst["mean"]])).reshape(-1)
+    assert torch.equal(label, want)
+    t.close()
+
+
+def test_export_without_label_standardization(tmp_path):
+    """``standardize_target: false``, and a snapshot older than it: the output is the label itself (mean 0, std 1)."""
+    t = train(tmp_path, {"name": "linear"}, snapshots=1, standardize_target=False)
+    x = torch.randn(9, WIDTH) * torch.tensor([10.0, 0.1, 3.0]) + torch.tensor([100.0, -5.0, 0.0])
+    t.model.eval()
+    with torch.no_grad():
+        want = t.model(t.normalizer.transform(x))
+    info, state = SnapshotStore(tmp_path / "snaps").load_latest()
+    spec = export_model(info, state, tmp_path / "off.pt2", "program")
+    assert (spec["outputs"]["destandardize"]["mean"], spec["outputs"]["destandardize"]["std"]) == (0.0, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(tmp_path / "off.pt2").module()(x), want, rtol=1e-5, atol=1e-5)
+    t.close()
+
+    t = train(tmp_path / "again", {"name": "linear"}, snapshots=1)
+    t.close()
+    old = older_snapshot(tmp_path / "again", t)
+    state = torch.load(old.path / STATE_FILE, weights_only=True)
+    spec = export_model(old, state, tmp_path / "old.pt", "state_dict")
+    assert (spec["outputs"]["destandardize"]["mean"], spec["outputs"]["destandardize"]["std"]) == (0.0, 1.0)
+    assert spec["inputs"]["standardize"]["mean"] == t.normalizer.shift.tolist() and spec["snapshot"]["prequential"] is None
 
 
 def test_works_while_the_directory_is_locked_and_reads_config(tmp_path, capsys):
