@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from bench import calls, fetchwait, frames, neighbour, pipeline
+from bench import calls, fetchwait, frames, learning, neighbour, pipeline
 from bench.common import MODELS, daemon_config, fill_topic, records, snapshot_dir, unique
 from bench.loops import compute_only, end_to_end
 
@@ -60,3 +60,15 @@ def test_frames_prints_each_way_of_taking_a_batch(capsys):
     assert frames.main(["--messages", "200", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "every frame waiting in one read" in out and "views made once" in out
+
+
+def test_learning_compares_with_river_on_the_same_rows(bootstrap, capsys):
+    pytest.importorskip("river")
+    argv = ["--streams", "phishing,trump_approval,sea_drift", "--rows", "1500", "--actions", "log", "--window", "200"]
+    argv += ["--drift-model", "logistic"]
+    assert learning.main([*argv, "--bootstrap", bootstrap]) == 0
+    out = capsys.readouterr().out
+    assert "| phishing " in out and "| trump_approval " in out and "River linear" in out
+    assert "samples to recover" in out and "| sea_drift " in out
+    rows = [line for line in out.splitlines() if line.startswith("| phishing ")]
+    assert rows and "| 0 " in rows[0]  # trained through the broker with no skipped step
