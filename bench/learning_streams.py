@@ -63,46 +63,23 @@ def _materialize(
 
 
 # ---------------------------------------------------------------------------- River's datasets
-def phishing(n: int = 0) -> Stream:
-    from river import datasets
+def _river(name: str, dataset: str, task: str, about: str) -> Callable[[int], Stream]:
+    def load(n: int = 0) -> Stream:
+        from river import datasets
 
-    ds = datasets.Phishing()
-    return _materialize("phishing", "binary", ds, n or ds.n_samples, "River Phishing: 9 features valued 0, 0.5, 1")
+        ds = getattr(datasets, dataset)()
+        return _materialize(name, task, ds, n or ds.n_samples, about)
 
-
-def trump_approval(n: int = 0) -> Stream:
-    from river import datasets
-
-    ds = datasets.TrumpApproval()
-    return _materialize("trump_approval", "regression", ds, n or ds.n_samples, "River TrumpApproval: a date ordinal (~7.4e5) + 5 polls")
+    load.__name__ = name
+    return load
 
 
-def bananas(n: int = 0) -> Stream:
-    from river import datasets
-
-    ds = datasets.Bananas()
-    return _materialize("bananas", "binary", ds, n or ds.n_samples, "River Bananas: 2 features, a non-linear boundary")
-
-
-def image_segments(n: int = 0) -> Stream:
-    from river import datasets
-
-    ds = datasets.ImageSegments()
-    return _materialize("image_segments", "multiclass", ds, n or ds.n_samples, "River ImageSegments: 18 features, 7 classes")
-
-
-def chick_weights(n: int = 0) -> Stream:
-    from river import datasets
-
-    ds = datasets.ChickWeights()
-    return _materialize("chick_weights", "regression", ds, n or ds.n_samples, "River ChickWeights: time, chick, diet -> weight")
-
-
-def shuttle(n: int = 0) -> Stream:
-    from river import datasets
-
-    ds = datasets.Shuttle()
-    return _materialize("shuttle", "binary", ds, n or ds.n_samples, "River Shuttle: 9 features, imbalanced (~8 % positive)")
+phishing = _river("phishing", "Phishing", "binary", "River Phishing: 9 features valued 0, 0.5, 1")
+trump_approval = _river("trump_approval", "TrumpApproval", "regression", "River TrumpApproval: a date ordinal (~7.4e5) + 5 polls")
+bananas = _river("bananas", "Bananas", "binary", "River Bananas: 2 features, a non-linear boundary")
+image_segments = _river("image_segments", "ImageSegments", "multiclass", "River ImageSegments: 18 features, 7 classes")
+chick_weights = _river("chick_weights", "ChickWeights", "regression", "River ChickWeights: time, chick, diet -> weight")
+shuttle = _river("shuttle", "Shuttle", "binary", "River Shuttle: 9 features, imbalanced (7 % positive)")
 
 
 # ---------------------------------------------------------------------------- drift generators
