@@ -6,6 +6,11 @@ It imports no torch, so it starts in a fraction of a second.  It is started as a
 subprocess (not ``multiprocessing``), so the daemon's ``__main__`` is never imported
 again in the child.
 
+The child ignores SIGTERM and SIGINT: a signal to the whole process group (``systemctl
+stop`` with ``KillMode=control-group``, a supervisor, Ctrl-C in a terminal) reaches the
+daemon, which finishes its step, stops the child by closing its control pipe, and writes
+its final snapshot.  If the daemon dies, the pipe's end stops the child all the same.
+
 The parent keeps :class:`IngestProcess`: it starts and stops the child and mirrors what
 the metrics and health checks read (assignment, pauses, watermarks, reachability,
 counters) from the status the child sends four times a second.  Offsets are committed
@@ -18,6 +23,7 @@ import logging
 import os
 import pickle
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +42,7 @@ from streams.source import KafkaSource
 log = logging.getLogger("streamtrain.ingest")
 
 STATUS_EVERY_S = 0.25
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class SourceMirror:
@@ -136,11 +143,18 @@ class IngestProcess:
         give_r, give_w = os.pipe()  # parent -> child: given-back slots, one byte each
         ctl_r, ctl_w = os.pipe()  # parent -> child: the parameters; then its EOF means stop
         child_fds = (self.ring.fd, ann_w, give_r, ctl_r)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.ingest_process", *map(str, child_fds)],
-            pass_fds=child_fds,
-            close_fds=True,
-        )
+        # The child leaves stopping to us: a SIGTERM or SIGINT to the whole process group
+        # (systemctl stop, a supervisor, Ctrl-C) must not kill it mid-batch.  It starts with
+        # them blocked (the mask is inherited through exec), ignores them, then unblocks.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streams.ingest_process", *map(str, child_fds)],
+                pass_fds=child_fds,
+                close_fds=True,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for fd in (ann_w, give_r, ctl_r):
             os.close(fd)
         self._control = os.fdopen(ctl_w, "wb")
@@ -196,11 +210,14 @@ class IngestProcess:
         self._control.close()  # EOF: the child stops reading, closes its clients, exits
         self.ring.detach()
         try:
-            proc.wait(timeout)
+            code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("ingest process %d did not stop within %.0f s; killing it", proc.pid, timeout)
             proc.kill()
             proc.wait(10)
+        else:
+            if code != 0:  # killed by a signal, say: its clients were not closed cleanly
+                log.warning("the ingest process %d ended with exit code %s while being stopped", proc.pid, code)
         self.source.close()
 
     def pump(self) -> None:
@@ -274,5 +291,13 @@ def _status(ingest: Any, source: KafkaSource, dlq: Any) -> dict[str, Any]:
     }
 
 
+def _leave_stopping_to_the_parent() -> None:
+    """Ignore SIGTERM/SIGINT (the parent stops us by closing the control pipe; its death closes it too)."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 if __name__ == "__main__":
+    _leave_stopping_to_the_parent()
     sys.exit(_child(*map(int, sys.argv[1:5])))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,7 +55,7 @@ class Daemon:
 
     running: list[Daemon] = []
 
-    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None, own_group: bool = False) -> None:
         self.config_path = config_path
         self.log_path = log_path
         self.cfg = yaml.safe_load(config_path.read_text())
@@ -66,7 +67,9 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=own_group,  # its own process group, to be signalled whole as systemd or a terminal does
         )
+        self.own_group = own_group
         Daemon.running.append(self)
 
     @classmethod
@@ -76,6 +79,9 @@ class Daemon:
             if d.proc.poll() is None:
                 d.proc.kill()
                 d.proc.wait(10)
+            if d.own_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(d.proc.pid, signal.SIGKILL)
             if not d._log.closed:
                 d._log.close()
 
@@ -147,6 +153,11 @@ class Daemon:
         finally:
             self._log.close()
         return code, time.monotonic() - t0
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the daemon's whole process group (the ingest child too), as ``kill -SIG -- -PGID``."""
+        assert self.own_group, "start the daemon with own_group=True"
+        os.killpg(self.proc.pid, sig)
 
     def kill9(self) -> None:
         self.proc.kill()

@@ -466,6 +466,7 @@ def test_systemd_unit_is_a_hardened_notify_service():
     assert _seconds(one["Service.WatchdogSec"]) >= 10
     assert one["Service.Restart"] == "on-failure"
     assert _seconds(one["Service.TimeoutStopSec"]) >= 60, "room for the final snapshot"
+    assert one["Service.KillMode"] == "mixed", "SIGTERM to the daemon, which stops its ingest child itself"
     assert one["Service.NoNewPrivileges"] == "yes"
     assert one["Service.ProtectSystem"] == "strict"
     assert one["Service.User"] == "streamtrain" and one["Service.User"] != "root"
