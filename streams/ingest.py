@@ -199,6 +199,7 @@ class Ingest:
         while not self.stop_event.is_set():
             try:
                 self.source.open(self.start_positions)
+                self._note_starts(list(self.source.assigned))
                 self.opened.set()
                 self.on_opened()
                 return
@@ -234,6 +235,7 @@ class Ingest:
         new = self.source.apply_new_partitions(self.start_positions)
         if new:
             log.info("picked up %d new partition(s): %s", len(new), ", ".join(f"{t}[{p}]" for t, p in new))
+            self._note_starts(new)
         timeout = self.consume_timeout_s
         if self._fill or self._slot_positions:
             timeout = max(0.0, min(timeout, self._slot_deadline - time.monotonic()))
@@ -389,13 +391,32 @@ class Ingest:
             # a record split across slots: note how many of its rows are placed
             self._set_position(p.tps[p.part[done]], (int(p.offset[done]), int(p.row_base[done] + p.row - p.row_start[done])))
 
+    def _note_starts(self, tps: list[TP]) -> None:
+        """Partitions not started from a snapshot position: their start offset is a position from now on.
+
+        It travels to the trainer with the next slot (alone if no record comes), so the
+        snapshot holds it: a restart then reads on from there instead of resolving
+        ``auto.offset.reset`` (or "a new partition starts at the beginning") again.
+        """
+        for tp in tps:
+            offset = self.source.assigned.get(tp, -1)
+            if tp not in self._positions and offset >= 0:
+                self._set_position(tp, (offset, 0))
+                if self._slot_deadline == math.inf:
+                    self._slot_deadline = time.monotonic() + self.max_batch_wait_s
+
     def _set_position(self, tp: TP, pos: Position) -> None:
         self._slot_positions[tp] = pos
         self._positions[tp] = pos
 
     def _publish(self) -> None:
-        if self._slot is None:  # nothing placed since the last publish
-            return
+        if self._slot is None:  # nothing placed since the last publish ...
+            if not self._slot_positions:
+                return
+            self._slot = self.ring.acquire(timeout=0)  # ... but positions to report (a partition's start): an empty slot
+            if self._slot is None:
+                return  # the ring is full: the next flush tries again
+            self._fill = 0
         oldest = self._slot_oldest if self._slot_oldest != math.inf else math.nan
         self.ring.publish(self._slot, self._fill, self._slot_positions, oldest)
         self.stats.batches += 1

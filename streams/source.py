@@ -216,10 +216,10 @@ class KafkaSource:
             elif tp in committed:
                 start[tp], origins[tp] = committed[tp], "committed"
             elif new:
-                start[tp], origins[tp] = OFFSET_BEGINNING, "new partition"
+                start[tp], origins[tp] = self._resolve(tp, OFFSET_BEGINNING, timeout), "new partition"
             else:
                 reset = OFFSET_BEGINNING if self.kafka.auto_offset_reset == "earliest" else OFFSET_END
-                start[tp], origins[tp] = reset, f"auto.offset.reset={self.kafka.auto_offset_reset}"
+                start[tp], origins[tp] = self._resolve(tp, reset, timeout), f"auto.offset.reset={self.kafka.auto_offset_reset}"
         tps = [TopicPartition(t, p, start[(t, p)]) for t, p in partitions]
         if new:
             self.consumer.incremental_assign(tps)
@@ -232,6 +232,26 @@ class KafkaSource:
             where = f"offset {start[tp]}" if start[tp] >= 0 else "the " + ("beginning" if start[tp] == OFFSET_BEGINNING else "end")
             log.info("reading %s[%d] from %s (%s)", tp[0], tp[1], where, origins[tp])
         return origins
+
+    def _resolve(self, tp: TP, logical: int, timeout: float) -> int:
+        """The offset "the beginning" or "the end" of ``tp`` is now, so that it can be a trained position.
+
+        A logical start offset would be resolved again after a restart: "latest" then skips
+        what was produced meanwhile.  If the broker cannot say, the logical offset is kept.
+        """
+        try:
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=min(timeout, 10.0), cached=False)
+        except (KafkaException, RuntimeError) as exc:
+            log.warning(
+                "could not look up the offsets of %s[%d] (%s): starting from the %s as it is when reading starts",
+                tp[0],
+                tp[1],
+                exc,
+                "beginning" if logical == OFFSET_BEGINNING else "end",
+            )
+            return logical
+        offset = low if logical == OFFSET_BEGINNING else high
+        return offset if offset >= 0 else logical
 
     # ------------------------------------------------------------------ offsets and lag
     def open_for_commits(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import time
@@ -155,6 +156,49 @@ def test_prequential_totals_equal_the_records_across_kill_9(tmp_path, bootstrap,
         duplicated=dup,
         recovery="-",
         notes="prequential samples and |error| totals = the sums over the delivered records",
+    )
+
+
+# ---------------------------------------------------------------------------- 1c. where reading starts
+def test_latest_start_is_kept_across_a_restart(tmp_path, bootstrap, make_topic):
+    """auto_offset_reset: latest resolves to offsets once; a restart reads on from them, skipping nothing.
+
+    The daemon starts on a topic that already holds records (skipped, as asked), trains
+    nothing, and stops.  Records produced while it is down must all be trained after the
+    restart -- not skipped by resolving "latest" again -- and a quiet partition shows no lag.
+    """
+    topic = make_topic(4)
+    cfg = ledger_config(tmp_path, bootstrap, topic, kafka={"auto_offset_reset": "latest"}, snapshot={"every_seconds": 0.5})
+    producer = LedgerProducer(bootstrap, topic)
+    producer.send(400)
+    assert producer.producer.flush(60) == 0
+    d = launch(tmp_path, cfg, "a")
+    lag = [f'streamtrain_consumer_lag{{partition="{p}",topic="{topic}"}}' for p in range(4)]
+    d.wait_for("every partition's start known to the trainer, no lag", lambda m: all(m.get(k, -1) == 0 for k in lag), 60)
+    assert d.terminate()[0] == 0
+    positions = meta_positions(latest_meta(tmp_path / "snapshots"))
+    assert sorted(p for _, p in positions) == [0, 1, 2, 3], f"every partition's position is in the snapshot: {positions}"
+    # where "latest" was (on Tansu, ListOffsets gives the last batch's base offset + 1: a few records before the end)
+    found = re.findall(rf"reading {re.escape(topic)}\[(\d)\] from offset (\d+) \(auto.offset.reset=latest\)", d.log())
+    started = {(topic, int(p)): int(o) for p, o in found}
+    assert len(started) == 4, d.log()[-2000:]
+    producer.send(600)  # while the daemon is down
+    producer.stop()
+    drain(tmp_path, cfg, producer, name="b")
+    # what "latest" skipped: on a fresh topic, offset o of partition p holds sequence number o + 1
+    skipped = {"count": [0] * 4, "seqsum": [0] * 4}
+    for (_, p), o in started.items():
+        skipped["count"][p], skipped["seqsum"][p] = o, o * (o + 1) // 2
+    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer, excluded=skipped)
+    assert sum(skipped["count"]) <= 400 and producer.total - sum(skipped["count"]) >= 600
+    record(
+        "restart after starting at auto.offset.reset=latest",
+        trials=1,
+        produced=producer.total,
+        lost=lost,
+        duplicated=dup,
+        recovery="-",
+        notes=f"{sum(skipped['count'])} records before the start skipped as asked; the 600 produced while down all trained",
     )
 
 
