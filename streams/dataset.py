@@ -109,11 +109,11 @@ class KafkaIterableDataset(IterableDataset):
         """Start the ingest process or thread (iterating does this; the daemon calls it to start early)."""
         if self.ingest is not None:
             return
-        info = get_worker_info()
-        if info is not None and info.num_workers > 1:
+        if get_worker_info() is not None:  # any worker: even one keeps the positions away from the main process
             raise StreamtrainError(
                 "KafkaIterableDataset reads every partition in one process: use DataLoader(num_workers=0); "
-                "it already prefetches in the background"
+                "it already prefetches in the background, and in a worker process its positions (state_dict, "
+                "commit) would never reach the main one"
             )
         rc = self.ring_config
         pin = self.pin_memory and torch.cuda.is_available()

@@ -309,10 +309,12 @@ def _wait_partitions(bootstrap: str, topic: str, n: int) -> None:
         time.sleep(0.1)
 
 
-def test_dataloader_workers_are_refused():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dataloader_workers_are_refused(workers):
+    """Even one worker: state_dict() and commit() in the main process would see no position at all."""
     ds = KafkaIterableDataset.from_dict({"kafka": {"bootstrap_servers": "127.0.0.1:1", "topics": ["t"]}, "data": JSON}, idle_timeout_s=0.1)
     # spawn: forked workers of a process with live librdkafka threads can hang on shutdown
-    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    loader = DataLoader(ds, batch_size=None, num_workers=workers, multiprocessing_context="spawn")
     with pytest.raises(StreamtrainError, match=r"num_workers=0"):
         next(iter(loader))
 
