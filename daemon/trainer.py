@@ -264,7 +264,6 @@ class Trainer:
         """Drain the ring until :attr:`stop` is set (SIGTERM) or the data path fails."""
         progress_every = self.cfg.logging.progress_every_s
         next_progress = time.monotonic() + progress_every if progress_every else math.inf
-        snap = self.cfg.snapshot
         while not self.stop.is_set():
             self.health_beat()
             t0 = time.perf_counter()
@@ -278,15 +277,22 @@ class Trainer:
                 if epoch == self.stream_epoch:  # not when the step rolled back and re-read the stream
                     self.trained.update(batch.positions)
             now = time.monotonic()
-            due = (snap.every_steps and self.step_count - self.last_snapshot_step >= snap.every_steps) or (
-                snap.every_seconds and now - self.last_snapshot_time >= snap.every_seconds
-            )
-            if due or self.snapshot_requested.is_set():
-                self.snapshot()
-                self.snapshot_requested.clear()
+            self.snapshot_if_due(now)
             if now >= next_progress:
                 self.log_progress()
                 next_progress = now + progress_every
+
+    def snapshot_if_due(self, now: float) -> None:
+        """Snapshot on the schedule or on request (SIGUSR1); a request made while a write is in flight waits for it."""
+        snap = self.cfg.snapshot
+        due = (snap.every_steps and self.step_count - self.last_snapshot_step >= snap.every_steps) or (
+            snap.every_seconds and now - self.last_snapshot_time >= snap.every_seconds
+        )
+        requested = self.snapshot_requested.is_set()
+        if (due or requested) and not self.writer.busy():
+            self.snapshot()
+            if requested:
+                self.snapshot_requested.clear()
 
     def health_beat(self) -> None:
         """Overridden by the service to feed /healthz and the systemd watchdog."""

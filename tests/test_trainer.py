@@ -270,3 +270,23 @@ def test_a_snapshot_of_another_model_is_a_config_error(tmp_path):
     t.close()
     with pytest.raises(ConfigError, match=r"model: snapshot snap-\S+ .* was trained with another model \(linear"):
         make_trainer(tmp_path, model={"name": "mlp", "params": {"hidden": [4]}})
+
+
+def test_a_snapshot_request_during_a_write_waits_for_it(tmp_path):
+    """SIGUSR1 while a write is in flight used to be dropped: the request was cleared unserved."""
+    import time
+
+    t = make_trainer(tmp_path, snapshot={"every_seconds": 0})
+    for i in range(3):
+        t.step(batch(*linear_data(seed=i)))
+    t.snapshot_requested.set()
+    busy = t.writer.busy
+    t.writer.busy = lambda: True  # a write in flight
+    t.snapshot_if_due(time.monotonic())
+    assert t.snapshot_requested.is_set(), "the request is kept while the writer is busy"
+    t.writer.busy = busy
+    t.snapshot_if_due(time.monotonic())
+    assert not t.snapshot_requested.is_set()
+    t.writer.wait()
+    assert [i.step for i in t.store.list()] == [3]
+    t.close()
