@@ -268,9 +268,13 @@ class KafkaSource:
         side = self._side
         consumer = side or Consumer(consumer_settings(self.kafka, self.client_id), logger=log)
         try:
-            consumer.commit(offsets=tps, asynchronous=False)
+            result = consumer.commit(offsets=tps, asynchronous=False) or []
         except KafkaException as exc:
             raise KafkaSourceError(f"could not commit offsets to group {self.kafka.group_id!r}: {exc.args[0].str()}") from exc
+        else:  # librdkafka raises the first error; check each partition all the same
+            failed = [f"{tp.topic}[{tp.partition}]: {tp.error.str()}" for tp in result if tp.error is not None]
+            if failed:
+                raise KafkaSourceError(f"could not commit offsets to group {self.kafka.group_id!r}: {'; '.join(failed[:5])}")
         finally:
             if consumer is not side:
                 consumer.close()

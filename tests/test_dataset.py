@@ -345,3 +345,23 @@ def test_connected_and_assigned_as_soon_as_a_batch_comes(make_topic, dataset, pr
     batch = ds.next_batch(timeout=DEADLINE)
     assert batch is not None
     assert ds.connected and sorted(ds.source.assigned) == [(topic, p) for p in range(4)]
+
+
+@pytest.mark.integration
+def test_a_commit_that_fails_for_one_partition_raises(bootstrap, make_topic):
+    """A commit the broker refuses raises (the trainer counts it in streamtrain_commit_failures_total), never passes as done."""
+    from streams.config import KafkaConfig
+    from streams.errors import KafkaSourceError
+    from streams.source import KafkaSource
+
+    topic = make_topic(2)
+    source = KafkaSource(KafkaConfig(bootstrap_servers=bootstrap, topics=(topic,), group_id=unique_name("g")))
+    source.open_for_commits()
+    try:
+        source.commit({(topic, 0): (5, 0)})
+        assert committed_offsets(bootstrap, source.kafka.group_id, [(topic, 0)])[(topic, 0)] == 5
+        with pytest.raises(KafkaSourceError, match="could not commit"):
+            # a topic that does not exist (Tansu stores a commit for an unknown partition of a known topic)
+            source.commit({(topic, 0): (6, 0), (unique_name("gone"), 0): (1, 0)})
+    finally:
+        source.close()
