@@ -52,6 +52,13 @@ class Metrics:
         )
         for reason in ("loss_nonfinite", "grad_nonfinite", "amp_overflow"):
             self.steps_skipped.labels(reason)
+        self.samples_dead_lettered = Counter(
+            "streamtrain_samples_dead_lettered",
+            "Samples the trainer wrote to the dead-letter topic, by reason (nonfinite_step: a skipped step's records).",
+            ["reason"],
+            registry=r,
+        )
+        self.samples_dead_lettered.labels("nonfinite_step")
         self.rollbacks = Counter(
             "streamtrain_rollbacks", "Roll-backs to the last good snapshot after repeated non-finite steps.", registry=r
         )

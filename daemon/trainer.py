@@ -30,12 +30,14 @@ from daemon.errors import ConfigError, TrainingError
 from daemon.metrics import LearningTotals, Metrics
 from daemon.normalizer import RunningStandardizer
 from daemon.prequential import Prequential
+from daemon.skipped import SkippedBatches
 from daemon.snapshot import SnapshotInfo, SnapshotStore
 from daemon.snapshot_writer import SnapshotWriter, state_to_host, tensors_finite
 from daemon.tensorboard import TensorBoard
 from models.registry import build_model
 from streams.dataset import KafkaIterableDataset
 from streams.decode import LabelRule
+from streams.errors import DeadLetterError
 from streams.ring import Batch, Position
 from streams.ring import TopicPartition as TP
 
@@ -165,6 +167,8 @@ class Trainer:
             yield_empty=True,
         )
         self.dataset.positions = dict(self.trained)
+        # a skipped step's records go to the dead-letter topic (only when reading a stream: they are records then)
+        self.skipped_batches = SkippedBatches(cfg.kafka, cfg.data, cfg.dead_letter, stop=self.stop) if stream else None
         if stream:
             self.dataset.start()
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -331,9 +335,13 @@ class Trainer:
                 self._schedule(loss_value)
         self.optimizer.zero_grad(set_to_none=True)
         if result.skipped:
+            if self.skipped_batches is not None:
+                self.skipped_batches.hold(batch, self.trained, result.skipped)
             self._skipped(result)
         else:
             self.consecutive_nonfinite = 0
+            if self.skipped_batches is not None and self.skipped_batches.pending:
+                self._dead_letter_skipped()
             self.step_count += 1
             self.samples += n
             if tc.task == "regression":
@@ -389,6 +397,11 @@ class Trainer:
                 self._plateau_losses = []
         else:
             self.scheduler.step()
+
+    def _dead_letter_skipped(self) -> None:
+        before = self.skipped_batches.samples
+        self.skipped_batches.flush()
+        self.metrics.samples_dead_lettered.labels("nonfinite_step").inc(self.skipped_batches.samples - before)
 
     def _skipped(self, result: StepResult) -> None:
         self.consecutive_nonfinite += 1
@@ -459,6 +472,8 @@ class Trainer:
         if self.rollbacks_in_a_row > tc.max_rollbacks:
             raise TrainingError(f"training diverged again after {tc.max_rollbacks} roll-back(s) to snapshot {restored[0].name}; {advice}")
         info, state = restored
+        if self.skipped_batches is not None:
+            self.skipped_batches.drop()  # read and trained again from the snapshot
         self.metrics.rollbacks.inc()
         self.load_state_dict(info, state)
         self.stream_epoch += 1
@@ -562,6 +577,12 @@ class Trainer:
             self.writer.wait()
         elif self.writer.busy():
             return None
+        if self.skipped_batches is not None and self.skipped_batches.pending:
+            try:  # the snapshot's positions go past the skipped records: they must be in the dead-letter topic first
+                self._dead_letter_skipped()
+            except DeadLetterError as exc:
+                log.error("snapshot not written: %s (the records will be read again after a restart)", exc)
+                return None
         if (self.step_count, self.trained) == self.durable:
             self.last_snapshot_time = time.monotonic()
             if self.snapshot_requested.is_set() or final:
@@ -659,6 +680,8 @@ class Trainer:
                 store.unlock()
             if getattr(self, "tensorboard", None) is not None:
                 self.tensorboard.close()
+            if getattr(self, "skipped_batches", None) is not None:
+                self.skipped_batches.close()
 
 
 def _fmt_positions(positions: dict[TP, Position]) -> str:

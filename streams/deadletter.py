@@ -41,6 +41,7 @@ class DeadLetter:
     key: bytes | None
     value: bytes | None
     reject: Reject
+    extra: tuple[tuple[str, bytes], ...] = ()  # more headers (a skipped step's source ranges)
 
     def headers(self) -> list[tuple[str, bytes]]:
         h = [
@@ -53,7 +54,7 @@ class DeadLetter:
         ]
         if self.reject.rows:
             h.append((HEADER_PREFIX + "error.rows", ",".join(map(str, self.reject.rows)).encode()))
-        return h
+        return h + list(self.extra)
 
 
 def producer_settings(kafka: KafkaConfig, dl: DeadLetterConfig) -> dict[str, Any]:

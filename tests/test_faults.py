@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from bench.common import rss_mib
@@ -499,6 +500,14 @@ def test_non_finite_steps_are_skipped_and_accounted(tmp_path, bootstrap, make_to
     skipped_metric = m_log.count("step skipped (")
     assert ledger["skipped_steps"] >= 3, "a few steps were poisoned"
     assert skipped_metric == ledger["skipped_steps"], "every poisoned step was skipped (and only those)"
+    # ... and their records are in the dead-letter topic: trained or dead-lettered, never neither
+    letters = [m for m in read_topic(bootstrap, cfg["dead_letter"]["topic"], ledger["skipped_steps"]) if m.value()]
+    letters = [m for m in letters if dict(m.headers() or [])["streamtrain.error.class"] == b"nonfinite_step"]
+    rows = pa.concat_tables([pa.ipc.open_stream(m.value()).read_all() for m in letters]) if letters else None
+    assert len(letters) == ledger["skipped_steps"], f"{len(letters)} dead-letter records for {ledger['skipped_steps']} skipped steps"
+    part, seq = rows.column(0).to_numpy().astype(int), rows.column(1).to_numpy().astype(np.int64)
+    assert [int((part == p).sum()) for p in range(4)] == ledger["skipped"]
+    assert [int(seq[part == p].sum()) for p in range(4)] == ledger["skipped_seqsum"]
     n = snapshots_finite(tmp_path / "snapshots")
     record(
         "non-finite loss/gradient, ~1 in 1000 steps",
@@ -507,7 +516,8 @@ def test_non_finite_steps_are_skipped_and_accounted(tmp_path, bootstrap, make_to
         lost=lost,
         duplicated=dup,
         recovery="-",
-        notes=f"100 % skipped, weights untouched (unit test: bit-identical); {n} snapshots checked finite",
+        notes=f"100 % skipped, weights untouched (unit test: bit-identical); their {sum(ledger['skipped'])} records "
+        f"in the dead-letter topic (nonfinite_step), each once; {n} snapshots checked finite",
     )
 
 
