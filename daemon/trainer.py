@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from daemon.committer import Committer
 from daemon.config import Config, config_to_dict
 from daemon.drift_response import DriftMonitor
 from daemon.errors import ConfigError, TrainingError
@@ -169,6 +170,7 @@ class Trainer:
         self.dataset.positions = dict(self.trained)
         # a skipped step's records go to the dead-letter topic (only when reading a stream: they are records then)
         self.skipped_batches = SkippedBatches(cfg.kafka, cfg.data, cfg.dead_letter, stop=self.stop) if stream else None
+        self.committer = Committer(cfg.kafka, self._on_commit_error) if stream else None
         if stream:
             self.dataset.start()
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -613,11 +615,12 @@ class Trainer:
         self.durable = (info.step, positions)
         self.rollbacks_in_a_row = 0
         log.info("snapshot %s written in %.2f s (step %d, %s samples)", info.name, seconds, info.step, f"{info.meta['samples']:,}")
-        try:
-            self.dataset.commit(positions)
-        except Exception as exc:  # the group is a mirror; the snapshot is the authority
-            self.metrics.commit_failures.inc()
-            log.warning("could not commit offsets to the consumer group (the snapshot holds them): %s", exc)
+        if self.committer is not None:
+            self.committer.submit(positions)  # on its own thread: a broker outage must not hold up snapshots
+
+    def _on_commit_error(self, exc: BaseException) -> None:
+        self.metrics.commit_failures.inc()
+        log.warning("could not commit offsets to the consumer group (the snapshot holds them): %s", exc)
 
     def _on_snapshot_error(self, exc: BaseException) -> None:
         self.metrics.snapshot_failures.inc()
@@ -682,6 +685,8 @@ class Trainer:
                 self.tensorboard.close()
             if getattr(self, "skipped_batches", None) is not None:
                 self.skipped_batches.close()
+            if getattr(self, "committer", None) is not None:
+                self.committer.close(timeout=5.0)
 
 
 def _fmt_positions(positions: dict[TP, Position]) -> str:

@@ -298,6 +298,47 @@ def test_broker_stall_30s(tmp_path, own_broker, make_topic):
     )
 
 
+def test_snapshots_go_on_during_a_broker_outage_and_sigterm_stops_in_time(tmp_path, own_broker, make_topic):
+    """Snapshots need only the disk; the commits that mirror them wait for the broker, off the snapshot path.
+
+    A slow trainer works through a prefetched backlog while the broker is stopped: snapshots
+    (every 2 s) keep coming, and SIGTERM during the outage writes the final one and exits 0
+    within 10 s.
+    """
+    from tests.kafka_util import create_topic, unique_name
+
+    bootstrap = own_broker.bootstrap
+    topic = create_topic(bootstrap, unique_name("st-stall"), 4)
+    cfg = ledger_config(tmp_path, bootstrap, topic, ledger={"slow_ms": 40}, kafka={"metadata_refresh_s": 1}, snapshot={"every_seconds": 2})
+    producer = LedgerProducer(bootstrap, topic)
+    producer.send(20_000)  # ~12 s of training at 64 records per 40 ms
+    producer.stop()
+    d = launch(tmp_path, cfg, "a")
+    d.wait_for("training, a snapshot", lambda m: m.get("streamtrain_snapshots_total", 0) >= 1, 60)
+    own_broker.stop_process()
+    try:
+        before = d.value("streamtrain_snapshots_total")
+        time.sleep(8)
+        during = d.value("streamtrain_snapshots_total") - before
+        code, took = d.terminate(timeout=30)
+    finally:
+        own_broker.continue_process()
+    assert during >= 2, f"{during:.0f} snapshot(s) in 8 s of outage with snapshot.every_seconds 2; log:\n{d.log()[-3000:]}"
+    assert code == 0 and took < 10, f"exit {code} after {took:.1f} s; log:\n{d.log()[-3000:]}"
+    assert "final snapshot" in d.log()
+    drain(tmp_path, cfg, producer)
+    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
+    record(
+        "broker SIGSTOP: snapshots go on, then SIGTERM",
+        trials=1,
+        produced=producer.total,
+        lost=lost,
+        duplicated=dup,
+        recovery=f"exit {code} in {took:.1f} s during the outage",
+        notes=f"{during:.0f} snapshots in 8 s of outage; commits to the stopped broker wait (or are abandoned at exit)",
+    )
+
+
 # ---------------------------------------------------------------------------- 4. slow trainer
 def test_stalled_trainer_fast_producer_memory_bounded(tmp_path, bootstrap, make_topic):
     topic = make_topic(4)

@@ -1,0 +1,96 @@
+"""Mirrors durable snapshots' positions into the consumer group, on a thread of its own.
+
+The group's offsets are for lag monitoring; the snapshot is the authority.  So a commit
+must never hold up a snapshot: while the broker is down a synchronous commit can wait a
+minute, and done on the snapshot writer it stopped every later snapshot (and the final
+one at shutdown).  Here commits wait on their own thread; a newer position replaces one
+not yet committed (only the latest matters), a failure is counted and logged, and at
+shutdown the last commit gets a few seconds before it is abandoned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from streams.config import KafkaConfig
+from streams.ring import Position
+from streams.ring import TopicPartition as TP
+from streams.source import KafkaSource
+
+log = logging.getLogger("streamtrain.trainer")
+
+
+class Committer:
+    def __init__(self, kafka: KafkaConfig, on_failure: Callable[[BaseException], None], client_id: str = "streamtrain-committer") -> None:
+        self.kafka = kafka
+        self.client_id = client_id
+        self.on_failure = on_failure
+        self.committed: dict[TP, Position] = {}
+        self._pending: dict[TP, Position] | None = None
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._source: KafkaSource | None = None
+        self._thread = threading.Thread(target=self._run, name="streamtrain-committer", daemon=True)
+        self._thread.start()
+
+    def submit(self, positions: dict[TP, Position]) -> None:
+        """Commit ``positions`` soon (replacing any not yet committed)."""
+        with self._cond:
+            self._pending = dict(positions)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Until everything submitted is committed (or has failed); False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._busy or self._pending is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Give the last commit ``timeout`` seconds, then stop (an abandoned one leaves the group behind the snapshot)."""
+        done = self.wait(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if not done:
+            log.warning(
+                "the consumer group commit did not finish within %.0f s (broker unreachable?); it lags the final snapshot, "
+                "which holds the positions",
+                timeout,
+            )
+            return  # the thread may be inside librdkafka: leave its consumer alone
+        self._thread.join(timeout)
+        if self._source is not None:
+            self._source.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                positions, self._pending = self._pending, None
+                self._busy = True
+            try:
+                changed = {tp: pos for tp, pos in positions.items() if self.committed.get(tp) != pos}
+                if changed:
+                    if self._source is None:
+                        self._source = KafkaSource(self.kafka, self.client_id)
+                        self._source.open_for_commits()
+                    self._source.commit(changed)
+                    self.committed.update(changed)
+            except Exception as exc:  # the group is a mirror; the snapshot is the authority
+                self.on_failure(exc)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
