@@ -655,9 +655,10 @@ class Trainer:
             return {}
         out = {}
         trained_now = dict(self.trained)  # the training thread updates it meanwhile
+        assigned = self.dataset.source.assigned  # read once: in the process mode each read takes in the child's status
         for tp, hi in self.dataset.source.high_watermarks().items():
             trained = trained_now.get(tp)
-            start = self.dataset.source.assigned.get(tp, 0)
+            start = assigned.get(tp, 0)
             done = trained[0] if trained else max(start, 0)
             out[tp] = max(0, hi - done)
         return out

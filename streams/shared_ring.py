@@ -158,8 +158,16 @@ class SharedRing:
 
     # ------------------------------------------------------------------ reading announcements
     def pump(self, timeout: float = 0.0) -> None:
-        """Take in what the ingest process sent, waiting up to ``timeout`` s for the first message."""
-        with self._lock:
+        """Take in what the ingest process sent, waiting up to ``timeout`` s for the first message.
+
+        A reader that does not wait (a scrape, a health check) skips the pump while the
+        trainer is reading: the trainer holds the lock for up to its 0.1 s wait for a batch,
+        takes in every status meanwhile, and a scrape used to queue behind it once per
+        partition it read.
+        """
+        if not self._lock.acquire(blocking=timeout > 0):
+            return
+        try:
             frames = self._frames
             if frames is None:
                 return
@@ -173,6 +181,8 @@ class SharedRing:
                     return
             if frames.eof:
                 self._end(self.on_end())
+        finally:
+            self._lock.release()
 
     def _dispatch(self, msg: tuple) -> None:
         kind = msg[0]

@@ -98,3 +98,27 @@ def test_health_reports_a_stalled_trainer_and_failing_checks():
     assert not ok and "no turn of the training loop" in detail["trainer"]
     h.beat()
     assert h.live()[0] is True
+
+
+@pytest.mark.integration
+def test_a_scrape_of_an_idle_stream_does_not_wait_on_the_trainer(tmp_path, bootstrap, make_topic):
+    """64 idle partitions: a scrape queued behind the trainer's 0.1 s read of the ring, once per partition read.
+
+    Measured here: 8-345 ms (median 58 ms) before, 2-3 ms after.
+    """
+    import statistics
+    import time
+
+    topic = make_topic(64)
+    produce(bootstrap, topic, 64)
+    d = Daemon(write_config(tmp_path / "d.yaml", daemon_config(tmp_path, bootstrap, [topic])), tmp_path / "d.log")
+    last = f'streamtrain_consumer_lag{{partition="63",topic="{topic}"}}'
+    d.wait_for("all trained, every partition's lag known", lambda m: m.get("streamtrain_samples_trained_total", 0) == 64 and last in m, 60)
+    took = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        code, text = d.get("/metrics", timeout=20)
+        took.append(time.perf_counter() - t0)
+        assert code == 200 and last in text
+    assert statistics.median(took) < 0.05, f"scrape times {[f'{t:.3f}' for t in took]} s"
+    assert d.terminate()[0] == 0
