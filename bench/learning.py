@@ -331,9 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     if drift_rows:
         print()
         print(
-            f"samples after the drift until the error (mean of {args.window}) is back within {RECOVERY_TOLERANCE:.0%} of its level before:"
+            f"after each drift: samples until the error (mean of {args.window}) is back within {RECOVERY_TOLERANCE:.0%} "
+            f"of its level before, after its peak (0: it never rose past that); the error before, at the peak, "
+            f"and over the {10 * args.window:,} samples after the drift"
         )
-        print(table(["stream", "drift at", "drift.action", "samples to recover", "error before"], drift_rows))
+        headers = ["stream", "drift at", "learner", "drift.action", "samples to recover", "error before", "peak", "next 10 windows"]
+        print(table(headers, drift_rows))
     return 0
 
 

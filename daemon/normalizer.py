@@ -29,12 +29,16 @@ class RunningStandardizer:
 
     def __init__(self, width: int, device: torch.device | str = "cpu", enabled: bool = True) -> None:
         self.enabled = enabled
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.n = 0  # samples folded in (a Python int: the per-batch arithmetic on it costs no tensor op)
         self.mean = torch.zeros(width, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(width, dtype=torch.float64, device=device)
         self.shift = torch.zeros(width, dtype=torch.float32, device=device)  # float32 copies used on every batch
         self.scale = torch.ones(width, dtype=torch.float32, device=device)  # 1 / std, or 1 where only centred
         self.std = torch.ones(width, dtype=torch.float32, device=device)  # std, or 1 where only centred
+
+    @property
+    def count(self) -> torch.Tensor:
+        return torch.tensor(float(self.n), dtype=torch.float64)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -44,34 +48,37 @@ class RunningStandardizer:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Fold the rows of ``x`` (B, width) into the statistics."""
-        if not self.enabled or x.shape[0] == 0:
+        n_b = x.shape[0]
+        if not self.enabled or n_b == 0:
             return
         xb = x.to(torch.float64)
-        n_b = xb.shape[0]
-        mean_b = xb.mean(0)
-        m2_b = ((xb - mean_b) ** 2).sum(0)
-        n_a = self.count
-        total = n_a + n_b
+        if n_b > 1:
+            var_b, mean_b = torch.var_mean(xb, 0, correction=0)
+        else:
+            var_b, mean_b = None, xb[0]
+        n_a, total = self.n, self.n + n_b
         delta = mean_b - self.mean
-        self.mean += delta * (n_b / total)
-        self.m2 += m2_b + delta**2 * (n_a * n_b / total)
-        self.count = total
+        self.mean.add_(delta, alpha=n_b / total)
+        if var_b is not None:
+            self.m2.add_(var_b, alpha=float(n_b))
+        self.m2.addcmul_(delta, delta, value=n_a * n_b / total)
+        self.n = total
         self._refresh()
 
     def _refresh(self) -> None:
-        var = self.m2 / self.count.clamp(min=1)
-        meaningful = var > (REL_TOL * self.mean) ** 2
-        std = torch.where(meaningful, var.sqrt(), torch.ones_like(var))
+        var = self.m2 / max(self.n, 1)
+        # where the variance is within round-off of the mean (or zero), centre only
+        std = torch.where(var > self.mean.square().mul_(REL_TOL**2), var.sqrt(), 1.0)
         self.shift = self.mean.to(torch.float32)
         self.std = std.to(torch.float32)
-        self.scale = std.reciprocal().to(torch.float32)
+        self.scale = self.std.reciprocal()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count.clone(), "mean": self.mean.clone(), "m2": self.m2.clone()}
+        return {"count": self.count, "mean": self.mean.clone(), "m2": self.m2.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         device = self.mean.device
-        self.count = state["count"].to(device, torch.float64)
+        self.n = int(state["count"])
         self.mean = state["mean"].to(device, torch.float64)
         self.m2 = state["m2"].to(device, torch.float64)
         self._refresh()

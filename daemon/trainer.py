@@ -376,17 +376,19 @@ class Trainer:
             loss = F.binary_cross_entropy_with_logits(out, y)
             return loss, (loss.detach() * len(y), ((out.detach() > 0) == (y > 0.5)).sum().float(), zero, zero)
         target = self.target
-        err = out.detach() * target.std + target.shift - y  # the prequential prediction's error
-        inv_std = target.scale  # the statistics before this batch's labels (update() replaces the tensors)
+        err = torch.addcmul(target.shift - y, out.detach(), target.std)  # the prequential prediction's error
+        inv_std = target.scale[0]  # the statistics before this batch's labels (update() replaces the tensors)
         target.update(y[:, None])
+        sq = torch.dot(err, err)
+        abs_sum = err.abs().sum()
         if tc.loss == "huber":
             per_sample = F.huber_loss(out * target.std + target.shift, y, delta=tc.huber_delta, reduction="none")
             loss = per_sample.mean() * target.scale[0] ** 2
             preq = F.huber_loss(err, torch.zeros_like(err), delta=tc.huber_delta, reduction="sum")
         else:
             loss = F.mse_loss(out, (y - target.shift) * target.scale)
-            preq = (err**2).sum()
-        return loss, (preq, err.abs().sum(), (err**2).sum(), (err.abs() * inv_std).sum())
+            preq = sq
+        return loss, (preq, abs_sum, sq, abs_sum * inv_std)
 
     def _schedule(self, loss: float) -> None:
         s = self.cfg.trainer.schedule

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from bench import calls, fetchwait, frames, learning, neighbour, pipeline
+from bench import calls, fetchwait, frames, learning, neighbour, pipeline, step
 from bench.common import MODELS, daemon_config, fill_topic, records, snapshot_dir, unique
 from bench.loops import compute_only, end_to_end
 
@@ -69,6 +69,13 @@ def test_learning_compares_with_river_on_the_same_rows(bootstrap, capsys):
     assert learning.main([*argv, "--bootstrap", bootstrap]) == 0
     out = capsys.readouterr().out
     assert "| phishing " in out and "| trump_approval " in out and "River linear" in out
-    assert "samples to recover" in out and "| sea_drift " in out
+    assert "samples to recover" in out and "next 10 windows" in out and "| sea_drift " in out
     rows = [line for line in out.splitlines() if line.startswith("| phishing ")]
     assert rows and "| 0 " in rows[0]  # trained through the broker with no skipped step
+
+
+def test_step_prints_each_case(capsys):
+    assert step.main(["--steps", "20"]) == 0
+    out = capsys.readouterr().out
+    for case in step.CASES:
+        assert f"{case}: " in out and "samples/s" in out

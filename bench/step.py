@@ -1,0 +1,80 @@
+"""What one training step costs, alone: ``python -m bench.step``.
+
+``Trainer.step`` on batches already in memory (no Kafka, no ring), for a model, batch
+size and task, on the CPU with one torch thread (or ``--device cuda``), with the
+optimizer named explicitly so that two versions of the trainer do the same optimizer
+work.  To see what a change to the step costs, run this file against two checkouts,
+alternately (``PYTHONPATH=/path/to/checkout python bench/step.py``), and compare the
+ratios of one run each, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+
+import torch
+
+from daemon.config import config_from_dict
+from daemon.metrics import Metrics
+from daemon.trainer import Trainer
+from streams.ring import Batch
+
+
+def rate(model: str, batch_size: int, task: str, steps: int, device: str = "cpu", width: int = 16, optimizer: dict | None = None) -> float:
+    """Samples/s of ``Trainer.step`` over ``steps`` steps (after 200 to warm up)."""
+    params = {"hidden": [64]} if model == "mlp" else {}
+    raw = {
+        "kafka": {"topics": ["t"]},
+        "data": {"format": "raw", "num_features": width},
+        "model": {"name": model, "params": params},
+        "trainer": {"task": task, "device": device, "num_threads": 1, **(optimizer or {})},
+        "ring": {"batch_size": batch_size},
+        "snapshot": {"dir": tempfile.mkdtemp(prefix="streamtrain-bench-"), "every_seconds": 0},
+    }
+    t = Trainer(config_from_dict(raw), Metrics())
+    t.setup(stream=False)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64 * batch_size, width, generator=g)
+        y = (x.sum(1) > 0).float() if task == "binary" else x.sum(1)
+        batches = [Batch(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+        for i in range(200):
+            t.step(batches[i % len(batches)])
+        t0 = time.perf_counter()
+        for i in range(steps):
+            t.step(batches[i % len(batches)])
+        return steps * batch_size / (time.perf_counter() - t0)
+    finally:
+        t.ready = False
+        t.close()
+
+
+ADAMW = {"optimizer": "adamw", "lr": 1e-3, "grad_clip_norm": 1.0}
+SGD = {"optimizer": "sgd", "lr": 0.01, "grad_clip_norm": 0}
+CASES = {
+    "mlp-256": ("mlp", 256, "regression", ADAMW),  # bench.pipeline's small MLP
+    "linear-1": ("linear", 1, "regression", SGD),
+    "logistic-1": ("logistic", 1, "binary", SGD),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("streamtrain").setLevel(logging.WARNING)
+    for case in [c for c in args.cases.split(",") if c]:
+        model, bs, task, opt = CASES[case]
+        print(f"{case}: {rate(model, bs, task, args.steps, args.device, optimizer=opt):,.0f} samples/s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
