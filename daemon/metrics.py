@@ -177,6 +177,22 @@ class ScrapeCollector:
             for reason in REASONS:
                 rej.add_metric([reason], st.rejected.get(reason, 0))
             yield rej
+            oor = CounterMetricFamily(
+                "streamtrain_offset_out_of_range",
+                "Times a partition's position was outside its offsets (kafka.on_out_of_range decides what follows).",
+                labels=["topic", "partition"],
+            )
+            skipped = CounterMetricFamily(
+                "streamtrain_records_skipped_out_of_range",
+                "Records known to be skipped when a position was out of range (deleted by retention before they were trained).",
+                labels=["topic", "partition"],
+            )
+            for key, n in sorted(st.out_of_range.items()):
+                t, _, p = key.rpartition("|")
+                oor.add_metric([t, p], n)
+                skipped.add_metric([t, p], st.skipped_out_of_range.get(key, 0))
+            yield oor
+            yield skipped
             yield CounterMetricFamily("streamtrain_batches_formed", "Batches published to the ring.", value=st.batches)
             yield CounterMetricFamily("streamtrain_decode_seconds", "Time spent decoding consumed batches.", value=st.decode_seconds)
         if s.dead_letter is not None:

@@ -51,6 +51,11 @@ class KafkaConfig:
     topics: tuple[str, ...] = opt((), "Topics to train from; every partition of each is read.")
     group_id: str = opt("streamtrain", "Consumer group that mirrors the trained offsets (lag monitoring).")
     auto_offset_reset: str = opt("earliest", "Where to start with no snapshot and no committed offset: earliest|latest.")
+    on_out_of_range: str = opt(
+        "earliest",
+        "When a partition's position is outside its offsets (records deleted by retention before they were trained, a topic "
+        "deleted and recreated): earliest | latest (read on from there; logged as an error, skipped records counted) | stop (exit 1).",
+    )
     consume_batch: int = opt(2000, "Most messages taken per consume() call; larger batches hold the GIL longer (docs/BENCHMARKS.md).")
     consume_timeout_ms: int = opt(20, "Longest a consume() call waits; keep it short so slow streams flow.")
     metadata_refresh_s: float = opt(10.0, "How often to look for new partitions and check the broker is reachable.")
@@ -76,6 +81,8 @@ class KafkaConfig:
             problems.append(("group_id", "must be a non-empty string"))
         if self.auto_offset_reset not in ("earliest", "latest"):
             problems.append(("auto_offset_reset", f"must be earliest or latest, got {self.auto_offset_reset!r}"))
+        if self.on_out_of_range not in ("earliest", "latest", "stop"):
+            problems.append(("on_out_of_range", f"must be earliest, latest or stop, got {self.on_out_of_range!r}"))
         problems += positive(self, "consume_batch", "consume_timeout_ms", "metadata_refresh_s", "queued_max_kbytes")
         for key in self.settings:
             if key in _TYPED_KAFKA_KEYS:

@@ -52,6 +52,8 @@ class IngestStats:
     decode_seconds: float = 0.0
     consume_calls: int = 0
     consumer_errors: int = 0
+    out_of_range: dict[str, int] = field(default_factory=dict)  # "topic|partition" -> times a position was out of range
+    skipped_out_of_range: dict[str, int] = field(default_factory=dict)  # "topic|partition" -> records known to be skipped
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Ingest:
             pause_after_s=ring_config.pause_after_ms / 1000.0,
             positions=positions,
             stats=stats,
+            on_out_of_range=kafka.on_out_of_range,
         )
 
     def __init__(
@@ -118,8 +121,10 @@ class Ingest:
         pause_after_s: float = 1.0,
         positions: dict[TP, Position] | None = None,
         stats: IngestStats | None = None,
+        on_out_of_range: str = "earliest",
     ) -> None:
         self.source = source
+        self.on_out_of_range = on_out_of_range
         self.decoder = decoder
         self.dead_letter = dead_letter
         self.ring = ring
@@ -149,6 +154,7 @@ class Ingest:
         self._slot_deadline = math.inf
         self._thread: threading.Thread | None = None
         self._tp_index: dict[TP, int] = {}
+        self._next_range_check = 0.0
         self._tps: list[TP] = []
 
     # ------------------------------------------------------------------ control
@@ -241,6 +247,8 @@ class Ingest:
             timeout = max(0.0, min(timeout, self._slot_deadline - time.monotonic()))
         msgs = self.source.consume(self._consume_size(), timeout)
         self.stats.consume_calls += 1
+        if time.monotonic() >= self._next_range_check:
+            self._check_ranges()
         if msgs:
             self._ingest(msgs)
 
@@ -390,6 +398,53 @@ class Ingest:
         if done < len(p.offset) and p.row_start[done] < p.row:
             # a record split across slots: note how many of its rows are placed
             self._set_position(p.tps[p.part[done]], (int(p.offset[done]), int(p.row_base[done] + p.row - p.row_start[done])))
+
+    def _check_ranges(self) -> None:
+        """Once a second: a position outside the offsets the last fetches reported for its partition.
+
+        Past the end: the topic was deleted and recreated (Tansu answers such a fetch with
+        nothing, Kafka with OFFSET_OUT_OF_RANGE, which librdkafka resets silently).  Before
+        the start: retention deleted records not yet read.  Either is handled per
+        ``kafka.on_out_of_range``, loudly.
+        """
+        self._next_range_check = time.monotonic() + 1.0
+        for tp, (offset, _rows) in list(self._positions.items()):
+            low, high = self.source.cached_watermarks(tp)
+            if tp not in self.source.assigned:
+                continue
+            if 0 <= high < offset:
+                self._out_of_range(tp, low, high, f"the partition ends at offset {high}")
+            elif offset < low:
+                self._out_of_range(tp, low, high, f"the partition starts at offset {low}")
+
+    def _out_of_range(self, tp: TP, low: int, high: int, why: str) -> None:
+        """Read on per ``kafka.on_out_of_range`` (or stop), loudly, counting what is known to be skipped."""
+        pos = self._positions.get(tp, (self.source.assigned.get(tp, -1), 0))[0]
+        where = f"{tp[0]}[{tp[1]}]: position {pos} is outside the partition's offsets {low}..{high} ({why})"
+        cause = "records deleted (retention) before they were trained" if pos < low else "the topic deleted and recreated?"
+        if self.on_out_of_range == "stop":
+            raise KafkaSourceError(
+                f"{where}: {cause}; stopping (kafka.on_out_of_range=stop). Set kafka.on_out_of_range to earliest or "
+                "latest to read on from there (the skipped records are logged and counted)"
+            )
+        new = low if self.on_out_of_range == "earliest" else high
+        skipped = max(0, new - pos) if pos >= 0 else 0
+        key = f"{tp[0]}|{tp[1]}"
+        self.stats.out_of_range[key] = self.stats.out_of_range.get(key, 0) + 1
+        self.stats.skipped_out_of_range[key] = self.stats.skipped_out_of_range.get(key, 0) + skipped
+        log.error(
+            "%s: %s; reading on from offset %d (kafka.on_out_of_range=%s): %d record(s) known to be skipped",
+            where,
+            cause,
+            new,
+            self.on_out_of_range,
+            skipped,
+        )
+        self.source.seek(tp, new)
+        self._skip.pop(tp, None)
+        self._set_position(tp, (new, 0))
+        if self._slot_deadline == math.inf:
+            self._slot_deadline = time.monotonic() + self.max_batch_wait_s
 
     def _note_starts(self, tps: list[TP]) -> None:
         """Partitions not started from a snapshot position: their start offset is a position from now on.

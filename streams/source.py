@@ -44,6 +44,9 @@ def consumer_settings(kafka: KafkaConfig, client_id: str = "streamtrain") -> dic
         "bootstrap.servers": kafka.bootstrap_servers,
         "group.id": kafka.group_id,
         "client.id": client_id,
+        # Start offsets are resolved by the daemon (KafkaSource._assign); this is only librdkafka's
+        # own, silent, reset of a fetch out of range.  The ingest checks positions against the
+        # partitions' offsets itself (Ingest._check_ranges) and acts per kafka.on_out_of_range.
         "auto.offset.reset": kafka.auto_offset_reset,
         "queued.max.messages.kbytes": kafka.queued_max_kbytes,
         # librdkafka stops fetching for fetch.queue.backoff.ms (1 s by default) whenever its
@@ -305,6 +308,17 @@ class KafkaSource:
                 continue
             if hi >= 0:
                 self._fetched_hwm[(t, p)] = hi
+
+    def cached_watermarks(self, tp: TP) -> tuple[int, int]:
+        """(low, high) from the last fetch responses (ingest thread, no network); -1 where unknown."""
+        try:
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+        except (KafkaException, RuntimeError):
+            return -1, -1
+        return (low if low >= 0 else -1), (high if high >= 0 else -1)
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
 
     def _list_watermarks(self, consumer: Consumer, partitions: list[TP], timeout: float) -> None:
         for t, p in partitions:

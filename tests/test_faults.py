@@ -203,6 +203,67 @@ def test_latest_start_is_kept_across_a_restart(tmp_path, bootstrap, make_topic):
     )
 
 
+def _recreate(bootstrap: str, topic: str, partitions: int) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    from tests.kafka_util import create_topic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.delete_topics([topic], operation_timeout=10).values():
+        fut.result(30)
+    deadline = time.monotonic() + 30
+    while topic in admin.list_topics(timeout=5).topics and time.monotonic() < deadline:
+        time.sleep(0.1)
+    create_topic(bootstrap, topic, partitions)
+
+
+def test_a_topic_recreated_while_stopped_is_loud_and_read_on(tmp_path, bootstrap, make_topic):
+    """A snapshot position past the end of its partition is an error in the log and a counter, never silent.
+
+    The topic is deleted and recreated while the daemon is stopped: with the default
+    kafka.on_out_of_range (earliest) the restart reads the new topic from its start, so
+    every record ever delivered is trained exactly once; with stop it exits 1 and says
+    what to set.  (Deleting the topic under a *running* daemon crashes librdkafka 2.16's
+    main thread against Tansu -- a segfault in the ingest child, so the daemon exits 1 and
+    its restart takes this path.)
+    """
+    topic = make_topic(2)
+    cfg = ledger_config(tmp_path, bootstrap, topic, partitions=2, snapshot={"every_seconds": 0.5})
+    producer = LedgerProducer(bootstrap, topic, partitions=2)
+    producer.send(400)
+    assert producer.producer.flush(60) == 0
+    d = launch(tmp_path, cfg, "a")
+    d.wait_for("trained", lambda m: m.get("streamtrain_samples_trained_total", 0) >= 400, 60)
+    assert d.terminate()[0] == 0
+    _recreate(bootstrap, topic, 2)
+    producer.send(100)  # offsets 0..49 of each partition of the new topic, behind the snapshot's 200
+    assert producer.producer.flush(60) == 0
+    d = launch(tmp_path, cfg, "b")
+    oor = [f'streamtrain_offset_out_of_range_total{{partition="{p}",topic="{topic}"}}' for p in range(2)]
+    m = d.wait_for("the new topic's records trained", lambda m: m.get("streamtrain_samples_trained_total", 0) >= 100, 60)
+    assert all(m.get(k, 0) == 1 for k in oor), {k: m.get(k) for k in oor}
+    log = d.log()
+    assert "position 200 is outside the partition's offsets" in log and "reading on from offset 0" in log, log[-2000:]
+    assert d.terminate()[0] == 0
+    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
+    _recreate(bootstrap, topic, 2)
+    producer.send(10)
+    producer.stop()
+    stop_cfg = {**cfg, "kafka": {**cfg["kafka"], "on_out_of_range": "stop"}}
+    d = launch(tmp_path, stop_cfg, "c")
+    assert d.wait_exit(60) == 1
+    assert "kafka.on_out_of_range=stop" in d.log(), d.log()[-2000:]
+    record(
+        "topic deleted and recreated while stopped",
+        trials=2,
+        produced=producer.total,
+        lost=lost,
+        duplicated=dup,
+        recovery="read on from the new topic's start",
+        notes="a logged error and streamtrain_offset_out_of_range_total per partition; on_out_of_range=stop exits 1",
+    )
+
+
 # ---------------------------------------------------------------------------- 2. corrupt snapshots
 def test_corrupt_and_half_written_snapshots_fall_back_loudly(tmp_path, bootstrap, make_topic):
     topic = make_topic(4)
