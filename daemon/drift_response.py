@@ -106,8 +106,14 @@ class DriftMonitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        if self.detector is not None and state.get("detector") and state["detector"].get("detector") == self.cfg.detector:
-            self.detector.load_state_dict(state["detector"])
+        saved = state.get("detector")
+        if self.detector is not None and saved:
+            # the window is kept only for the detector the config asks for now: a changed drift.detector,
+            # delta or threshold starts a fresh one (a restored detector would keep the old parameters)
+            if saved.get("detector") == self.cfg.detector and saved.get("params") == self.detector.state_dict()["params"]:
+                self.detector.load_state_dict(saved)
+            else:
+                log.info("drift detector settings changed since the snapshot: the detector starts over (%s)", self.cfg.detector)
         self.samples = int(state["samples"])
         self.drifts = int(state["drifts"])
         self.last_drift = float(state["last_drift"])

@@ -271,3 +271,20 @@ def test_tensorboard_without_the_package_is_a_config_error(tmp_path, monkeypatch
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(ConfigError, match=r"logging\.tensorboard_dir: writing TensorBoard logs needs the tensorboard package"):
         make_trainer(tmp_path, logging={"tensorboard_dir": str(tmp_path / "tb")})
+
+
+def test_a_changed_drift_setting_is_not_overridden_by_the_snapshot(tmp_path):
+    """The detector in a snapshot keeps its own parameters; a new drift.delta in the config must win."""
+    kw = {"data": {"num_features": 1}, "model": {"name": "logistic"}, "trainer": {"task": "binary"}}
+    a = make_trainer(tmp_path, **kw)
+    for i in range(200):
+        a.step(batch([[float(i % 7)]], [float(i % 2)]))
+    a.snapshot(final=True)
+    a.close()
+    same = make_trainer(tmp_path, **kw)
+    assert same.drift.detector.width > 0, "unchanged settings: the window is restored"
+    same.close()
+    changed = make_trainer(tmp_path, drift={"delta": 0.05}, **kw)
+    assert changed.drift.detector.delta == 0.05 and changed.drift.detector.width == 0
+    assert changed.drift.samples == 200  # the rest of the drift record continues
+    changed.close()
