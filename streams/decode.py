@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from itertools import compress
 from typing import Protocol
@@ -30,6 +31,8 @@ from streams.errors import DecodeError
 REASONS = ("undecodable", "oversized", "wrong_shape", "missing_label", "non_finite", "bad_label")
 
 _LEAF = 8  # below this many records a failing chunk is decoded one record at a time
+_MAX_CUTS = 16  # records a parser's error may name in one chunk before the rest is bisected (each cut copies the rest)
+_ROW_IN_ERROR = re.compile(r" in row (\d+)$")
 
 
 @dataclass(frozen=True)
@@ -178,23 +181,50 @@ class _BisectingDecoder:
         x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         y = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
         idx = np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+        if len(idx) > 1 and (np.diff(idx) < 0).any():  # a record the parser skipped decoded on its own
+            order = np.argsort(idx, kind="stable")
+            x, y, idx = x[order], y[order], idx[order]
         rejects.sort(key=lambda r: r.index)
         return _finish(x, y, idx, self.rule, rejects)
 
     def _decode_range(self, values: list, idx: range | list[int], parts: list, rejects: list[Reject]) -> None:
-        # idx is sorted and unique: as long as values, it is all of them (the common case, no copy)
-        chunk = values if len(idx) == len(values) else [values[i] for i in idx]
-        try:
-            x, y = self._fast(chunk)
-        except (pa.ArrowException, ValueError, DecodeError):
-            if len(idx) <= _LEAF:
-                self._leaf(values, idx, parts, rejects)
+        cuts = 0
+        while len(idx):
+            # idx is sorted and unique: as long as values, it is all of them (the common case, no copy)
+            chunk = values if len(idx) == len(values) else [values[i] for i in idx]
+            try:
+                x, y, skipped = self._fast(chunk)
+            except (pa.ArrowException, ValueError, DecodeError) as exc:
+                row = self._failed_row(exc, len(idx)) if cuts < _MAX_CUTS else None
+                if row is not None:
+                    # the parser named the record: the ones before it, that one alone, then on after it
+                    # (one more pass over the batch per bad record, where bisecting takes several;
+                    # bad records close together are bisected: each cut copies the rest)
+                    cuts += 1 if row >= _LEAF else _MAX_CUTS // 2
+                    if row:
+                        self._decode_range(values, idx[:row], parts, rejects)
+                    self._leaf(values, idx[row : row + 1], parts, rejects)
+                    idx = idx[row + 1 :]
+                    continue
+                if len(idx) <= _LEAF:
+                    self._leaf(values, idx, parts, rejects)
+                    return
+                half = len(idx) // 2
+                self._decode_range(values, idx[:half], parts, rejects)
+                self._decode_range(values, idx[half:], parts, rejects)
                 return
-            half = len(idx) // 2
-            self._decode_range(values, idx[:half], parts, rejects)
-            self._decode_range(values, idx[half:], parts, rejects)
+            ids = np.arange(idx.start, idx.stop, dtype=np.int64) if isinstance(idx, range) else np.asarray(idx, np.int64)
+            if skipped:  # rows the parser left out (and said which): each decoded alone, for its reason
+                keep = np.ones(len(ids), bool)
+                keep[skipped] = False
+                self._leaf(values, ids[~keep].tolist(), parts, rejects)
+                ids = ids[keep]
+            parts.append((x, y, ids))
             return
-        parts.append((x, y, np.arange(idx.start, idx.stop, dtype=np.int64) if isinstance(idx, range) else np.asarray(idx, np.int64)))
+
+    def _failed_row(self, exc: Exception, n: int) -> int | None:
+        """The record a failed fast path names, if the parser says (0 <= row < n); else None: bisect."""
+        return None
 
     def _leaf(self, values: list, idx: list[int], parts: list, rejects: list[Reject]) -> None:
         xs, ys, ok = [], [], []
@@ -210,11 +240,20 @@ class _BisectingDecoder:
         if ok:
             parts.append((np.asarray(xs, np.float64).reshape(len(ok), self.width), np.asarray(ys, np.float64), np.asarray(ok, np.int64)))
 
-    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Decode a whole chunk at once: x, y and the chunk positions it left out (rows of x are the rest)."""
         raise NotImplementedError
 
     def _one(self, value: bytes) -> tuple[list[float], float]:
         raise NotImplementedError
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _column(table: pa.Table, name: str) -> np.ndarray:
@@ -290,7 +329,12 @@ class JsonDecoder(_BisectingDecoder):
             if any(table.column(f).null_count for f in self.features):
                 raise DecodeError("wrong_shape", "missing feature")
             x = _stack(table, self.features, len(chunk))
-        return x, _column(table, self.label)
+        return x, _column(table, self.label), []
+
+    def _failed_row(self, exc: Exception, n: int) -> int | None:
+        m = _ROW_IN_ERROR.search(str(exc)) if isinstance(exc, pa.ArrowInvalid) else None
+        row = int(m.group(1)) if m else -1
+        return row if 0 <= row < n else None
 
     def _one(self, value: bytes) -> tuple[list[float], float]:
         try:
@@ -331,21 +375,32 @@ class CsvDecoder(_BisectingDecoder):
         wanted = [*features, label]
         self._read = pa_csv.ReadOptions(column_names=list(columns), use_threads=False, block_size=1 << 24)
         self._parse = pa_csv.ParseOptions(delimiter=delimiter)
+        # the batch path skips a line with the wrong number of fields (an empty one too) and notes it
+        self._parse_batch = pa_csv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False, invalid_row_handler=self._invalid_row)
+        self._invalid: list[int] = []  # line numbers (1-based) skipped by the current read
         self._convert = pa_csv.ConvertOptions(
             column_types={c: pa.float64() for c in wanted}, include_columns=wanted, null_values=[""], strings_can_be_null=False
         )
 
-    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    def _invalid_row(self, row: pa_csv.InvalidRow) -> str:
+        self._invalid.append(row.number)
+        return "skip"
+
+    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         joined = b"\n".join(v.rstrip(b"\r\n") for v in chunk)
         if joined.count(b"\n") != len(chunk) - 1:
             raise DecodeError("wrong_shape", "a record holds more than one line")
-        table = pa_csv.read_csv(io.BytesIO(joined + b"\n"), self._read, self._parse, self._convert)
-        if table.num_rows != len(chunk):
+        self._invalid = []
+        # pyarrow hands the handler a line as text: one that is not UTF-8 would fail inside the callback
+        parse = self._parse_batch if joined.isascii() or _is_utf8(joined) else self._parse
+        table = pa_csv.read_csv(io.BytesIO(joined + b"\n"), self._read, parse, self._convert)
+        skipped = [n - 1 for n in self._invalid]  # one line per record: line n is record n - 1
+        if table.num_rows != len(chunk) - len(skipped) or not all(0 <= i < len(chunk) for i in skipped):
             raise DecodeError("wrong_shape", "row count mismatch")
         if any(table.column(f).null_count for f in self.features):
             raise DecodeError("wrong_shape", "empty feature")
-        x = _stack(table, self.features, len(chunk))
-        return x, _column(table, self.label)
+        x = _stack(table, self.features, table.num_rows)
+        return x, _column(table, self.label), skipped
 
     def _one(self, value: bytes) -> tuple[list[float], float]:
         line = value.rstrip(b"\r\n")

@@ -251,6 +251,29 @@ def test_one_percent_garbage_in_a_big_batch(data):
     assert [r.index for r in out.rejects] == bad
 
 
+@pytest.mark.parametrize("fmt", ["json", "json-vector", "csv", "raw"])
+@pytest.mark.parametrize("every", [3, 50])
+def test_every_kind_of_bad_record_among_good_ones_keeps_its_own_reason(fmt, every):
+    """However the batch is cut to isolate them (a parser naming the row, or bisecting), each reject is the one it has alone."""
+    data, cases = CASES[fmt]
+    n = 3000
+    values = [good_record(data, i) for i in range(n)]
+    want = {}
+    for k, i in enumerate(range(every // 2, n, every)):
+        value, reason = cases[k % len(cases)]
+        values[i] = value
+        want[i] = reason
+    out = decoder({**data, "max_record_bytes": SMALL}).decode(values)
+    assert_rows(out, data, sorted(set(range(n)) - set(want)))
+    assert sorted(rejected(out)) == sorted(want.items())
+
+
+def test_a_batch_of_nothing_but_garbage_is_all_rejected():
+    values = [b"{garbage %d" % i for i in range(5000)]
+    out = decoder(NAMED).decode(values)
+    assert len(out.y) == 0 and [r.index for r in out.rejects] == list(range(5000))
+
+
 # ----------------------------------------------------------------------------- arrow
 
 
