@@ -2,10 +2,14 @@
 
 A rejected record's offset may only move past once its dead-letter copy is
 acknowledged by the broker (``acks=all``); otherwise a crash would lose it silently.
-So :meth:`DeadLetterQueue.send` returns only when every record is delivered.  When the
-topic cannot be written, it retries: forever with ``on_failure=block`` (training
-stops advancing past the record, which shows in the metrics and logs), or until
-``timeout_s`` with ``on_failure=stop``, then raises :class:`DeadLetterError`.
+:meth:`DeadLetterQueue.submit` produces without waiting and returns a :class:`Ticket`;
+the ingest loop keeps the batch (and everything consumed after it) out of the ring
+until the ticket is done, and goes on consuming and decoding meanwhile, so the broker's
+round trip overlaps the next batches instead of stalling the loop once per batch.
+:meth:`DeadLetterQueue.send` is the blocking form.  When the topic cannot be written,
+failed letters are produced again: forever with ``on_failure=block`` (training stops
+advancing past the record, which shows in the metrics and logs), or until ``timeout_s``
+with ``on_failure=stop``, then :class:`DeadLetterError` is raised.
 
 Delivery is at least once: a record rejected again after a crash and replay is sent
 again.  Headers name the source topic, partition, offset, the error class and message.
@@ -24,6 +28,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from streams.config import DeadLetterConfig, KafkaConfig
 from streams.decode import Reject
 from streams.errors import DeadLetterError
+from streams.source import CONSUMER_ONLY, make_client
 
 log = logging.getLogger("streamtrain.deadletter")
 
@@ -66,11 +71,24 @@ def producer_settings(kafka: KafkaConfig, dl: DeadLetterConfig) -> dict[str, Any
         # a delivery that cannot finish in time fails and is retried by send()
         "message.timeout.ms": max(1000, int(dl.timeout_s * 1000)),
     }
-    settings.update({k: v for k, v in kafka.settings.items() if not k.startswith(_CONSUMER_ONLY)})
+    settings.update({k: v for k, v in kafka.settings.items() if not k.startswith(CONSUMER_ONLY)})
     return settings
 
 
-_CONSUMER_ONLY = ("fetch.", "queued.", "session.", "heartbeat.", "max.poll", "partition.assignment", "group.", "isolation.", "check.crcs")
+class Ticket:
+    """The letters of one submit: done once the broker acknowledged every one of them."""
+
+    def __init__(self, letters: list[DeadLetter]) -> None:
+        self.letters = letters
+        self.outstanding = 0  # produced, no delivery report yet
+        self.failed: list[tuple[DeadLetter, KafkaError]] = []
+        self.started = time.monotonic()
+        self.attempt = 0
+        self.retry_at = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.outstanding == 0 and not self.failed
 
 
 class DeadLetterQueue:
@@ -84,72 +102,111 @@ class DeadLetterQueue:
         self.sent = 0
         self.failures = 0  # failed delivery attempts (each was retried)
         self.blocked_since: float | None = None  # monotonic time the current outage began
+        self._open: list[Ticket] = []  # submitted, not yet done
+
+    def submit(self, letters: list[DeadLetter]) -> Ticket:
+        """Produce ``letters`` without waiting; :meth:`service` (or :meth:`wait`) moves the ticket on."""
+        ticket = Ticket(letters)
+        if letters:
+            if self.producer is None:
+                self.producer = make_client(Producer, producer_settings(self.kafka, self.dl), "kafka.settings", logger=log)
+            for letter in letters:
+                self._produce(ticket, letter)
+            self._open.append(ticket)
+        return ticket
 
     def send(self, letters: list[DeadLetter]) -> None:
-        """Deliver every letter or raise DeadLetterError (policy ``stop``) / return early on shutdown."""
-        if not letters:
-            return
-        if self.producer is None:
-            from streams.source import make_client
+        """Deliver every letter or raise DeadLetterError (policy ``stop``, or asked to stop meanwhile)."""
+        ticket = self.submit(letters)
+        while not ticket.done:
+            self.wait(ticket, 1.0)
 
-            self.producer = make_client(Producer, producer_settings(self.kafka, self.dl), "kafka.settings", logger=log)
-        pending = letters
-        started = time.monotonic()
-        attempt = 0
-        while pending:
-            failed: list[tuple[DeadLetter, KafkaError]] = []
-            for letter in pending:
-                self._produce(letter, failed)
-            # message.timeout.ms bounds every delivery, so this ends with each letter delivered or failed
-            while self.producer.flush(1.0) > 0:
-                if self.stop.is_set():
-                    raise DeadLetterError(f"shutdown while rejected records were still being written to {self.dl.topic!r}")
-            self.sent += len(pending) - len(failed)
-            if not failed:
-                if self.blocked_since is not None:
-                    log.info("dead-letter topic %s writable again after %.1f s", self.dl.topic, time.monotonic() - self.blocked_since)
+    def wait(self, ticket: Ticket, timeout: float) -> bool:
+        """Serve delivery reports and retries for up to ``timeout`` s or until ``ticket`` is done."""
+        deadline = time.monotonic() + timeout
+        while not ticket.done:
+            if self.stop.is_set():
+                raise DeadLetterError(f"shutdown while rejected records were still being written to {self.dl.topic!r}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.service(min(left, 0.1))
+        return ticket.done
+
+    def service(self, timeout: float = 0.0) -> None:
+        """Take delivery reports; produce failed letters again when their back-off is over."""
+        if self.producer is None:
+            return
+        self.producer.poll(timeout)
+        if not self._open:
+            return
+        now = time.monotonic()
+        still = []
+        for t in self._open:
+            if t.done:
+                self.sent += len(t.letters)
+                if t.attempt and self.blocked_since is not None and not any(o.failed for o in self._open if o is not t):
+                    log.info("dead-letter topic %s writable again after %.1f s", self.dl.topic, now - self.blocked_since)
                     self.blocked_since = None
-                return
+                continue
+            still.append(t)
+            if t.failed and t.outstanding == 0 and now >= t.retry_at:
+                self._retry(t, now)
+        self._open = still
+
+    def _retry(self, t: Ticket, now: float) -> None:
+        if t.retry_at == 0.0:  # the failure was just reported: count it, decide, schedule the retry
             self.failures += 1
-            pending = [letter for letter, _ in failed]
-            reason = failed[0][1].str()
             if self.blocked_since is None:
-                self.blocked_since = started
-            waited = time.monotonic() - started
+                self.blocked_since = t.started
+            waited = now - t.started
+            reason = t.failed[0][1].str()
             if self.dl.on_failure == "stop" and waited >= self.dl.timeout_s:
                 raise DeadLetterError(
-                    f"could not write {len(pending)} rejected record(s) to dead-letter topic {self.dl.topic!r} for {waited:.0f} s "
+                    f"could not write {len(t.failed)} rejected record(s) to dead-letter topic {self.dl.topic!r} for {waited:.0f} s "
                     f"({reason}); stopping (dead_letter.on_failure=stop) so they are not lost: their offsets are not committed "
                     "and they will be read again after a restart"
                 )
-            attempt += 1
+            t.attempt += 1
             log.warning(
                 "cannot write %d rejected record(s) to dead-letter topic %r (%s); retrying (attempt %d, %s)",
-                len(pending),
+                len(t.failed),
                 self.dl.topic,
                 reason,
-                attempt,
+                t.attempt,
                 "blocking until it works" if self.dl.on_failure == "block" else f"stopping after {self.dl.timeout_s:.0f} s",
             )
-            if self.stop.wait(min(5.0, 0.2 * 2**attempt)):
-                raise DeadLetterError(f"shutdown while {len(pending)} rejected record(s) were not yet in the dead-letter topic")
+            t.retry_at = now + min(5.0, 0.2 * 2**t.attempt)
+            return
+        again, t.failed = [letter for letter, _ in t.failed], []
+        t.retry_at = 0.0
+        for letter in again:
+            self._produce(t, letter)
 
-    def _produce(self, letter: DeadLetter, failed: list) -> None:
+    def _produce(self, ticket: Ticket, letter: DeadLetter) -> None:
         def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+            ticket.outstanding -= 1
             if err is not None:
-                failed.append((letter, err))
+                ticket.failed.append((letter, err))
 
         while True:
             try:
                 self.producer.produce(self.dl.topic, value=letter.value, key=letter.key, headers=letter.headers(), on_delivery=on_delivery)
+                ticket.outstanding += 1
                 return
             except BufferError:
                 self.producer.poll(0.1)
             except KafkaException as exc:
-                failed.append((letter, exc.args[0]))
+                ticket.failed.append((letter, exc.args[0]))
                 return
+
+    @property
+    def in_flight(self) -> int:
+        """Tickets submitted and not yet done."""
+        return len(self._open)
 
     def close(self, timeout: float = 10.0) -> None:
         if self.producer is not None:
             self.producer.flush(timeout)
             self.producer = None
+        self._open = []

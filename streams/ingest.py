@@ -9,7 +9,10 @@ means "records before ``offset`` are done, and the first ``rows`` rows of the re
 at ``offset`` too" -- an Arrow record's rows can be split across two batches, and
 after a restart the rows already trained are skipped, so nothing trains twice.
 A record that produced no rows (rejected) counts as done only after its
-dead-letter copy is acknowledged.
+dead-letter copy is acknowledged: its batch, and every batch consumed after it, waits
+in a short queue (``MAX_WAITING`` batches) until the broker's ack, while the loop goes
+on consuming and decoding -- positions reach the ring in consume order, only past
+records that are trained or dead-lettered.
 
 When the ring is full the consumer is paused (librdkafka stops fetching) and resumed
 when a slot frees: memory stays bounded by the ring, the decoded batch in hand and
@@ -22,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -30,7 +34,7 @@ import numpy as np
 from confluent_kafka import Message
 
 from streams.config import DataConfig, KafkaConfig, RingConfig
-from streams.deadletter import DeadLetter, DeadLetterQueue
+from streams.deadletter import DeadLetter, DeadLetterQueue, Ticket
 from streams.decode import Decoder, LabelRule, make_decoder, value_bytes
 from streams.errors import DeadLetterError, KafkaSourceError
 from streams.slots import Position, RingClosed, SlotProducer
@@ -38,6 +42,10 @@ from streams.slots import TopicPartition as TP
 from streams.source import KafkaSource
 
 log = logging.getLogger("streamtrain.ingest")
+
+# Decoded batches that may wait for their rejects' dead-letter ack before the loop stops
+# consuming: enough to cover the broker's round trip at full speed, few enough to bound memory.
+MAX_WAITING = 4
 
 
 @dataclass
@@ -71,6 +79,7 @@ class _Pending:
     msg_of_row: np.ndarray
     tps: list[TP]
     has_ts: bool = True
+    ticket: Ticket | None = None  # its rejects' dead-letter writes: placed only once done
     row: int = 0  # next row to place
     done: int = 0  # messages fully handled
 
@@ -146,7 +155,8 @@ class Ingest:
         self._positions: dict[TP, Position] = dict(self.start_positions)
         # resume inside a record: skip the rows of it that were already trained
         self._skip = {tp: pos for tp, pos in self.start_positions.items() if pos[1] > 0}
-        self._pending: _Pending | None = None
+        self._pending: _Pending | None = None  # the batch being placed
+        self._waiting: deque[_Pending] = deque()  # decoded batches behind it, in consume order
         self._slot: int | None = None
         self._fill = 0
         self._slot_positions: dict[TP, Position] = {}
@@ -224,8 +234,13 @@ class Ingest:
 
     # ------------------------------------------------------------------ one turn of the loop
     def _step(self) -> None:
-        if self._pending is not None:
-            if not self._place():
+        if self._pending is not None or self._waiting:
+            state = self._advance()
+            if state == "dead_letter" and len(self._waiting) >= MAX_WAITING:
+                self.dead_letter.wait(self._waiting[0].ticket, 0.05)
+                self._flush_if_due()
+                return
+            if state == "ring_full":
                 # Ring full.  Pausing purges librdkafka's prefetched records (a refetch on
                 # resume: 830k -> 155k msg/s measured when done often), so only a trainer that
                 # has freed no slot for pause_after_ms (stalled, or minutes per step) pauses
@@ -245,12 +260,29 @@ class Ingest:
         timeout = self.consume_timeout_s
         if self._fill or self._slot_positions:
             timeout = max(0.0, min(timeout, self._slot_deadline - time.monotonic()))
+        if self._waiting:  # back soon to place it once its ack is in
+            timeout = min(timeout, 0.005)
         msgs = self.source.consume(self._consume_size(), timeout)
         self.stats.consume_calls += 1
-        if time.monotonic() >= self._next_range_check:
-            self._check_ranges()
+        if time.monotonic() >= self._next_range_check and not self._waiting:
+            self._check_ranges()  # against positions of everything consumed: nothing waits
         if msgs:
             self._ingest(msgs)
+
+    def _advance(self) -> str:
+        """Place queued batches in order: "placed" (all), "ring_full", or "dead_letter" (the head awaits its ack)."""
+        while True:
+            if self._pending is None:
+                if not self._waiting:
+                    return "placed"
+                ticket = self._waiting[0].ticket
+                if ticket is not None and not ticket.done:
+                    self.dead_letter.service(0)
+                    if not ticket.done:
+                        return "dead_letter"
+                self._pending = self._waiting.popleft()
+            if not self._place():
+                return "ring_full"
 
     def _consume_size(self) -> int:
         """Messages to ask for: ``kafka.consume_batch``, fewer when each record holds many rows."""
@@ -293,15 +325,14 @@ class Ingest:
         row_base = np.zeros(n, np.int64)
         if self._skip:
             x, y, msg_of_row = self._skip_trained_rows(part, offset, x, y, msg_of_row, row_base)
-        if decoded.rejects:
-            self._reject(decoded.rejects, good)
+        ticket = self._reject(decoded.rejects, good) if decoded.rejects else None
         counts = np.bincount(msg_of_row, minlength=n) if len(msg_of_row) else np.zeros(n, np.int64)
         row_end = np.cumsum(counts)
         self.stats.rows += len(y)
         self._rows_per_msg = 0.8 * self._rows_per_msg + 0.2 * (len(y) / n)
         has_ts = not np.isnan(ts).all()
-        self._pending = _Pending(x, y, part, offset, ts, row_end - counts, row_end, row_base, msg_of_row, self._tps, has_ts)
-        self._place()
+        self._waiting.append(_Pending(x, y, part, offset, ts, row_end - counts, row_end, row_base, msg_of_row, self._tps, has_ts, ticket))
+        self._advance()
 
     def _partition_indices(self, msgs: list) -> np.ndarray:
         """Each message's index into ``self._tps`` (partitions get an index when first seen)."""
@@ -340,7 +371,7 @@ class Ingest:
                 del self._skip[tp]  # the record is gone (retention); nothing to skip
         return x[keep], y[keep], msg_of_row[keep]
 
-    def _reject(self, rejects: list, msgs: list) -> None:
+    def _reject(self, rejects: list, msgs: list) -> Ticket:
         letters = []
         for r in rejects:
             m = msgs[r.index]
@@ -351,7 +382,7 @@ class Ingest:
         log.debug(
             "rejected %d record(s); first at %s[%d]@%d: %s", len(letters), first.topic, first.partition, first.offset, first.reject.error
         )
-        self.dead_letter.send(letters)
+        return self.dead_letter.submit(letters)
 
     # ------------------------------------------------------------------ slots
     def _place(self) -> bool:

@@ -97,14 +97,14 @@ class LedgerProducer:
             except BufferError:
                 self.producer.poll(0.05)
 
-    def start(self, rate: float) -> None:
-        """Produce ``rate`` records/s in the background until :meth:`stop`."""
+    def start(self, rate: float, value: Callable[[int, int], bytes] | None = None) -> None:
+        """Produce ``rate`` records/s in the background until :meth:`stop` (``value`` as for :meth:`send`)."""
 
         def run() -> None:
             chunk = max(1, int(rate / 50))
             while not self._stop.is_set():
                 t0 = time.monotonic()
-                self.send(chunk)
+                self.send(chunk, value)
                 self.producer.poll(0)
                 self._stop.wait(max(0.0, 0.02 - (time.monotonic() - t0)))
 

@@ -495,6 +495,51 @@ def test_poison_records_all_dead_lettered(tmp_path, bootstrap, make_topic):
     )
 
 
+def test_poison_records_under_kill_9_are_dead_lettered_and_the_rest_trained_once(tmp_path, bootstrap, make_topic):
+    """Rejects are written without stopping the loop; a position passes one only after its ack, so kill -9 loses none."""
+    topic = make_topic(4)
+    cfg = ledger_config(tmp_path, bootstrap, topic, snapshot={"every_seconds": 0.5})
+    producer = LedgerProducer(bootstrap, topic)
+    bad: set[tuple[int, int]] = set()
+
+    def value(p: int, s: int) -> bytes | None:
+        if s % 100 == 13:
+            bad.add((p, s))
+            return b"\x00\x01"  # wrong shape
+        return None
+
+    producer.start(rate=3000, value=value)
+    rng = random.Random(5)
+    try:
+        for i in range(6):
+            d = launch(tmp_path, cfg, f"k{i}")
+            d.wait_for("training", lambda m: m.get("streamtrain_steps_total", 0) >= 1, 60)
+            time.sleep(rng.uniform(0.2, 1.5))
+            d.kill9()
+    finally:
+        producer.stop()
+    drain(tmp_path, cfg, producer)
+    excluded = {"count": [0] * 4, "seqsum": [0] * 4}
+    for p, s in bad:
+        excluded["count"][p] += 1
+        excluded["seqsum"][p] += s
+    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer, excluded=excluded)
+    letters = read_topic(bootstrap, f"{topic}.dlq", len(bad), timeout=30)
+    # offset o of a fresh partition holds sequence number o + 1
+    heads = [dict(m.headers()) for m in letters]
+    seen = [(int(h["streamtrain.source.partition"]), int(h["streamtrain.source.offset"]) + 1) for h in heads]
+    assert set(seen) == bad, f"missing from the dead-letter topic: {sorted(bad - set(seen))[:5]}"
+    record(
+        "kill -9 x6 with 1 % poison records",
+        trials="6 kills",
+        produced=producer.total,
+        lost=lost,
+        duplicated=dup,
+        recovery="-",
+        notes=f"{len(bad)} rejected, every one in the dead-letter topic ({len(seen) - len(set(seen))} written twice: at least once)",
+    )
+
+
 # ---------------------------------------------------------------------------- 6. dead-letter topic unavailable
 def _bad_record_run(producer: LedgerProducer) -> int:
     """500 records with one empty (rejected) record in partition 0; returns its sequence number."""
