@@ -25,7 +25,17 @@ import threading
 import time
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_INVALID,
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from streams.config import KafkaConfig
 from streams.errors import ConfigError, KafkaSourceError
@@ -70,6 +80,31 @@ def consumer_settings(kafka: KafkaConfig, client_id: str = "streamtrain") -> dic
     return settings
 
 
+# kafka.settings keys that only a consumer knows (other clients would warn about them)
+CONSUMER_ONLY = (
+    "fetch.",
+    "queued.",
+    "session.",
+    "heartbeat.",
+    "max.poll",
+    "partition.assignment",
+    "group.",
+    "isolation.",
+    "check.crcs",
+    "auto.",
+    "enable.auto.",
+    "enable.partition.eof",
+    "allow.auto.create.topics",
+)
+
+
+def client_settings(kafka: KafkaConfig, client_id: str) -> dict[str, Any]:
+    """Settings for a client other than the consumer: the broker, security and the rest of ``kafka.settings``."""
+    settings: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers, "client.id": client_id}
+    settings.update({k: v for k, v in kafka.settings.items() if not k.startswith(CONSUMER_ONLY)})
+    return settings
+
+
 def make_client(cls: type, settings: dict[str, Any], key: str, **kwargs: Any) -> Any:
     """A librdkafka client; settings it refuses (bad value, unknown key, unreadable key file) are a config error."""
     try:
@@ -89,6 +124,7 @@ class KafkaSource:
         self.client_id = client_id
         self.consumer: Consumer | None = None
         self._side: Consumer | None = None  # for the calls made from other threads
+        self._admin: AdminClient | None = None  # lists watermarks for the metadata thread
         self.assigned: dict[TP, int] = {}  # partition -> the offset reading started at
         self.paused = False
         self.pauses = 0
@@ -117,6 +153,7 @@ class KafkaSource:
 
     def close(self) -> None:
         consumers, self.consumer, self._side = (self.consumer, self._side), None, None
+        self._admin = None
         for consumer in consumers:
             if consumer is not None:
                 consumer.close()
@@ -171,7 +208,7 @@ class KafkaSource:
             for tp in partitions:
                 if tp not in known:
                     self._pending_new.append(TopicPartition(tp[0], tp[1]))
-        self._list_watermarks(side, partitions, timeout)
+        self._list_watermarks(partitions, timeout)
 
     def apply_new_partitions(self, positions: dict[TP, Position]) -> list[TP]:
         """Assign partitions found by :meth:`refresh` (ingest thread only)."""
@@ -320,13 +357,28 @@ class KafkaSource:
     def seek(self, tp: TP, offset: int) -> None:
         self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
 
-    def _list_watermarks(self, consumer: Consumer, partitions: list[TP], timeout: float) -> None:
-        for t, p in partitions:
+    def _list_watermarks(self, partitions: list[TP], timeout: float) -> None:
+        """End offsets of ``partitions``: one ListOffsets request per leader; a partition that fails leaves the rest listed."""
+        if not partitions:
+            return
+        if self._admin is None:
+            self._admin = AdminClient(client_settings(self.kafka, f"{self.client_id}-offsets"), logger=log)
+        committed = self.kafka.settings.get("isolation.level", "read_committed") == "read_committed"
+        level = IsolationLevel.READ_COMMITTED if committed else IsolationLevel.READ_UNCOMMITTED
+        try:
+            futures = self._admin.list_offsets(
+                {TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions}, isolation_level=level, request_timeout=timeout
+            )
+        except (KafkaException, RuntimeError):
+            return
+        deadline = time.monotonic() + timeout
+        for tp, future in futures.items():
             try:
-                _, hi = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=timeout, cached=False)
-            except (KafkaException, RuntimeError):
-                return
-            self._listed_hwm[(t, p)] = hi
+                hi = future.result(timeout=max(0.0, deadline - time.monotonic())).offset
+            except Exception:  # this partition's leader did not answer in time: keep its last value
+                continue
+            if hi >= 0:
+                self._listed_hwm[(tp.topic, tp.partition)] = hi
 
     # ------------------------------------------------------------------ health
     def reachable(self, within: float) -> bool:

@@ -365,3 +365,25 @@ def test_a_commit_that_fails_for_one_partition_raises(bootstrap, make_topic):
             source.commit({(topic, 0): (6, 0), (unique_name("gone"), 0): (1, 0)})
     finally:
         source.close()
+
+
+@pytest.mark.integration
+def test_end_offsets_are_listed_in_one_request_and_a_failing_partition_leaves_the_others(bootstrap, make_topic, producer):
+    """The metadata thread lists every partition's end at once; one that cannot be listed does not hide the rest."""
+    from streams.config import KafkaConfig
+    from streams.source import KafkaSource
+
+    topic = make_topic(3)
+    for p in range(3):
+        for i in range(p + 1):
+            producer.send(topic, b"x", partition=p)
+    producer.flush(30)
+    source = KafkaSource(KafkaConfig(bootstrap_servers=bootstrap, topics=(topic,), group_id=unique_name("g")))
+    try:
+        # a partition that does not exist, listed first: it fails alone
+        source._list_watermarks([(unique_name("gone"), 0), (topic, 0), (topic, 1), (topic, 2)], timeout=10)
+        listed = {tp: hi for tp, hi in source._listed_hwm.items() if tp[0] == topic}
+        assert sorted(listed) == [(topic, 0), (topic, 1), (topic, 2)], listed
+        assert all(hi >= 1 for hi in listed.values()), listed
+    finally:
+        source.close()
