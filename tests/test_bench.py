@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from bench import calls, fetchwait, frames, learning, neighbour, pipeline, step
+from bench import calls, fetchwait, frames, ingest, learning, neighbour, pipeline, step
 from bench.common import MODELS, daemon_config, fill_topic, records, snapshot_dir, unique
 from bench.loops import compute_only, end_to_end
 
@@ -19,6 +19,12 @@ def test_pipeline_quick_prints_its_table(bootstrap, capsys):
     out = capsys.readouterr().out
     assert "| raw    | mlp   |" in out
     assert "E, side by side" in out and "E, strict" in out
+
+
+def test_ingest_prints_a_row_per_format_and_bad_fraction(bootstrap, capsys):
+    assert ingest.main(["--quick", "--formats", "csv", "--bad", "0,0.05", "--samples", "20000", "--bootstrap", bootstrap]) == 0
+    out = capsys.readouterr().out
+    assert "| csv    | 0 %" in out and "| csv    | 5 %" in out
 
 
 @pytest.mark.gpu

@@ -1,0 +1,141 @@
+"""How fast the data path fills the ring with nothing training: ``python -m bench.ingest``.
+
+For each format and fraction of bad records, on a topic of the embedded broker filled
+beforehand, the daemon's own data path (``KafkaIterableDataset`` with the daemon's
+settings: consume, decode, dead-letter the rejects, place into the shared ring) is read
+by a loop that releases each batch at once.  It prints rows/s over the window that
+starts after the first ``--warmup`` rows, and how many records went to the dead-letter
+topic.  Compare figures only within one run: the machine is shared, so only the ratios
+travel.
+
+A bad record is one the decoder rejects (JSON that does not parse, a CSV line with the
+wrong number of fields, a raw record of the wrong length); it is spread evenly, so at
+``--bad 0.01`` nearly every consumed batch holds one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import time
+
+from bench.common import (
+    MODELS,
+    Broker,
+    CpuMeter,
+    daemon_config,
+    fill_topic,
+    fmt_rate,
+    machine,
+    print_machine,
+    quiet_logs,
+    records,
+    table,
+    unique,
+)
+from streams.dataset import KafkaIterableDataset
+from streams.decode import LabelRule
+from streams.encode import FORMATS
+
+BAD_VALUE = {"json": b"{not json", "csv": b"1,2", "raw": b"\x00\x01\x02", "arrow": b"not arrow"}
+
+
+def with_bad(values: list[bytes], fmt: str, fraction: float) -> tuple[list[bytes], int]:
+    """Every ``1/fraction``-th record replaced by one the decoder rejects."""
+    if fraction <= 0:
+        return values, 0
+    every = max(1, round(1 / fraction))
+    out = list(values)
+    for i in range(every // 2, len(out), every):
+        out[i] = BAD_VALUE[fmt]
+    return out, len(range(every // 2, len(out), every))
+
+
+def ingest_only(cfg, rows: int, warmup: int, timeout: float = 300.0) -> dict[str, float]:
+    """Read ``warmup + rows`` rows through the data path, releasing each batch at once."""
+    ds = KafkaIterableDataset(cfg.kafka, cfg.data, cfg.ring, cfg.dead_letter, LabelRule(cfg.trainer.task, cfg.trainer.num_classes))
+    got = 0
+    t0 = s0 = None
+    cpu = CpuMeter()
+    deadline = time.monotonic() + timeout
+    try:
+        ds.start()
+        while got < warmup + rows and time.monotonic() < deadline:
+            batch = ds.next_batch(timeout=5.0)
+            if batch is None:
+                break
+            got += len(batch)
+            if t0 is None and got >= warmup:
+                t0, s0 = time.perf_counter(), got
+                cpu.start()
+        seconds = time.perf_counter() - t0 if t0 is not None else math.nan
+        used = cpu.stop() if t0 is not None else {}
+        ds.pump()
+        time.sleep(0.6)  # the ingest process's next status holds its final counters
+        ds.pump()
+        return {
+            "rows": got - (s0 or 0),
+            "seconds": seconds,
+            "rate": (got - (s0 or 0)) / seconds if t0 is not None else math.nan,
+            "dead_lettered": ds.dead_letter_counts[0],
+            "rejected": sum(ds.stats.rejected.values()),
+            **used,
+        }
+    finally:
+        ds.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--formats", default="json,csv,raw", help="comma-separated: json,csv,arrow,raw")
+    ap.add_argument("--bad", default="0,0.01", help="comma-separated fractions of bad records (default 0,0.01)")
+    ap.add_argument("--samples", type=int, default=200_000, help="rows per measured window")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per cell; the best is kept")
+    ap.add_argument("--quick", action="store_true", help="a tenth of the samples: checks that it runs")
+    ap.add_argument("--bootstrap", help="an existing broker instead of the embedded one")
+    args = ap.parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f]
+    fractions = [float(b) for b in args.bad.split(",") if b]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        ap.error(f"unknown format(s) {unknown}")
+    quiet_logs()
+    print_machine(machine())
+    n = max(5_000, args.samples // 10) if args.quick else args.samples
+    warm = n // 5
+    spec = MODELS["mlp"]
+    rows_out = []
+    with Broker(args.bootstrap) as broker:
+        for fmt in formats:
+            base = records(fmt, int((n + warm) * 1.1) + 2_000)
+            for frac in fractions:
+                topic = unique(f"bench-ingest-{fmt}")
+                values, bad = with_bad(base, fmt, frac)
+                fill_topic(broker.bootstrap, topic, values)
+                del values
+                gc.collect()
+                best = None
+                for _ in range(args.repeat):
+                    cfg = daemon_config(broker.bootstrap, topic, fmt, spec, "unused", kafka={"group_id": unique("bench-ingest")})
+                    r = ingest_only(cfg, n, warm)
+                    best = r if best is None or r["rate"] > best["rate"] else best
+                    print(f"{fmt} bad={frac:g}: {fmt_rate(r['rate'])} rows/s, {r['dead_lettered']} dead-lettered", flush=True)
+                rows_out.append(
+                    [
+                        fmt,
+                        f"{100 * frac:g} %",
+                        f"{bad:,}",
+                        fmt_rate(best["rate"]),
+                        f"{best['dead_lettered']:,}",
+                        f"{best['self_cpu'] / best['rows'] * 1e6:.2f}" if best.get("self_cpu") else "-",
+                    ]
+                )
+            del base
+    print()
+    print(table(["format", "bad", "bad records in topic", "rows/s", "dead-lettered", "CPU us/row (reader + ingest process)"], rows_out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
