@@ -375,7 +375,7 @@ def test_end_offsets_are_listed_in_one_request_and_a_failing_partition_leaves_th
 
     topic = make_topic(3)
     for p in range(3):
-        for i in range(p + 1):
+        for _ in range(p + 1):
             producer.send(topic, b"x", partition=p)
     producer.flush(30)
     source = KafkaSource(KafkaConfig(bootstrap_servers=bootstrap, topics=(topic,), group_id=unique_name("g")))
