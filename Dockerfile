@@ -23,9 +23,12 @@ ENV PYTHONUNBUFFERED=1 \
 RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 
 COPY pyproject.toml README.md /tmp/src/
+COPY streamtrain /tmp/src/streamtrain
 COPY daemon /tmp/src/daemon
 COPY streams /tmp/src/streams
 COPY models /tmp/src/models
+COPY config /tmp/src/config
+COPY tools /tmp/src/tools
 # hadolint ignore=DL3013
 RUN pip install /tmp/src && rm -rf /tmp/src
 

@@ -25,17 +25,17 @@ import torch
 from bench.common import MODELS, Broker, daemon_config, fill_topic, machine, print_machine, quiet_logs, records, snapshot_dir, table, unique
 from bench.common import samples as make_samples
 from bench.loops import end_to_end
-from daemon.trainer import Trainer
-from streams import dataset as dataset_module
-from streams import shared_ring
-from streams.encode import FORMATS
+from streamtrain.daemon.trainer import Trainer
+from streamtrain.streams import dataset as dataset_module
+from streamtrain.streams import shared_ring
+from streamtrain.streams.encode import FORMATS
 
 TIMED = ((shared_ring.SharedRing, "get"), (shared_ring.SharedRing, "release"), (shared_ring.SharedRing, "pump"))
 
 
 def private_steps(batch_size: int):
     """A ``Trainer.step`` replacement that trains on in-memory copies of the same size (``--step-on private``)."""
-    from streams.ring import Batch
+    from streamtrain.streams.ring import Batch
 
     x, y = make_samples(64 * batch_size, seed=1)
     pool = [(torch.from_numpy(x[i : i + batch_size]), torch.from_numpy(y[i : i + batch_size])) for i in range(0, len(y), batch_size)]

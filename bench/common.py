@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from daemon.config import Config, config_from_dict
 from demo.synthetic import SyntheticStream
-from streams.encode import encode
+from streamtrain.config.schema import Config, config_from_dict
+from streamtrain.streams.encode import encode
 
 WIDTH = 16
 FEATURES = [f"f{i}" for i in range(WIDTH)]

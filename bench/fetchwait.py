@@ -15,8 +15,8 @@ import sys
 import time
 
 from bench.common import PARTITIONS, Broker, fill_topic, machine, print_machine, quiet_logs, records, table, unique
-from streams.config import KafkaConfig
-from streams.source import consumer_settings
+from streamtrain.streams.config import KafkaConfig
+from streamtrain.streams.source import consumer_settings
 
 
 def fill_small_batches(bootstrap: str, topic: str, n: int, per_batch: int) -> float:

@@ -20,8 +20,8 @@ from multiprocessing.connection import Connection
 import torch
 
 from bench.common import machine, print_machine, table
-from streams.ring import slot_views
-from streams.shared_ring import FrameReader, send_frame
+from streamtrain.streams.ring import slot_views
+from streamtrain.streams.shared_ring import FrameReader, send_frame
 
 MESSAGE = ("batch", 5, 256, {("bench-raw", 0): (123456, 0), ("bench-raw", 1): (123400, 0)}, 1.7e9)
 

@@ -34,9 +34,9 @@ from bench.common import (
     table,
     unique,
 )
-from streams.dataset import KafkaIterableDataset
-from streams.decode import LabelRule
-from streams.encode import FORMATS
+from streamtrain.streams.dataset import KafkaIterableDataset
+from streamtrain.streams.decode import LabelRule
+from streamtrain.streams.encode import FORMATS
 
 BAD_VALUE = {"json": b"{not json", "csv": b"1,2", "raw": b"\x00\x01\x02", "arrow": b"not arrow"}
 

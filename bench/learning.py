@@ -40,11 +40,11 @@ import numpy as np
 
 from bench.common import Broker, fill_topic, machine, print_machine, quiet_logs, snapshot_dir, table, unique
 from bench.learning_streams import DRIFT, STREAMS, Stream
-from daemon.config import Config, config_from_dict
-from daemon.metrics import Metrics
-from daemon.overrides import apply_overrides, parse_set
-from daemon.trainer import Trainer
-from streams.encode import encode
+from streamtrain.config.overrides import apply_overrides, parse_set
+from streamtrain.config.schema import Config, config_from_dict
+from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.trainer import Trainer
+from streamtrain.streams.encode import encode
 
 MLP_STREAMS = ("bananas", "friedman_drift", "sea_drift", "agrawal_drift", "hyperplane")
 ABRUPT = ("sea_drift", "agrawal_drift", "friedman_drift")

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from bench.common import FEATURES, CpuMeter, Timer, samples, unique
-from daemon.config import Config
-from daemon.metrics import Metrics
-from daemon.trainer import Trainer
-from models.registry import build_model
-from streams.ring import Batch
+from streamtrain.config.schema import Config
+from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.trainer import Trainer
+from streamtrain.models.registry import build_model
+from streamtrain.streams.ring import Batch
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _assigned_consumer(cfg: Config, settings: dict):
 
 def raw_consume(cfg: Config, messages: int, rows_per_message: int) -> Result:
     """``consume()`` with the daemon's consumer settings until ``messages`` are read; no decoding."""
-    from streams.source import consumer_settings
+    from streamtrain.streams.source import consumer_settings
 
     c = _assigned_consumer(cfg, consumer_settings(cfg.kafka, "bench-raw"))
     try:

@@ -1,6 +1,6 @@
 """Is the daemon's memory bounded? ``python -m bench.memory --minutes 10``.
 
-The real daemon (``python -m daemon run``, a subprocess) trains a steady stream that a
+The real daemon (``python -m streamtrain run``, a subprocess) trains a steady stream that a
 producer process writes at ``--rate`` samples/s, with snapshots every 30 s; its
 resident set (VmRSS) is sampled every few seconds.  Reported: RSS after warmup, the
 maximum, and the slope of a least-squares line over the run after warmup (MiB per
@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         config_path.write_text(yaml.safe_dump(cfg))
         producer = start_producer(broker.bootstrap, topic, args.format, args.rate, seconds + 30)
         log = open(Path(d) / "daemon.log", "wb")
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(config_path)], cwd=ROOT, stdout=log, stderr=log)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "streamtrain", "run", "--config", str(config_path)], cwd=ROOT, stdout=log, stderr=log
+        )
         t0 = time.monotonic()
         points: list[tuple[float, float]] = []
         try:

@@ -44,7 +44,7 @@ from bench.common import (
     unique,
 )
 from bench.loops import compute_only, end_to_end, naive_loop, raw_consume
-from streams.encode import FORMATS
+from streamtrain.streams.encode import FORMATS
 
 # samples per measured window (after warmup), by model; --samples / --quick override
 DEFAULT_SAMPLES = {"mlp": 300_000, "transformer": 40_000}

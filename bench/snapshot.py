@@ -23,10 +23,10 @@ import time
 import torch
 
 from bench.common import ModelSpec, daemon_config, machine, print_machine, quiet_logs, samples, snapshot_dir, table
-from daemon.metrics import Metrics
-from daemon.snapshot_writer import state_to_host
-from daemon.trainer import Trainer
-from streams.ring import Batch
+from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.snapshot_writer import state_to_host
+from streamtrain.daemon.trainer import Trainer
+from streamtrain.streams.ring import Batch
 
 
 def main(argv: list[str] | None = None) -> int:

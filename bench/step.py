@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from daemon.config import config_from_dict
-from daemon.metrics import Metrics
-from daemon.trainer import Trainer
-from streams.ring import Batch
+from streamtrain.config.schema import config_from_dict
+from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.trainer import Trainer
+from streamtrain.streams.ring import Batch
 
 
 def rate(model: str, batch_size: int, task: str, steps: int, device: str = "cpu", width: int = 16, optimizer: dict | None = None) -> float:

@@ -15,10 +15,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from streams.config import KafkaConfig
-from streams.ring import Position
-from streams.ring import TopicPartition as TP
-from streams.source import KafkaSource
+from streamtrain.streams.config import KafkaConfig
+from streamtrain.streams.ring import Position
+from streamtrain.streams.ring import TopicPartition as TP
+from streamtrain.streams.source import KafkaSource
 
 log = logging.getLogger("streamtrain.trainer")
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from daemon.drift import make_detector
+from streamtrain.daemon.drift import make_detector
 
 log = logging.getLogger("streamtrain.drift")
 

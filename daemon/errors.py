@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.errors import ConfigError, StreamtrainError
+from streamtrain.streams.errors import ConfigError, StreamtrainError
 
 __all__ = [
     "ConfigError",

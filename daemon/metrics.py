@@ -172,7 +172,7 @@ class ScrapeCollector:
             rej = CounterMetricFamily(
                 "streamtrain_records_rejected", "Records rejected and sent to the dead-letter topic, by reason.", labels=["reason"]
             )
-            from streams.decode import REASONS
+            from streamtrain.streams.decode import REASONS
 
             for reason in REASONS:
                 rej.add_metric([reason], st.rejected.get(reason, 0))

@@ -16,13 +16,13 @@ import os
 import signal
 import threading
 
-from daemon.config import Config
-from daemon.errors import ConfigError, SnapshotLockedError, StreamtrainError
-from daemon.logs import setup_logging
-from daemon.metrics import Health, Metrics, MetricsServer
-from daemon.notify import Heartbeat, Notifier
-from daemon.trainer import Trainer
-from streams.ingest import IngestStats
+from streamtrain.config.schema import Config
+from streamtrain.daemon.errors import ConfigError, SnapshotLockedError, StreamtrainError
+from streamtrain.daemon.logs import setup_logging
+from streamtrain.daemon.metrics import Health, Metrics, MetricsServer
+from streamtrain.daemon.notify import Heartbeat, Notifier
+from streamtrain.daemon.trainer import Trainer
+from streamtrain.streams.ingest import IngestStats
 
 log = logging.getLogger("streamtrain.service")
 

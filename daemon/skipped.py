@@ -18,12 +18,12 @@ import time
 
 import numpy as np
 
-from streams.config import DataConfig, DeadLetterConfig, KafkaConfig
-from streams.deadletter import HEADER_PREFIX, DeadLetter, DeadLetterQueue
-from streams.decode import Reject
-from streams.encode import encode
-from streams.ring import Batch, Position
-from streams.ring import TopicPartition as TP
+from streamtrain.streams.config import DataConfig, DeadLetterConfig, KafkaConfig
+from streamtrain.streams.deadletter import HEADER_PREFIX, DeadLetter, DeadLetterQueue
+from streamtrain.streams.decode import Reject
+from streamtrain.streams.encode import encode
+from streamtrain.streams.ring import Batch, Position
+from streamtrain.streams.ring import TopicPartition as TP
 
 log = logging.getLogger("streamtrain.trainer")
 

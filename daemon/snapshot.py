@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from daemon.errors import SnapshotError, SnapshotLockedError
+from streamtrain.daemon.errors import SnapshotError, SnapshotLockedError
 
 __all__ = ["SnapshotInfo", "SnapshotStore"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from daemon.errors import SnapshotError
-from daemon.snapshot import SnapshotInfo, SnapshotStore, _map_tensors
+from streamtrain.daemon.errors import SnapshotError
+from streamtrain.daemon.snapshot import SnapshotInfo, SnapshotStore, _map_tensors
 
 __all__ = ["SnapshotWriter", "state_to_host", "tensors_finite"]
 

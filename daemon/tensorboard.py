@@ -8,7 +8,7 @@ Points are written every ``logging.tensorboard_every_steps`` steps, by the step 
 
 from __future__ import annotations
 
-from daemon.errors import ConfigError
+from streamtrain.daemon.errors import ConfigError
 
 
 class TensorBoard:

@@ -24,23 +24,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from daemon.committer import Committer
-from daemon.config import Config, config_to_dict
-from daemon.drift_response import DriftMonitor
-from daemon.errors import ConfigError, TrainingError
-from daemon.metrics import LearningTotals, Metrics
-from daemon.normalizer import RunningStandardizer
-from daemon.prequential import Prequential
-from daemon.skipped import SkippedBatches
-from daemon.snapshot import SnapshotInfo, SnapshotStore
-from daemon.snapshot_writer import SnapshotWriter, state_to_host, tensors_finite
-from daemon.tensorboard import TensorBoard
-from models.registry import build_model
-from streams.dataset import KafkaIterableDataset
-from streams.decode import LabelRule
-from streams.errors import DeadLetterError
-from streams.ring import Batch, Position
-from streams.ring import TopicPartition as TP
+from streamtrain.config.schema import Config, config_to_dict
+from streamtrain.daemon.committer import Committer
+from streamtrain.daemon.drift_response import DriftMonitor
+from streamtrain.daemon.errors import ConfigError, TrainingError
+from streamtrain.daemon.metrics import LearningTotals, Metrics
+from streamtrain.daemon.normalizer import RunningStandardizer
+from streamtrain.daemon.prequential import Prequential
+from streamtrain.daemon.skipped import SkippedBatches
+from streamtrain.daemon.snapshot import SnapshotInfo, SnapshotStore
+from streamtrain.daemon.snapshot_writer import SnapshotWriter, state_to_host, tensors_finite
+from streamtrain.daemon.tensorboard import TensorBoard
+from streamtrain.models.registry import build_model
+from streamtrain.streams.dataset import KafkaIterableDataset
+from streamtrain.streams.decode import LabelRule
+from streamtrain.streams.errors import DeadLetterError
+from streamtrain.streams.ring import Batch, Position
+from streamtrain.streams.ring import TopicPartition as TP
 
 log = logging.getLogger("streamtrain.trainer")
 

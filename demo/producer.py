@@ -19,7 +19,7 @@ import time
 from confluent_kafka import Producer
 
 from demo.synthetic import SyntheticStream
-from streams.encode import FORMATS, encode
+from streamtrain.streams.encode import FORMATS, encode
 
 log = logging.getLogger("streamtrain.demo.producer")
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo.synthetic import SyntheticStream  # noqa: E402
-from streams.encode import encode  # noqa: E402
+from streamtrain.streams.encode import encode  # noqa: E402
 from tests.kafka_util import TestProducer, create_topic, start_tansu  # noqa: E402
 
 BROKER_PORT, METRICS_PORT = 19092, 19100
@@ -90,7 +90,7 @@ def main() -> int:
         producer.start()
         print(f"==> producing ~{args.rate:,.0f} JSON records/s to {TOPIC} (4 partitions), 1 in 500 garbage")
         print("==> starting the daemon: streamtrain run --config config/demo.yaml")
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", "config/demo.yaml"], cwd=ROOT)
+        daemon = subprocess.Popen([sys.executable, "-m", "streamtrain", "run", "--config", "config/demo.yaml"], cwd=ROOT)
         trend = []
         t_start = time.monotonic()
         while time.monotonic() - t_start < args.seconds:

@@ -6,10 +6,10 @@ by a built-in name or a user ``"package.module:Class"`` import path.
 
 from __future__ import annotations
 
-from models.linear import Linear, LinearConfig
-from models.logistic import Logistic, LogisticConfig
-from models.mlp import MLP, MLPConfig
-from models.registry import (
+from streamtrain.models.linear import Linear, LinearConfig
+from streamtrain.models.logistic import Logistic, LogisticConfig
+from streamtrain.models.mlp import MLP, MLPConfig
+from streamtrain.models.registry import (
     MODELS,
     ModelConfigError,
     ModelSpecError,
@@ -18,7 +18,7 @@ from models.registry import (
     output_size,
     resolve,
 )
-from models.transformer import TransformerRegressor, TransformerRegressorConfig
+from streamtrain.models.transformer import TransformerRegressor, TransformerRegressorConfig
 
 __all__ = [
     "MLP",

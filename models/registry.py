@@ -16,11 +16,11 @@ from typing import Any
 
 from torch import nn
 
-from models.linear import Linear, LinearConfig
-from models.logistic import Logistic, LogisticConfig
-from models.mlp import MLP, MLPConfig
-from models.transformer import TransformerRegressor, TransformerRegressorConfig
-from streams.errors import StreamtrainError
+from streamtrain.models.linear import Linear, LinearConfig
+from streamtrain.models.logistic import Logistic, LogisticConfig
+from streamtrain.models.mlp import MLP, MLPConfig
+from streamtrain.models.transformer import TransformerRegressor, TransformerRegressorConfig
+from streamtrain.streams.errors import StreamtrainError
 
 MODELS: dict[str, tuple[type, type]] = {
     "linear": (LinearConfig, Linear),

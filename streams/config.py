@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams.errors import ConfigError
+from streamtrain.streams.errors import ConfigError
 
 __all__ = [
     "ConfigError",

@@ -30,16 +30,16 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from streams.config import DataConfig, DeadLetterConfig, KafkaConfig, RingConfig, parse
-from streams.deadletter import DeadLetterQueue
-from streams.decode import LabelRule
-from streams.errors import StreamtrainError
-from streams.ingest import Ingest, IngestStats
-from streams.ingest_process import IngestProcess
-from streams.ring import Batch, Position, Ring, RingClosed
-from streams.ring import TopicPartition as TP
-from streams.shared_ring import SharedRing
-from streams.source import KafkaSource
+from streamtrain.streams.config import DataConfig, DeadLetterConfig, KafkaConfig, RingConfig, parse
+from streamtrain.streams.deadletter import DeadLetterQueue
+from streamtrain.streams.decode import LabelRule
+from streamtrain.streams.errors import StreamtrainError
+from streamtrain.streams.ingest import Ingest, IngestStats
+from streamtrain.streams.ingest_process import IngestProcess
+from streamtrain.streams.ring import Batch, Position, Ring, RingClosed
+from streamtrain.streams.ring import TopicPartition as TP
+from streamtrain.streams.shared_ring import SharedRing
+from streamtrain.streams.source import KafkaSource
 
 
 class KafkaIterableDataset(IterableDataset):

@@ -25,10 +25,10 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from streams.config import DeadLetterConfig, KafkaConfig
-from streams.decode import Reject
-from streams.errors import DeadLetterError
-from streams.source import CONSUMER_ONLY, make_client
+from streamtrain.streams.config import DeadLetterConfig, KafkaConfig
+from streamtrain.streams.decode import Reject
+from streamtrain.streams.errors import DeadLetterError
+from streamtrain.streams.source import CONSUMER_ONLY, make_client
 
 log = logging.getLogger("streamtrain.deadletter")
 

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 
-from streams.errors import DecodeError
+from streamtrain.streams.errors import DecodeError
 
 REASONS = ("undecodable", "oversized", "wrong_shape", "missing_label", "non_finite", "bad_label")
 

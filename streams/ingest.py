@@ -33,13 +33,13 @@ from operator import itemgetter
 import numpy as np
 from confluent_kafka import Message
 
-from streams.config import DataConfig, KafkaConfig, RingConfig
-from streams.deadletter import DeadLetter, DeadLetterQueue, Ticket
-from streams.decode import Decoder, LabelRule, make_decoder, value_bytes
-from streams.errors import DeadLetterError, KafkaSourceError
-from streams.slots import Position, RingClosed, SlotProducer
-from streams.slots import TopicPartition as TP
-from streams.source import KafkaSource
+from streamtrain.streams.config import DataConfig, KafkaConfig, RingConfig
+from streamtrain.streams.deadletter import DeadLetter, DeadLetterQueue, Ticket
+from streamtrain.streams.decode import Decoder, LabelRule, make_decoder, value_bytes
+from streamtrain.streams.errors import DeadLetterError, KafkaSourceError
+from streamtrain.streams.slots import Position, RingClosed, SlotProducer
+from streamtrain.streams.slots import TopicPartition as TP
+from streamtrain.streams.source import KafkaSource
 
 log = logging.getLogger("streamtrain.ingest")
 

@@ -1,4 +1,4 @@
-"""The ingest loop in its own process: ``python -m streams.ingest_process``.
+"""The ingest loop in its own process: ``python -m streamtrain.streams.ingest_process``.
 
 The child runs the same :class:`streams.ingest.Ingest` as the thread mode -- source,
 decoder, dead-letter producer -- writing into a :class:`streams.shared_ring.ChildRing`.
@@ -31,13 +31,13 @@ import time
 from dataclasses import asdict, fields
 from typing import Any
 
-from streams.config import DataConfig, DeadLetterConfig, KafkaConfig, RingConfig
-from streams.decode import LabelRule
-from streams.ingest import IngestStats
-from streams.shared_ring import SharedRing
-from streams.slots import Position
-from streams.slots import TopicPartition as TP
-from streams.source import KafkaSource
+from streamtrain.streams.config import DataConfig, DeadLetterConfig, KafkaConfig, RingConfig
+from streamtrain.streams.decode import LabelRule
+from streamtrain.streams.ingest import IngestStats
+from streamtrain.streams.shared_ring import SharedRing
+from streamtrain.streams.slots import Position
+from streamtrain.streams.slots import TopicPartition as TP
+from streamtrain.streams.source import KafkaSource
 
 log = logging.getLogger("streamtrain.ingest")
 
@@ -149,7 +149,7 @@ class IngestProcess:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.ingest_process", *map(str, child_fds)],
+                [sys.executable, "-m", "streamtrain.streams.ingest_process", *map(str, child_fds)],
                 pass_fds=child_fds,
                 close_fds=True,
             )
@@ -187,7 +187,7 @@ class IngestProcess:
 
     def _on_end(self) -> BaseException | None:
         """The child's announcements ended: an error if it was not asked to stop."""
-        from streams.errors import StreamtrainError
+        from streamtrain.streams.errors import StreamtrainError
 
         proc = self.proc
         if proc is None or self._stopping:
@@ -243,13 +243,13 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     control = os.fdopen(control_fd, "rb")
     p = pickle.load(control)
     level, fmt = p["log"]
-    from daemon.logs import setup_logging  # stdlib only; the child logs like the daemon
+    from streamtrain.daemon.logs import setup_logging  # stdlib only; the child logs like the daemon
 
     setup_logging(logging.getLevelName(level), fmt)
     _batch_scheduling()
-    from streams.deadletter import DeadLetterQueue
-    from streams.ingest import Ingest
-    from streams.shared_ring import ChildRing
+    from streamtrain.streams.deadletter import DeadLetterQueue
+    from streamtrain.streams.ingest import Ingest
+    from streamtrain.streams.shared_ring import ChildRing
 
     slots, batch_size, width = p["geometry"]
     ring = ChildRing(ring_fd, slots, batch_size, width, ann_fd, give_fd)

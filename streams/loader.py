@@ -22,7 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.json as pa_json
 
-from streams.errors import StreamtrainError
+from streamtrain.streams.errors import StreamtrainError
 
 __all__ = ["INPUT_FORMATS", "Columns", "InputError", "Rows", "Source", "open_source"]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streams.slots import Position, RingClosed, TopicPartition
+from streamtrain.streams.slots import Position, RingClosed, TopicPartition
 
 __all__ = ["Batch", "Position", "Ring", "RingClosed", "TopicPartition"]
 

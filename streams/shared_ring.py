@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from streams.slots import Position, RingClosed, TopicPartition
+from streamtrain.streams.slots import Position, RingClosed, TopicPartition
 
 
 def ring_bytes(slots: int, batch_size: int, width: int) -> int:
@@ -118,7 +118,7 @@ class SharedRing:
     def __init__(self, slots: int, batch_size: int, width: int, pin_memory: bool = False) -> None:
         import torch
 
-        from streams.ring import next_ready, slot_views
+        from streamtrain.streams.ring import next_ready, slot_views
 
         self.slots = slots
         self.batch_size = batch_size
@@ -327,7 +327,7 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
 
 
 def rebuild_error(d: dict[str, Any]) -> BaseException:
-    from streams import errors
+    from streamtrain.streams import errors
 
     cls = getattr(errors, d["type"], None)
     if cls is errors.ConfigError:

@@ -37,10 +37,10 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from streams.config import KafkaConfig
-from streams.errors import ConfigError, KafkaSourceError
-from streams.slots import Position
-from streams.slots import TopicPartition as TP
+from streamtrain.streams.config import KafkaConfig
+from streamtrain.streams.errors import ConfigError, KafkaSourceError
+from streamtrain.streams.slots import Position
+from streamtrain.streams.slots import TopicPartition as TP
 
 log = logging.getLogger("streamtrain.source")
 

@@ -47,7 +47,7 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 
 
 class Daemon:
-    """``python -m daemon run --config FILE`` with its log in a file.
+    """``python -m streamtrain run --config FILE`` with its log in a file.
 
     Every instance is registered so the ``daemons`` fixture can reap it after the test,
     whatever happened (a failed assertion must not leave a daemon running).
@@ -62,7 +62,7 @@ class Daemon:
         self.port = self.cfg["metrics"]["port"]
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "--config", str(config_path)],
+            [sys.executable, "-m", "streamtrain", "run", "--config", str(config_path)],
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -199,4 +199,4 @@ def meta_positions(meta: dict[str, Any]) -> dict[tuple[str, int], int]:
 
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "streamtrain", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

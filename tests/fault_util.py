@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from confluent_kafka import Producer
 
-from daemon.snapshot import SnapshotStore
+from streamtrain.daemon.snapshot import SnapshotStore
 from tests.daemon_util import daemon_config
 
 LEDGER = "tests.ledger_model:Ledger"
@@ -173,7 +173,7 @@ def in_flight_snapshot(snapshot_dir: Path) -> bool:
 
 def snapshots_finite(snapshot_dir: Path) -> int:
     """Load every snapshot in the directory; assert each is free of NaN/Inf; return how many."""
-    from daemon.snapshot_writer import tensors_finite
+    from streamtrain.daemon.snapshot_writer import tensors_finite
 
     store = SnapshotStore(snapshot_dir)
     n = 0

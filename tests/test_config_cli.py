@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.cli import main
-from daemon.config_doc import to_markdown, to_yaml
+from streamtrain.cli import main
+from streamtrain.config.doc import to_markdown, to_yaml
 from tests.daemon_util import ROOT, run_cli
 
 GOOD = {
@@ -119,9 +119,9 @@ def test_shipped_configs(name, capsys):
 
 
 def test_reference_docs_are_generated_from_the_definitions():
-    assert (ROOT / "config" / "default.yaml").read_text() == to_yaml(), "run: python -m daemon.config_doc yaml > config/default.yaml"
+    assert (ROOT / "config" / "default.yaml").read_text() == to_yaml(), "run: python -m streamtrain.config.doc yaml > config/default.yaml"
     doc = (ROOT / "docs" / "CONFIG.md").read_text()
-    assert to_markdown() in doc, "regenerate docs/CONFIG.md with: python -m daemon.config_doc markdown"
+    assert to_markdown() in doc, "regenerate docs/CONFIG.md with: python -m streamtrain.config.doc markdown"
 
 
 def test_default_yaml_documents_every_key():

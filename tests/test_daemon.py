@@ -1,6 +1,6 @@
 """The daemon end to end against a real broker: train, snapshot, commit, resume, reject, stop.
 
-Each test runs ``python -m daemon run`` as a subprocess and reads what a user would:
+Each test runs ``python -m streamtrain run`` as a subprocess and reads what a user would:
 its /metrics, its snapshot directory, the consumer group and the dead-letter topic.
 """
 
@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from demo.synthetic import SyntheticStream
-from streams.encode import encode
+from streamtrain.streams.encode import encode
 from tests.daemon_util import FEATURES, Daemon, daemon_config, latest_meta, meta_positions, write_config
 from tests.kafka_util import TestProducer, committed_offsets, read_topic
 
@@ -157,7 +157,7 @@ def test_warm_start_and_freeze(tmp_path, bootstrap, make_topic):
     """Transfer learning: load pretrained weights, freeze the body, fine-tune the head on the stream."""
     import torch
 
-    from models.registry import build_model
+    from streamtrain.models.registry import build_model
 
     topic = make_topic(4)
     produce(bootstrap, topic, 3_000)
@@ -171,7 +171,7 @@ def test_warm_start_and_freeze(tmp_path, bootstrap, make_topic):
     )
     d.wait_trained(3_000, timeout=60)
     assert d.terminate()[0] == 0
-    from daemon.snapshot import SnapshotStore
+    from streamtrain.daemon.snapshot import SnapshotStore
 
     _, state = SnapshotStore(tmp_path / "snapshots").load_latest()
     body = {k: v for k, v in state["model"].items() if k.startswith("net.0.")}

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pytest
 from torch.utils.data import DataLoader
 
-from streams.dataset import KafkaIterableDataset
-from streams.errors import StreamtrainError
+from streamtrain.streams.dataset import KafkaIterableDataset
+from streamtrain.streams.errors import StreamtrainError
 from tests.kafka_util import TestProducer, committed_offsets, create_topic, read_topic, unique_name
 
 pytestmark = pytest.mark.integration
@@ -350,9 +350,9 @@ def test_connected_and_assigned_as_soon_as_a_batch_comes(make_topic, dataset, pr
 @pytest.mark.integration
 def test_a_commit_that_fails_for_one_partition_raises(bootstrap, make_topic):
     """A commit the broker refuses raises (the trainer counts it in streamtrain_commit_failures_total), never passes as done."""
-    from streams.config import KafkaConfig
-    from streams.errors import KafkaSourceError
-    from streams.source import KafkaSource
+    from streamtrain.streams.config import KafkaConfig
+    from streamtrain.streams.errors import KafkaSourceError
+    from streamtrain.streams.source import KafkaSource
 
     topic = make_topic(2)
     source = KafkaSource(KafkaConfig(bootstrap_servers=bootstrap, topics=(topic,), group_id=unique_name("g")))
@@ -370,8 +370,8 @@ def test_a_commit_that_fails_for_one_partition_raises(bootstrap, make_topic):
 @pytest.mark.integration
 def test_end_offsets_are_listed_in_one_request_and_a_failing_partition_leaves_the_others(bootstrap, make_topic, producer):
     """The metadata thread lists every partition's end at once; one that cannot be listed does not hide the rest."""
-    from streams.config import KafkaConfig
-    from streams.source import KafkaSource
+    from streamtrain.streams.config import KafkaConfig
+    from streamtrain.streams.source import KafkaSource
 
     topic = make_topic(3)
     for p in range(3):

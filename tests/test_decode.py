@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from streams.config import DataConfig, parse
-from streams.decode import REASONS, Decoded, LabelRule, make_decoder
+from streamtrain.streams.config import DataConfig, parse
+from streamtrain.streams.decode import REASONS, Decoded, LabelRule, make_decoder
 
 NAMED = {"format": "json", "features": ["a", "b"], "label": "y"}
 VECTOR = {"format": "json", "feature_field": "v", "num_features": 3, "label": "y"}

@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 
-from daemon.drift import ADWIN, PageHinkley, make_detector
+from streamtrain.daemon.drift import ADWIN, PageHinkley, make_detector
 
 CHANGE = 2000  # index of the first value after the change in the ADWIN shift streams
 ADWIN_DELAY = 200  # measured: the first detection comes 47, 79 or at most 111 values after the change (300 seeds)

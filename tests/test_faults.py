@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 
 from bench.common import rss_mib
-from daemon.snapshot import SnapshotStore
+from streamtrain.daemon.snapshot import SnapshotStore
 from tests.daemon_util import Daemon, latest_meta, meta_positions, write_config
 from tests.fault_util import (
     LedgerProducer,

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from daemon.config import config_from_dict
-from daemon.drift_response import DriftMonitor
-from daemon.metrics import Metrics
-from daemon.normalizer import RunningStandardizer
-from daemon.trainer import Trainer
-from streams.ring import Batch
+from streamtrain.config.schema import config_from_dict
+from streamtrain.daemon.drift_response import DriftMonitor
+from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.normalizer import RunningStandardizer
+from streamtrain.daemon.trainer import Trainer
+from streamtrain.streams.ring import Batch
 
 
 def make_trainer(tmp_path, width=3, **sections) -> Trainer:
@@ -259,7 +259,7 @@ def test_tensorboard_gets_loss_curves_and_drifts(tmp_path):
 def test_tensorboard_without_the_package_is_a_config_error(tmp_path, monkeypatch):
     import builtins
 
-    from daemon.errors import ConfigError
+    from streamtrain.daemon.errors import ConfigError
 
     real_import = builtins.__import__
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemon.metrics import Health, Metrics
+from streamtrain.daemon.metrics import Health, Metrics
 from tests.daemon_util import Daemon, daemon_config, write_config
 from tests.test_daemon import produce
 

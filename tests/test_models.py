@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import (
+from streamtrain.models import (
     MODELS,
     MLPConfig,
     ModelConfigError,
@@ -21,9 +21,9 @@ from models import (
     output_size,
     resolve,
 )
-from models.linear import LinearConfig
-from models.logistic import LogisticConfig
-from streams.errors import StreamtrainError
+from streamtrain.models.linear import LinearConfig
+from streamtrain.models.logistic import LogisticConfig
+from streamtrain.streams.errors import StreamtrainError
 from tests.user_model_fixture import KwargsNet, TinyNet
 
 IN_FEATURES = 12

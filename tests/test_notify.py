@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.notify import Heartbeat, Notifier
+from streamtrain.daemon.notify import Heartbeat, Notifier
 from tests.daemon_util import Daemon, daemon_config, write_config
 from tests.test_daemon import produce
 

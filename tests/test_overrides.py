@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import yaml
 
-from daemon.cli import main
-from daemon.config import Config, config_to_dict, load_config
-from daemon.errors import ConfigError
-from daemon.overrides import apply_overrides, env_overrides, parse_set
-from daemon.secrets import Secret, is_secret_key, resolve_secrets
-from streams.encode import encode
+from streamtrain.cli import main
+from streamtrain.config.overrides import apply_overrides, env_overrides, parse_set
+from streamtrain.config.schema import Config, config_to_dict, load_config
+from streamtrain.config.secrets import Secret, is_secret_key, resolve_secrets
+from streamtrain.daemon.errors import ConfigError
+from streamtrain.streams.encode import encode
 from tests.daemon_util import FEATURES, ROOT, Daemon, daemon_config, latest_meta, write_config
 from tests.kafka_util import TestProducer
 
@@ -34,9 +34,14 @@ BASE = {
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m daemon ARGS`` with extra environment variables, bounded in time."""
+    """``python -m streamtrain ARGS`` with extra environment variables, bounded in time."""
     return subprocess.run(
-        [sys.executable, "-m", "daemon", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+        [sys.executable, "-m", "streamtrain", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.config import load_config
+from streamtrain.config.schema import load_config
 from tests.daemon_util import ROOT, Daemon, write_config
 from tests.kafka_util import free_port
 

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from daemon.cli import main
-from daemon.progress import RateLimiter
-from streams.config import DataConfig, parse
-from streams.decode import LabelRule, make_decoder
+from streamtrain.cli import main
+from streamtrain.daemon.progress import RateLimiter
+from streamtrain.streams.config import DataConfig, parse
+from streamtrain.streams.decode import LabelRule, make_decoder
 from tests.kafka_util import free_port, read_topic
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from streams.ring import Batch, Ring, RingClosed
+from streamtrain.streams.ring import Batch, Ring, RingClosed
 
 WAIT = 5.0  # bound on every wait that should end at once
 

@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-from streams.errors import ConfigError, DeadLetterError, StreamtrainError
-from streams.shared_ring import ChildRing, SharedRing, describe_error, rebuild_error, send_frame
-from streams.slots import RingClosed
+from streamtrain.streams.errors import ConfigError, DeadLetterError, StreamtrainError
+from streamtrain.streams.shared_ring import ChildRing, SharedRing, describe_error, rebuild_error, send_frame
+from streamtrain.streams.slots import RingClosed
 
 WAIT = 5.0
 

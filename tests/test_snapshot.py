@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.errors import SnapshotError, SnapshotLockedError
-from daemon.snapshot import SnapshotInfo, SnapshotStore
-from daemon.snapshot_writer import SnapshotWriter, state_to_host, tensors_finite
+from streamtrain.daemon.errors import SnapshotError, SnapshotLockedError
+from streamtrain.daemon.snapshot import SnapshotInfo, SnapshotStore
+from streamtrain.daemon.snapshot_writer import SnapshotWriter, state_to_host, tensors_finite
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,14 +16,14 @@ import pytest
 import torch
 import yaml
 
-from daemon.cli import main
-from daemon.config import config_from_dict
-from daemon.export import export_model, sidecar_path
-from daemon.metrics import Metrics
-from daemon.snapshot import STATE_FILE, SnapshotStore
-from daemon.trainer import Trainer
-from models.registry import build_model
-from streams.ring import Batch
+from streamtrain.cli import main
+from streamtrain.config.schema import config_from_dict
+from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.snapshot import STATE_FILE, SnapshotStore
+from streamtrain.daemon.trainer import Trainer
+from streamtrain.models.registry import build_model
+from streamtrain.streams.ring import Batch
+from streamtrain.tools.export import export_model, sidecar_path
 from tests.daemon_util import FEATURES, ROOT, Daemon, daemon_config, write_config
 
 WIDTH = 3
@@ -298,7 +298,7 @@ def test_produce_then_train_then_export_from_the_running_daemon(tmp_path, bootst
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+        return subprocess.run([sys.executable, "-m", "streamtrain", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
 
     r = run("produce", "--config", str(path), "--json", str(tmp_path / "train.parquet"))
     assert r.returncode == 0, r.stderr

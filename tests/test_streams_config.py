@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from streams.config import ConfigError, CsvConfig, DataConfig, DeadLetterConfig, KafkaConfig, RingConfig, parse
-from streams.deadletter import producer_settings
-from streams.errors import StreamtrainError
-from streams.source import consumer_settings
+from streamtrain.streams.config import ConfigError, CsvConfig, DataConfig, DeadLetterConfig, KafkaConfig, RingConfig, parse
+from streamtrain.streams.deadletter import producer_settings
+from streamtrain.streams.errors import StreamtrainError
+from streamtrain.streams.source import consumer_settings
 
 DATA = {"format": "json", "features": ["a", "b"], "label": "y"}
 

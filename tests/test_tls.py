@@ -18,9 +18,9 @@ import yaml
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from daemon.config import dump_config, load_config
-from daemon.errors import ConfigError
-from streams.deadletter import producer_settings
+from streamtrain.config.schema import dump_config, load_config
+from streamtrain.daemon.errors import ConfigError
+from streamtrain.streams.deadletter import producer_settings
 from tests.daemon_util import FEATURES, ROOT, Daemon, daemon_config
 from tests.kafka_util import ENV_BOOTSTRAP, unique_name
 from tests.tls_util import KEY_PASSWORD, make_certs, start_tls_broker
@@ -77,7 +77,7 @@ def test_tls_example_end_to_end(tmp_path, tls_broker):
     n = 500
     x = np.random.default_rng(5).normal(size=(n, len(FEATURES))).astype(np.float32)
     pq.write_table(pa.table({**{f: x[:, i] for i, f in enumerate(FEATURES)}, "y": x[:, 0]}), tmp_path / "rows.parquet")
-    r = subprocess.run([sys.executable, "-m", "daemon", "produce", "--config", str(path), "--json", str(tmp_path / "rows.parquet")],
+    r = subprocess.run([sys.executable, "-m", "streamtrain", "produce", "--config", str(path), "--json", str(tmp_path / "rows.parquet")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["rows_delivered"] == n
@@ -99,7 +99,7 @@ def test_plain_client_and_wrong_key_password_are_refused(tmp_path, tls_broker):
     broker, _, certs = tls_broker
     rows = tmp_path / "rows.csv"
     rows.write_text("a,y\n1,2\n")
-    r = subprocess.run([sys.executable, "-m", "daemon", "produce", "-b", broker.bootstrap, "-t", "x", "--timeout", "3", str(rows)],
+    r = subprocess.run([sys.executable, "-m", "streamtrain", "produce", "-b", broker.bootstrap, "-t", "x", "--timeout", "3", str(rows)],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 1 and "cannot reach Kafka" in r.stderr  # the broker speaks only TLS
 

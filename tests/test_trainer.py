@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from daemon.config import config_from_dict
-from daemon.errors import ConfigError, TrainingError
-from daemon.metrics import Metrics
-from daemon.normalizer import RunningStandardizer
-from daemon.trainer import Trainer
-from streams.ring import Batch
+from streamtrain.config.schema import config_from_dict
+from streamtrain.daemon.errors import ConfigError, TrainingError
+from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.normalizer import RunningStandardizer
+from streamtrain.daemon.trainer import Trainer
+from streamtrain.streams.ring import Batch
 
 WIDTH = 4
 
@@ -257,7 +257,7 @@ def test_cuda_fp16_amp_with_grad_scaler(tmp_path):
 @pytest.mark.gpu
 @cuda
 def test_cuda_ring_slots_are_pinned():
-    from streams.ring import Ring
+    from streamtrain.streams.ring import Ring
 
     r = Ring(2, 8, 4, pin_memory=True)
     assert r.x.is_pinned() and r.y.is_pinned()

@@ -12,11 +12,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.secrets import resolve_secrets
-from streams.config import DataConfig, DeadLetterConfig, KafkaConfig, parse
-from streams.deadletter import producer_settings
-from streams.errors import ConfigError
-from streams.loader import Columns, Source, open_source
+from streamtrain.config.secrets import resolve_secrets
+from streamtrain.streams.config import DataConfig, DeadLetterConfig, KafkaConfig, parse
+from streamtrain.streams.deadletter import producer_settings
+from streamtrain.streams.errors import ConfigError
+from streamtrain.streams.loader import Columns, Source, open_source
 
 __all__ = ["Plan", "make_plan"]
 
@@ -36,7 +36,7 @@ class Plan:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """The config's kafka/data sections with the flags applied, checked like the daemon checks them."""
-    from daemon.cli import load_or_explain
+    from streamtrain.config.args import load_or_explain
 
     if args.config:
         cfg = load_or_explain(args.config, args.overrides)

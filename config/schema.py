@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from daemon.overrides import apply_overrides, env_overrides, parse_set
-from daemon.secrets import Secret, redacted, resolve_secrets
-from streams.config import (
+from streamtrain.config.overrides import apply_overrides, env_overrides, parse_set
+from streamtrain.config.secrets import Secret, redacted, resolve_secrets
+from streamtrain.streams.config import (
     DataConfig,
     DeadLetterConfig,
     KafkaConfig,
@@ -30,7 +30,7 @@ from streams.config import (
     positive,
     section,
 )
-from streams.errors import ConfigError
+from streamtrain.streams.errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "config_to_dict", "dump_config", "load_config"]
 
@@ -226,7 +226,7 @@ class Config:
 
 def _model_problems(cfg: Config) -> list[tuple[str, str]]:
     """Check model.params against the model's own config class (no module is built)."""
-    from models.registry import ModelConfigError, ModelSpecError, make_config
+    from streamtrain.models.registry import ModelConfigError, ModelSpecError, make_config
 
     try:
         # with no data width, data.* already says why; a placeholder keeps other param checks

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from daemon.normalizer import RunningStandardizer
-from daemon.snapshot import SnapshotInfo
-from models.registry import build_model, resolve
+from streamtrain.daemon.normalizer import RunningStandardizer
+from streamtrain.daemon.snapshot import SnapshotInfo
+from streamtrain.models.registry import build_model, resolve
 
 __all__ = ["EXPORT_FORMATS", "export_model", "serving_spec", "sidecar_path", "standardization", "target_standardization"]
 

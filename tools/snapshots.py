@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import yaml
 
-from daemon.errors import SnapshotError
-from daemon.export import EXPORT_FORMATS, export_model, sidecar_path
-from daemon.secrets import redacted
-from daemon.snapshot import STATE_FILE, SnapshotInfo, SnapshotStore
+from streamtrain.config.secrets import redacted
+from streamtrain.daemon.errors import SnapshotError
+from streamtrain.daemon.snapshot import STATE_FILE, SnapshotInfo, SnapshotStore
+from streamtrain.tools.export import EXPORT_FORMATS, export_model, sidecar_path
 
 __all__ = ["add_parser", "main"]
 
@@ -28,7 +28,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def add_parser(sub: Any) -> None:
-    from daemon.cli import add_set_argument
+    from streamtrain.config.args import add_set_argument
 
     p = sub.add_parser("snapshots", help="list snapshots, show one, or export a model for serving (read-only)")
     cmds = p.add_subparsers(dest="action", required=True)
@@ -87,7 +87,7 @@ def _directory(args: argparse.Namespace) -> Path | None:
             print("streamtrain snapshots: --set needs --config", file=sys.stderr)
             return None
         return Path(args.dir)
-    from daemon.cli import load_or_explain
+    from streamtrain.config.args import load_or_explain
 
     cfg = load_or_explain(args.config, args.overrides)
     return Path(cfg.snapshot.dir) if cfg is not None else None

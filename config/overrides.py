@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from streams.errors import ConfigError
+from streamtrain.streams.errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "Override", "apply_overrides", "env_overrides", "parse_set"]
 

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from daemon.produce_plan import Plan, make_plan
-from daemon.progress import ProgressLine, RateLimiter, human_bytes
-from streams.encode import FORMATS, encode
-from streams.errors import ConfigError, StreamtrainError
-from streams.loader import INPUT_FORMATS, InputError
+from streamtrain.daemon.progress import ProgressLine, RateLimiter, human_bytes
+from streamtrain.streams.encode import FORMATS, encode
+from streamtrain.streams.errors import ConfigError, StreamtrainError
+from streamtrain.streams.loader import INPUT_FORMATS, InputError
+from streamtrain.tools.produce_plan import Plan, make_plan
 
 __all__ = ["add_parser", "main"]
 
@@ -36,7 +36,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def add_parser(sub: Any) -> None:
-    from daemon.cli import add_set_argument
+    from streamtrain.config.args import add_set_argument
 
     p = sub.add_parser(
         "produce",

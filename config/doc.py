@@ -1,7 +1,7 @@
 """Documentation generated from the config definitions, so it cannot drift from them.
 
-``python -m daemon.config_doc yaml`` writes ``config/default.yaml`` (every key with its
-default and a comment); ``python -m daemon.config_doc markdown`` writes the reference
+``python -m streamtrain.config.doc yaml`` writes ``config/default.yaml`` (every key with its
+default and a comment); ``python -m streamtrain.config.doc markdown`` writes the reference
 table in ``docs/CONFIG.md``.  A test regenerates both and fails when they differ.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from daemon.config import Config
+from streamtrain.config.schema import Config
 
 HEADER = """\
 # streamtrain: every configuration key, its default, and what it does.
-# Generated from the config definitions by `python -m daemon.config_doc yaml`;
+# Generated from the config definitions by `python -m streamtrain.config.doc yaml`;
 # edit daemon/config.py or streams/config.py, not this file.
 # Check a config with `streamtrain check-config FILE`; run with `streamtrain run --config FILE`.
 """

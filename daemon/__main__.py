@@ -1,7 +1,0 @@
-"""``python -m daemon`` is ``streamtrain``."""
-
-import sys
-
-from daemon.cli import main
-
-sys.exit(main())
