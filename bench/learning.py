@@ -118,23 +118,20 @@ def run_daemon(
     n = len(stream)
     errors: list[tuple[int, float]] = []
     skipped = [0]
-    step = trainer.step
 
-    def recorded(batch):
-        result = step(batch)
+    def recorded(batch, result) -> None:
         if result.skipped:
             skipped[0] += 1
         else:
             err = result.metric if stream.task == "regression" else 1.0 - result.metric
             errors.append((len(batch), err))
-        return result
 
     def beat() -> None:
         if trainer.samples + skipped[0] * batch_size >= n:
             trainer.stop.set()
 
-    trainer.step = recorded
-    trainer.health_beat = beat
+    trainer.on_step = recorded
+    trainer.on_beat = beat
     watchdog = threading.Timer(timeout, trainer.stop.set)
     watchdog.daemon = True
     try:
@@ -149,7 +146,7 @@ def run_daemon(
         trainer.ready = False  # no final snapshot: nothing here is kept
         trainer.close()
         shutil.rmtree(directory, ignore_errors=True)
-    p = trainer.prequential
+    p = trainer.learner.prequential
     if p.samples + skipped[0] * batch_size < n:
         raise RuntimeError(f"{stream.name}: only {p.samples} of {n} rows trained within {timeout:.0f} s")
     s = Scores(f"streamtrain {model}", stream.task, p.samples, seconds=seconds, skipped=skipped[0])

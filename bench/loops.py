@@ -163,7 +163,7 @@ def end_to_end(
     """The daemon's data path and training loop on the topic, in this process.
 
     ``Trainer.train()`` runs as the daemon runs it; the window is read through its
-    ``health_beat`` hook (called once per turn of the loop, as the service does for
+    ``on_beat`` hook (called once per turn of the loop, as the service does for
     /healthz), from the turn where ``warmup`` samples are trained to the one where
     ``warmup + n`` are (or ``max_seconds`` have passed).  The data-wait comes from the daemon's own
     ``streamtrain_data_wait_seconds`` histogram.  ``on_batch(batch)`` is called after each
@@ -190,16 +190,9 @@ def end_to_end(
             mark.update(t1=time.perf_counter(), s1=s, w1=wait_sum(), st1=step_sum(), n1=trainer.step_count, **cpu.stop())
             trainer.stop.set()
 
-    trainer.health_beat = beat
+    trainer.on_beat = beat
     if on_batch is not None:
-        step = trainer.step
-
-        def stepped(batch: Batch):
-            result = step(batch)
-            on_batch(batch)
-            return result
-
-        trainer.step = stepped
+        trainer.on_step = lambda batch, _result: on_batch(batch)
     watchdog = threading.Timer(timeout, trainer.stop.set)
     watchdog.daemon = True
     try:

@@ -34,9 +34,8 @@ def run(cfg: Config) -> int:
     setup_logging(cfg.logging.level, cfg.logging.format)
     stop = threading.Event()
     metrics = Metrics()
-    trainer = Trainer(cfg, metrics, stop)
     health = Health(cfg.metrics.stall_after_s)
-    trainer.health_beat = health.beat
+    trainer = Trainer(cfg, metrics, stop, on_beat=health.beat)
     notifier = Notifier.from_env()  # systemd Type=notify; a no-op without $NOTIFY_SOCKET
     _install_signals(stop, trainer)
     server = None
@@ -50,7 +49,7 @@ def run(cfg: Config) -> int:
         trainer.setup()
         _wire(cfg, trainer, metrics, health)
         if notifier.enabled:  # READY=1 once ready, WATCHDOG=1 from the loop, STATUS= lines
-            trainer.health_beat = Heartbeat(notifier, health.beat, health.ready, health.live, lambda: _status_line(trainer, health))
+            trainer.on_beat = Heartbeat(notifier, health.beat, health.ready, health.live, lambda: _status_line(trainer, health))
         trainer.train()
         log.info("stopping: finishing up (final snapshot, commit)")
     except ConfigError as exc:

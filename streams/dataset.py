@@ -35,10 +35,12 @@ from streamtrain.streams.deadletter import DeadLetterQueue
 from streamtrain.streams.decode import LabelRule
 from streamtrain.streams.errors import StreamtrainError
 from streamtrain.streams.ingest import Ingest, IngestStats
-from streamtrain.streams.ingest_process import IngestProcess
+from streamtrain.streams.ingest_process import IngestProcess, SourceMirror
+from streamtrain.streams.offsets import OffsetTracker
 from streamtrain.streams.ring import Batch, Position, Ring, RingClosed
 from streamtrain.streams.ring import TopicPartition as TP
 from streamtrain.streams.shared_ring import SharedRing
+from streamtrain.streams.slots import IngestHandle, SlotConsumer
 from streamtrain.streams.source import KafkaSource
 
 
@@ -68,11 +70,11 @@ class KafkaIterableDataset(IterableDataset):
         self.yield_empty = yield_empty
         self.idle_timeout_s = idle_timeout_s
         self.client_id = client_id
-        self.positions: dict[TP, Position] = {}
-        self.ring: Ring | None = None
-        self.source: KafkaSource | None = None
-        self.ingest: Ingest | None = None
-        self._committed: dict[TP, Position] = {}
+        self.offsets = OffsetTracker()  # read (here), trained and durable (the daemon's trainer), committed
+        self.ring: SlotConsumer | None = None
+        self.source: KafkaSource | SourceMirror | None = None
+        self.ingest: IngestHandle | None = None
+        self._current: Batch | None = None  # the batch handed out last; its slot is released on the next
         self._stats = IngestStats()  # cumulative over restarts of the stream
         self._dlq: DeadLetterQueue | None = None
         self._dl_counts = [0, 0]  # process mode: [sent, failed attempts], over the dataset's life
@@ -97,12 +99,17 @@ class KafkaIterableDataset(IterableDataset):
     # ------------------------------------------------------------------ Stateful
     def state_dict(self) -> dict[str, Any]:
         """Positions of every batch yielded so far: ``{"positions": [[topic, partition, offset, rows], ...]}``."""
-        return {"positions": [[t, p, o, r] for (t, p), (o, r) in sorted(self.positions.items())]}
+        return self.offsets.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.ingest is not None:
             raise StreamtrainError("load_state_dict() must be called before iterating the dataset")
-        self.positions = {(t, int(p)): (int(o), int(r)) for t, p, o, r in state.get("positions", [])}
+        self.offsets.load_state_dict(state)
+
+    @property
+    def positions(self) -> dict[TP, Position]:
+        """Where every batch yielded so far brings each partition (``offsets.read``)."""
+        return self.offsets.read
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -126,7 +133,7 @@ class KafkaIterableDataset(IterableDataset):
                 self.dead_letter_config,
                 self.label_rule,
                 self.ring,
-                self.positions,
+                dict(self.offsets.read),
                 self._stats,
                 self._dl_counts,
                 self.client_id,
@@ -141,7 +148,7 @@ class KafkaIterableDataset(IterableDataset):
         dlq = self._dlq
         dlq.stop = threading.Event()
         self.ingest = Ingest.from_config(
-            self.source, dlq, self.ring, self.kafka, self.data, rc, self.label_rule, self.positions, self._stats
+            self.source, dlq, self.ring, self.kafka, self.data, rc, self.label_rule, dict(self.offsets.read), self._stats
         )
         self.ingest.start()
 
@@ -149,12 +156,9 @@ class KafkaIterableDataset(IterableDataset):
         """Stop the ingest thread and close the consumer (and the dead-letter producer)."""
         if self.ingest is None:
             return
-        self.ingest.stop()
+        self.ingest.close()
         self.ring.close()
-        if isinstance(self.ingest, Ingest):  # the process mode closes its own
-            self.ingest.dead_letter.close()
-            self.source.close()
-        self.ingest = None  # iterating again starts over from self.positions
+        self.ingest = None  # iterating again starts over from offsets.read
 
     def __iter__(self) -> Iterator[Batch]:
         self.start()
@@ -186,7 +190,7 @@ class KafkaIterableDataset(IterableDataset):
                 return None
             if batch is not None:
                 self._current = batch
-                self.positions.update(batch.positions)
+                self.offsets.note_read(batch.positions)
                 if len(batch) or self.yield_empty:
                     return batch
                 self.release()
@@ -196,7 +200,7 @@ class KafkaIterableDataset(IterableDataset):
 
     def release(self) -> None:
         """Give the current batch's slot back to the ring (done automatically on the next batch)."""
-        batch = getattr(self, "_current", None)
+        batch = self._current
         if batch is not None:
             self._current = None
             self.ring.release(batch.slot)
@@ -205,16 +209,15 @@ class KafkaIterableDataset(IterableDataset):
         """Read again from ``positions`` (a roll-back): batches in the ring are dropped."""
         self.release()
         self.close()
-        self.positions = dict(positions)
+        self.offsets.read = dict(positions)
         self.start()
 
     def commit(self, positions: dict[TP, Position] | None = None) -> None:
         """Commit positions (default: every batch yielded so far) to the consumer group."""
-        positions = dict(self.positions if positions is None else positions)
-        changed = {tp: pos for tp, pos in positions.items() if self._committed.get(tp) != pos}
+        changed = self.offsets.to_commit(dict(self.offsets.read if positions is None else positions))
         if changed and self.source is not None:
             self.source.commit(changed)
-            self._committed.update(changed)
+            self.offsets.note_committed(changed)
 
     def pump(self) -> None:
         """Take in the ingest process's latest status (metrics and health call this before reading)."""

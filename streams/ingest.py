@@ -163,6 +163,7 @@ class Ingest:
         self._slot_oldest = math.inf
         self._slot_deadline = math.inf
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self._tp_index: dict[TP, int] = {}
         self._next_range_check = 0.0
         self._tps: list[TP] = []
@@ -178,8 +179,14 @@ class Ingest:
         self.stop_event.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if getattr(self, "_watcher", None) is not None:
+        if self._watcher is not None:
             self._watcher.join(timeout)
+
+    def close(self) -> None:
+        """Stop the threads, then flush the dead-letter producer and close the consumer."""
+        self.stop()
+        self.dead_letter.close()
+        self.source.close()
 
     def pump(self) -> None:
         """Nothing to take in: a thread shares its state (the ingest process's handle reads its status)."""

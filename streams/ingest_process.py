@@ -204,7 +204,7 @@ class IngestProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc = self.proc
-        if proc is None:
+        if proc is None or self._stopping:  # not started, or stopped already
             return
         self._stopping = True
         self._control.close()  # EOF: the child stops reading, closes its clients, exits
@@ -219,6 +219,10 @@ class IngestProcess:
             if code != 0:  # killed by a signal, say: its clients were not closed cleanly
                 log.warning("the ingest process %d ended with exit code %s while being stopped", proc.pid, code)
         self.source.close()
+
+    def close(self) -> None:
+        """Stop the child (it closes its own clients); the mirror's committer too."""
+        self.stop()
 
     def pump(self) -> None:
         """Take in the child's latest status (the trainer does this between steps; readers call it too)."""

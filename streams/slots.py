@@ -1,13 +1,24 @@
-"""What both sides of a ring share, without torch: position types, the producer's interface.
+"""What both sides of a ring share, without torch: position types and the two sides' interfaces.
 
+A ring is a fixed set of batch slots between the ingest loop (the producer side:
+:class:`SlotProducer`) and the training loop (the consumer side: :class:`SlotConsumer`).
+The product is the shared-memory ring between the ingest process and the daemon
+(``streams/shared_ring.py``: ``ChildRing`` is its producer side, ``SharedRing`` its consumer
+side); ``streams/ring.py``'s in-process ``Ring`` (``ring.ingest: thread``) is both sides of
+the same protocol in one object.  The dataset drives either through :class:`IngestHandle`.
 The ingest process imports only this, so it starts without loading torch.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import threading
+
+    from streamtrain.streams.ring import Batch
 
 Position = tuple[int, int]  # (next offset to read, rows of that record already taken)
 TopicPartition = tuple[str, int]
@@ -34,3 +45,36 @@ class SlotProducer(Protocol):
     def wait_free(self, timeout: float) -> bool: ...
 
     def close(self, error: BaseException | None = None) -> None: ...
+
+
+class SlotConsumer(Protocol):
+    """The consumer side of a ring, as the dataset uses it."""
+
+    slots: int
+    error: BaseException | None  # why the producer closed it, if it failed
+
+    def get(self, timeout: float | None = None) -> Batch | None: ...
+
+    def release(self, slot: int) -> None: ...
+
+    def fill(self) -> int: ...
+
+    def close(self, error: BaseException | None = None) -> None: ...
+
+
+class IngestHandle(Protocol):
+    """What the dataset holds of the ingest loop, whether it runs in a thread or in its own process."""
+
+    opened: threading.Event  # the consumer is open and has its assignment
+    stats: Any  # streams.ingest.IngestStats, cumulative
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+    def close(self) -> None: ...
+
+    def pump(self) -> None: ...
+
+    @property
+    def alive(self) -> bool: ...

@@ -83,7 +83,7 @@ def test_a_skipped_step_still_updates_the_standardizer(tmp_path):
     t = make_trainer(tmp_path)
     r = t.step(batch([[1.0, 2.0, 3.0]], [math.nan]))  # a NaN label: the loss is non-finite, the step skipped
     assert r.skipped == "loss_nonfinite"
-    assert int(t.normalizer.count) == 1 and t.step_count == 0 and t.prequential.samples == 0
+    assert int(t.learner.normalizer.count) == 1 and t.step_count == 0 and t.learner.prequential.samples == 0
     t.close()
 
 
@@ -93,7 +93,7 @@ def test_a_date_ordinal_first_batch_trains_with_sgd_and_no_clipping(tmp_path):
     for i in range(300):
         r = t.step(batch([[736389.0 + i, 43.0 + 0.01 * i, 1.0]], [44.0 + 0.01 * i]))
         assert r.skipped is None
-    assert t.prequential.summary("regression")["mae"] < 1.0
+    assert t.learner.prequential.summary("regression")["mae"] < 1.0
     t.close()
 
 
@@ -108,7 +108,7 @@ def test_regression_on_a_1e5_label_scale_learns_at_the_same_pace(tmp_path):
         t = make_trainer(tmp_path / str(k))
         for i in range(2000):
             t.step(batch(x[i : i + 1], y[i : i + 1] * scale))
-        maes.append(t.prequential.summary("regression")["mae"] / scale)
+        maes.append(t.learner.prequential.summary("regression")["mae"] / scale)
         t.close()
     assert maes[1] == pytest.approx(maes[0], rel=1e-3)
     assert maes[0] < 0.2
@@ -133,12 +133,12 @@ def test_cumulative_totals_match_the_steps_and_survive_a_snapshot(tmp_path):
         r = t.step(batch(x, [float(i % 2)]))
         hits += round(r.metric)
         loss += r.loss
-    assert t.prequential.samples == 200 and t.prequential.correct == hits
-    assert t.prequential.loss == pytest.approx(loss)
+    assert t.learner.prequential.samples == 200 and t.learner.prequential.correct == hits
+    assert t.learner.prequential.loss == pytest.approx(loss)
     t.snapshot(final=True)
     t.close()
     u = make_trainer(tmp_path, data={"num_features": 2}, model={"name": "logistic"}, trainer={"task": "binary"})
-    assert u.prequential.samples == 200 and u.prequential.correct == hits
+    assert u.learner.prequential.samples == 200 and u.learner.prequential.correct == hits
     totals = u.learning_totals()
     assert totals.samples == 200 and totals.correct == hits
     u.close()
@@ -209,9 +209,9 @@ def test_drift_state_in_the_snapshot_decides_the_same_after_a_restart(tmp_path):
     def run(t: Trainer, start: int, stop: int) -> list[int]:
         seen = []
         for i in range(start, stop):
-            before = t.drift.drifts
+            before = t.learner.drift.drifts
             t.step(batch(x[i : i + 1], y[i : i + 1]))
-            if t.drift.drifts > before:
+            if t.learner.drift.drifts > before:
                 seen.append(i)
         return seen
 
@@ -223,7 +223,7 @@ def test_drift_state_in_the_snapshot_decides_the_same_after_a_restart(tmp_path):
     b.snapshot(final=True)
     b.close()
     c = make_trainer(tmp_path / "b", **kw)
-    assert c.drift.samples == 2900
+    assert c.learner.drift.samples == 2900
     rest = run(c, 2900, 5000)
     c.close()
     assert whole and first + rest == whole
@@ -282,9 +282,9 @@ def test_a_changed_drift_setting_is_not_overridden_by_the_snapshot(tmp_path):
     a.snapshot(final=True)
     a.close()
     same = make_trainer(tmp_path, **kw)
-    assert same.drift.detector.width > 0, "unchanged settings: the window is restored"
+    assert same.learner.drift.detector.width > 0, "unchanged settings: the window is restored"
     same.close()
     changed = make_trainer(tmp_path, drift={"delta": 0.05}, **kw)
-    assert changed.drift.detector.delta == 0.05 and changed.drift.detector.width == 0
-    assert changed.drift.samples == 200  # the rest of the drift record continues
+    assert changed.learner.drift.detector.delta == 0.05 and changed.learner.drift.detector.width == 0
+    assert changed.learner.drift.samples == 200  # the rest of the drift record continues
     changed.close()

@@ -72,7 +72,7 @@ def test_list_table_and_json(tmp_path, capsys):
     assert code == 0 and lines[0].split()[:3] == ["NAME", "STEP", "CREATED"] and len(lines) == 3
     assert lines[0].split()[-3:] == ["CUM_LOSS", "CUM_METRIC", "POSITIONS"]
     assert lines[1].split()[1] == "20" and "events: 2 partition(s), offsets sum 1,280" in lines[1] and "mae" in lines[1]
-    cum = t.prequential.summary("regression")  # the trainer's totals at step 20, as the newest snapshot holds them
+    cum = t.learner.prequential.summary("regression")  # the trainer's totals at step 20, as the newest snapshot holds them
     assert f"{cum['loss']:.6g}  mae {cum['mae']:.6g}" in lines[1]
     code, out, _ = cli(capsys, "list", "--dir", d, "--json")
     rows = [json.loads(line) for line in out.splitlines()]
@@ -90,7 +90,7 @@ def test_list_and_show_cumulative_accuracy_for_classification(tmp_path, capsys):
     t = train(tmp_path, {"name": "logistic", "params": {"num_classes": 2}}, "binary")
     t.close()
     d = str(tmp_path / "snaps")
-    cum = t.prequential.summary("binary")
+    cum = t.learner.prequential.summary("binary")
     assert set(cum) == {"samples", "loss", "accuracy"} and cum["samples"] == 20 * 64
     code, out, _ = cli(capsys, "list", "--dir", d)
     assert code == 0 and f"accuracy {cum['accuracy']:.6g}" in out.splitlines()[1]
@@ -133,7 +133,7 @@ def test_show_verifies_and_redacts_and_moves_nothing(tmp_path, capsys):
     d = tmp_path / "snaps"
     code, out, _ = cli(capsys, "show", "latest", "--dir", str(d))
     assert code == 0 and "verified     ok" in out and "step         20" in out and "events [1]  offset 480" in out
-    cum = t.prequential.summary("regression")
+    cum = t.learner.prequential.summary("regression")
     assert f"prequential  1,280 samples: loss {cum['loss']:.6g}, mae {cum['mae']:.6g}, rmse {cum['rmse']:.6g} (cumulative" in out
     assert "hunter2-literal" not in out and "sasl.password: '***'" in out
     newest, older = sorted(d.glob("snap-*"), reverse=True)
@@ -168,12 +168,12 @@ def test_exported_weights_load_without_streamtrain_and_predict_like_the_trainer(
     x = torch.randn(33, WIDTH) * torch.tensor([10.0, 0.1, 3.0]) + torch.tensor([100.0, -5.0, 0.0])
     t.model.eval()
     with torch.no_grad():
-        want = t.model(t.normalizer.transform(x))  # what the trainer's model says on the standardized inputs
+        want = t.model(t.learner.normalizer.transform(x))  # what the trainer's model says on the standardized inputs
     if task == "regression":  # in the label's units, as the trainer scores its prequential prediction
-        assert t.target.enabled and t.target.count.item() == 20 * 64
-        want_label = want * t.target.std + t.target.shift
+        assert t.learner.target.enabled and t.learner.target.count.item() == 20 * 64
+        want_label = want * t.learner.target.std + t.learner.target.shift
     else:
-        assert not t.target.enabled
+        assert not t.learner.target.enabled
         want_label = want
     out = tmp_path / "export" / "model.pt"
     code, text, _ = cli(capsys, "export", "latest", str(out), "--dir", str(tmp_path / "snaps"))
@@ -215,8 +215,8 @@ def test_exported_regression_predicts_in_label_units(tmp_path, capsys, model):
     y = (x[:, 0] * 0.1 + x[:, 2]) * 1000 + 1e5
     t.model.eval()
     with torch.no_grad():  # the trainer's prequential prediction: the raw output in the label's running statistics
-        want = (t.model(t.normalizer.transform(x)) * t.target.std + t.target.shift).reshape(-1)
-    assert abs(t.target.shift.item() - 1.1e5) < 1e3 and t.target.std.item() > 1e3  # labels 1.1e5 +- 3e3
+        want = (t.model(t.learner.normalizer.transform(x)) * t.learner.target.std + t.learner.target.shift).reshape(-1)
+    assert abs(t.learner.target.shift.item() - 1.1e5) < 1e3 and t.learner.target.std.item() > 1e3  # labels 1.1e5 +- 3e3
     assert (want - y).abs().mean() < 0.3 * y.std()  # in label units, and learned: far better than predicting the mean
     d = str(tmp_path / "snaps")
 
@@ -229,8 +229,8 @@ def test_exported_regression_predicts_in_label_units(tmp_path, capsys, model):
     spec = json.loads(sidecar_path(program).read_text())
     dst = spec["outputs"]["destandardize"]
     assert spec["streamtrain_export"] == 2 and dst["included_in_program"] is True
-    assert dst["mean"] == t.target.shift.item() and dst["std"] == t.target.std.item()
-    assert spec["snapshot"]["prequential"] == t.prequential.summary("regression")
+    assert dst["mean"] == t.learner.target.shift.item() and dst["std"] == t.learner.target.std.item()
+    assert spec["snapshot"]["prequential"] == t.learner.prequential.summary("regression")
 
     weights_file = tmp_path / "model.pt"
     code, text, _ = cli(capsys, "export", "latest", str(weights_file), "--dir", d)
@@ -253,7 +253,7 @@ def test_export_without_label_standardization(tmp_path):
     x = torch.randn(9, WIDTH) * torch.tensor([10.0, 0.1, 3.0]) + torch.tensor([100.0, -5.0, 0.0])
     t.model.eval()
     with torch.no_grad():
-        want = t.model(t.normalizer.transform(x))
+        want = t.model(t.learner.normalizer.transform(x))
     info, state = SnapshotStore(tmp_path / "snaps").load_latest()
     spec = export_model(info, state, tmp_path / "off.pt2", "program")
     assert (spec["outputs"]["destandardize"]["mean"], spec["outputs"]["destandardize"]["std"]) == (0.0, 1.0)
@@ -267,7 +267,7 @@ def test_export_without_label_standardization(tmp_path):
     state = torch.load(old.path / STATE_FILE, weights_only=True)
     spec = export_model(old, state, tmp_path / "old.pt", "state_dict")
     assert (spec["outputs"]["destandardize"]["mean"], spec["outputs"]["destandardize"]["std"]) == (0.0, 1.0)
-    assert spec["inputs"]["standardize"]["mean"] == t.normalizer.shift.tolist() and spec["snapshot"]["prequential"] is None
+    assert spec["inputs"]["standardize"]["mean"] == t.learner.normalizer.shift.tolist() and spec["snapshot"]["prequential"] is None
 
 
 def test_works_while_the_directory_is_locked_and_reads_config(tmp_path, capsys):

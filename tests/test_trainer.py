@@ -106,7 +106,7 @@ def test_non_finite_loss_or_gradient_skips_with_weights_bit_identical(tmp_path):
     t = make_trainer(tmp_path, model={"name": "tests.test_trainer:_Poisonable"}, trainer={"optimizer": "adam"})
     x, y = linear_data()
     t.step(batch(x, y))  # optimizer state exists now
-    before, opt_before, norm_before = weights(t), t.optimizer.state_dict(), t.normalizer.state_dict()
+    before, opt_before, norm_before = weights(t), t.optimizer.state_dict(), t.learner.normalizer.state_dict()
     for attr, reason in (("poison_output", "loss_nonfinite"), ("poison_grad", "grad_nonfinite")):
         setattr(t.model, attr, True)
         r = t.step(batch(x, y))
@@ -114,7 +114,7 @@ def test_non_finite_loss_or_gradient_skips_with_weights_bit_identical(tmp_path):
         assert r.skipped == reason
         for k, v in weights(t).items():
             assert torch.equal(v, before[k]), f"{k} changed on a skipped step"
-        assert torch.equal(t.normalizer.state_dict()["mean"], norm_before["mean"])
+        assert torch.equal(t.learner.normalizer.state_dict()["mean"], norm_before["mean"])
         assert t.optimizer.state_dict()["state"][0]["step"] == opt_before["state"][0]["step"]
         assert t.metrics.steps_skipped.labels(reason)._value.get() == 1
     assert t.step_count == 1
@@ -182,7 +182,7 @@ def test_plateau_schedule_on_prequential_loss(tmp_path):
 
 def test_bf16_autocast_on_cpu(tmp_path):
     t = make_trainer(tmp_path, trainer={"amp": "bf16", "device": "cpu"}, model={"name": "mlp", "params": {"hidden": [8]}})
-    assert t.amp_dtype == torch.bfloat16 and not t.scaler.is_enabled()
+    assert t.learner.amp_dtype == torch.bfloat16 and not t.learner.scaler.is_enabled()
     for i in range(50):
         r = t.step(batch(*linear_data(seed=i)))
     assert math.isfinite(r.loss) and t.model.net[0].weight.dtype == torch.float32
@@ -214,7 +214,7 @@ def test_snapshot_restores_everything(tmp_path):
     t.close()
     t2 = make_trainer(tmp_path, trainer={"optimizer": "adamw", "schedule": {"name": "cosine", "t_max": 100}})
     assert t2.step_count == 10 and t2.trained == {("t", 0): (1000, 0)}
-    assert torch.equal(t2.normalizer.mean, t.normalizer.mean)
+    assert torch.equal(t2.learner.normalizer.mean, t.learner.normalizer.mean)
     assert t2.optimizer.param_groups[0]["lr"] == t.optimizer.param_groups[0]["lr"]
     r1, r2 = t.step(probe), t2.step(probe)
     assert r1.loss == r2.loss  # same state, same prequential loss
@@ -240,7 +240,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 def test_cuda_fp16_amp_with_grad_scaler(tmp_path):
     t = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "auto"}, model={"name": "mlp", "params": {"hidden": [64]}})
-    assert t.amp_dtype == torch.float16 and t.scaler.is_enabled()
+    assert t.learner.amp_dtype == torch.float16 and t.learner.scaler.is_enabled()
     first = None
     for i in range(300):
         x, y = linear_data(seed=i)
@@ -250,7 +250,7 @@ def test_cuda_fp16_amp_with_grad_scaler(tmp_path):
     t.snapshot(final=True)
     t.close()
     t2 = make_trainer(tmp_path, trainer={"device": "cuda"}, model={"name": "mlp", "params": {"hidden": [64]}})
-    assert t2.scaler.get_scale() == t.scaler.get_scale()
+    assert t2.learner.scaler.get_scale() == t.learner.scaler.get_scale()
     t2.close()
 
 

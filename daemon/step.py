@@ -1,0 +1,351 @@
+"""The step: one prequential update of the model on a batch, and the state it changes.
+
+:class:`Learner` holds what a step touches -- device, model, optimizer, LR schedule,
+AMP loss scaler, the feature and label standardizers, the prequential totals, the drift
+monitor -- and nothing about where batches come from or where snapshots go (that is
+:mod:`streamtrain.daemon.trainer`, the loop).
+
+A step's forward pass runs on the batch *before* the update, so its loss and metric are
+prequential (test-then-train) estimates of how the model does on unseen data.  A
+non-finite loss or gradient skips the step with the weights untouched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from streamtrain.config.schema import Config
+from streamtrain.daemon.drift_response import DriftMonitor
+from streamtrain.daemon.errors import ConfigError
+from streamtrain.daemon.normalizer import RunningStandardizer
+from streamtrain.daemon.prequential import Prequential
+from streamtrain.models.registry import build_model
+from streamtrain.streams.ring import Batch
+
+log = logging.getLogger("streamtrain.trainer")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    metric: float
+    grad_norm: float
+    skipped: str | None = None  # reason, when the weights were left untouched
+    drift: bool = False  # the step's error rise was detected as a drift
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError([f"trainer.device: {name} asked for, but CUDA is not available here; use auto or cpu"])
+    return torch.device(name)
+
+
+def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(["trainer.amp: fp16 needs CUDA; on the CPU use bf16 or off"])
+        return torch.float16
+    if name == "bf16":
+        return torch.bfloat16
+    return None
+
+
+# What learns best at batch size 1 and small batches, measured with `python -m bench.learning` against
+# River on the same rows (docs/LEARNING.md): (optimizer, learning rate, gradient clipping norm).
+# Linear models: River's own SGD at 0.01 without clipping (convex, standardized inputs and label);
+# the MLP: AdamW at 0.01, clipped at 1; other models (not measured): AdamW at 1e-3, clipped at 1.
+AUTO = {"linear": ("sgd", 0.01, 0.0), "logistic": ("sgd", 0.01, 0.0), "mlp": ("adamw", 0.01, 1.0)}
+AUTO_OTHER = ("adamw", 1e-3, 1.0)
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+
+
+def optimizer_defaults(model: str, optimizer: str, lr: float | None, clip: float | None) -> tuple[str, float, float]:
+    """What ``trainer.optimizer: auto``, ``trainer.lr: null`` and ``trainer.grad_clip_norm: null`` stand for."""
+    auto_name, auto_lr, auto_clip = AUTO.get(model, AUTO_OTHER)
+    name = auto_name if optimizer == "auto" else optimizer
+    if lr is None:
+        lr = auto_lr if name == auto_name else DEFAULT_LR[name]
+    return name, lr, auto_clip if clip is None else clip
+
+
+class Learner:
+    """Model, optimizer and everything else a step updates; built from the config, restored from a snapshot."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        tc = cfg.trainer
+        self.device = pick_device(tc.device)
+        self.amp_dtype = pick_amp(tc.amp, self.device)
+        torch.manual_seed(tc.seed)
+        self.threads = tc.num_threads or max(1, (os.cpu_count() or 2) - 1)  # leave a core to the data path
+        torch.set_num_threads(self.threads)
+
+        self.model = build_model(cfg.model.name, dict(cfg.model.params), cfg.data.width).to(self.device)
+        self._check_output_size()
+        if cfg.model.init_weights:
+            self._warm_start(cfg.model.init_weights)
+        self._freeze(cfg.model.freeze)
+        self.trained_params = [p for p in self.model.parameters() if p.requires_grad]  # what the optimizer updates and the step clips
+        name, lr, clip = optimizer_defaults(cfg.model.name, tc.optimizer, tc.lr, tc.grad_clip_norm)
+        self.clip_norm = clip or math.inf
+        self.optimizer = self._make_optimizer(name, lr)
+        self.scheduler = self._make_scheduler()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.normalizer = RunningStandardizer(cfg.data.width, self.device, enabled=tc.standardize)
+        self.target = RunningStandardizer(1, self.device, enabled=tc.task == "regression" and tc.standardize_target)
+        self.prequential = Prequential()
+        self.drift = DriftMonitor(cfg.drift)
+        self.step_count = 0
+        self.samples = 0
+        self.loss_ewma = math.nan
+        self.metric_ewma = math.nan
+        self._plateau_losses: list[float] = []
+
+    @property
+    def metric_name(self) -> str:
+        return "mae" if self.cfg.trainer.task == "regression" else "accuracy"
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def describe(self) -> str:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.trained_params)
+        amp = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off"
+        return f"{n_params:,} parameters ({n_train:,} trained) on {self.device}, amp {amp}, {self.threads} torch thread(s)"
+
+    # ------------------------------------------------------------------ the step
+    def step(self, batch: Batch) -> StepResult:
+        """One prequential step on ``batch``; the weights stay untouched if anything is non-finite."""
+        tc = self.cfg.trainer
+        x = batch.x.to(self.device, non_blocking=True)
+        y = batch.y.to(self.device, non_blocking=True)
+        self.normalizer.update(x)  # features are known before the prediction; a skipped step's records count too
+        xn = self.normalizer.transform(x)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = self.model(xn)
+        loss, stats = self._loss(out.float(), y)
+        # one device sync: the training loss, then the prequential sums
+        loss_value, loss_sum, hits_or_abs, sq, scaled_abs = torch.stack([loss.detach(), *stats]).tolist()
+        n = len(batch)
+        metric = hits_or_abs / n
+        result = StepResult(loss_sum / n, metric, math.nan)
+        if not math.isfinite(loss_value):
+            result.skipped = "loss_nonfinite"
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.trained_params, self.clip_norm)
+            result.grad_norm = float(norm)
+            if not math.isfinite(result.grad_norm):
+                result.skipped = "amp_overflow" if self.scaler.is_enabled() else "grad_nonfinite"
+                self.scaler.update()  # fp16: lowers the loss scale; no optimizer step
+            else:
+                boosted = self.drift.boost(self.optimizer)
+                self.scaler.step(self.optimizer)
+                self.drift.unboost(self.optimizer, boosted)
+                self.scaler.update()
+                self._schedule(loss_value)
+        self.optimizer.zero_grad(set_to_none=True)
+        if result.skipped:
+            return result
+        self.step_count += 1
+        self.samples += n
+        if tc.task == "regression":
+            self.prequential.add(n, loss_sum, abs_error=hits_or_abs, squared_error=sq)
+            error = scaled_abs / n
+        else:
+            self.prequential.add(n, loss_sum, correct=round(hits_or_abs))
+            error = 1.0 - metric
+        result.drift = self.drift.observe(error, n, self.optimizer)
+        a = tc.ewma_alpha
+        self.loss_ewma = result.loss if math.isnan(self.loss_ewma) else (1 - a) * self.loss_ewma + a * result.loss
+        self.metric_ewma = result.metric if math.isnan(self.metric_ewma) else (1 - a) * self.metric_ewma + a * result.metric
+        return result
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The training loss, and the batch's prequential sums: loss, hits or |error|, squared error, |error| / label std.
+
+        Regression trains on the label standardized by its running statistics (so a label
+        of any scale trains at the same pace); the prediction scored is made with the
+        statistics of the labels *before* this batch, in the label's own units.
+        """
+        tc = self.cfg.trainer
+        zero = out.new_zeros(())
+        if tc.task == "multiclass":
+            labels = y.long()
+            loss = F.cross_entropy(out, labels)
+            return loss, (loss.detach() * len(y), (out.detach().argmax(1) == labels).sum().float(), zero, zero)
+        out = out.reshape(-1)
+        if tc.task == "binary":
+            loss = F.binary_cross_entropy_with_logits(out, y)
+            return loss, (loss.detach() * len(y), ((out.detach() > 0) == (y > 0.5)).sum().float(), zero, zero)
+        target = self.target
+        err = torch.addcmul(target.shift - y, out.detach(), target.std)  # the prequential prediction's error
+        inv_std = target.scale[0]  # the statistics before this batch's labels (update() replaces the tensors)
+        target.update(y[:, None])
+        sq = torch.dot(err, err)
+        abs_sum = err.abs().sum()
+        if tc.loss == "huber":
+            per_sample = F.huber_loss(out * target.std + target.shift, y, delta=tc.huber_delta, reduction="none")
+            loss = per_sample.mean() * target.scale[0] ** 2
+            preq = F.huber_loss(err, torch.zeros_like(err), delta=tc.huber_delta, reduction="sum")
+        else:
+            loss = F.mse_loss(out, (y - target.shift) * target.scale)
+            preq = sq
+        return loss, (preq, abs_sum, sq, abs_sum * inv_std)
+
+    def _schedule(self, loss: float) -> None:
+        s = self.cfg.trainer.schedule
+        if self.scheduler is None:
+            return
+        if s.name == "plateau":
+            self._plateau_losses.append(loss)
+            if len(self._plateau_losses) >= s.window:
+                self.scheduler.step(sum(self._plateau_losses) / len(self._plateau_losses))
+                self._plateau_losses = []
+        else:
+            self.scheduler.step()
+
+    # ------------------------------------------------------------------ state (a snapshot's state.pt)
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "normalizer": self.normalizer.state_dict(),
+            "target": self.target.state_dict(),
+            "prequential": self.prequential.state_dict(),
+            "drift": self.drift.state_dict(),
+            "rng": rng,
+            "trainer": {
+                "step": self.step_count,
+                "samples": self.samples,
+                "loss_ewma": self.loss_ewma,
+                "metric_ewma": self.metric_ewma,
+                "plateau_losses": list(self._plateau_losses),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any], where: str, trained_with: str) -> None:
+        """Restore a snapshot's state; ``where``/``trained_with`` name the snapshot and its model in a mismatch's error."""
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # a config problem: restarting would fail the same way
+            first = str(exc).splitlines()[1:2] or [str(exc)]
+            raise ConfigError(
+                [
+                    f"model: snapshot {where} was trained with another model "
+                    f"({trained_with}; {first[0].strip()}); restore the model config it was written with, "
+                    "or point snapshot.dir at a new directory to start over"
+                ]
+            ) from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.normalizer.load_state_dict(state["normalizer"])
+        if "target" in state:
+            self.target.load_state_dict(state["target"])
+        self.prequential.load_state_dict(state.get("prequential", {}))
+        self.drift.load_state_dict(state.get("drift", {}))
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        t = state["trainer"]
+        self.step_count = int(t["step"])
+        self.samples = int(t["samples"])
+        self.loss_ewma = float(t["loss_ewma"])
+        self.metric_ewma = float(t["metric_ewma"])
+        self._plateau_losses = list(t.get("plateau_losses", []))
+
+    # ------------------------------------------------------------------ building
+    def _check_output_size(self) -> None:
+        """Probe the model with a zero batch: it must take the data width and give the task's outputs."""
+        tc = self.cfg.trainer
+        want = {"regression": 1, "binary": 1, "multiclass": tc.num_classes}[tc.task]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model(torch.zeros(2, self.cfg.data.width, device=self.device))
+        except Exception as exc:
+            raise ConfigError([f"model.name: {self.cfg.model.name} cannot take a batch of {self.cfg.data.width} features: {exc}"]) from exc
+        finally:
+            self.model.train()
+        got = 1 if out.dim() == 1 else out.shape[-1]
+        if out.dim() > 2 or out.shape[0] != 2 or got != want:
+            key = "num_classes" if self.cfg.model.name == "logistic" else "out_features"
+            shape = tuple(out.shape)
+            raise ConfigError(
+                [f"model.params.{key}: the model gives outputs of shape {shape} for a batch of 2; task {tc.task} needs (2, {want})"]
+            )
+
+    def _warm_start(self, path: str) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        result = self.model.load_state_dict(state, strict=False)
+        loaded = len(state) - len(result.unexpected_keys)
+        if loaded == 0:
+            raise ConfigError([f"model.init_weights: {path} has no parameter of this model (its keys: {list(state)[:5]})"])
+        log.info(
+            "warm start from %s: %d tensor(s) loaded, %d missing %s, %d unexpected %s",
+            path,
+            loaded,
+            len(result.missing_keys),
+            result.missing_keys[:5],
+            len(result.unexpected_keys),
+            result.unexpected_keys[:5],
+        )
+
+    def _freeze(self, patterns: tuple[str, ...]) -> None:
+        names = [n for n, _ in self.model.named_parameters()]
+        problems = []
+        for i, pat in enumerate(patterns):
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+            if not hits:
+                problems.append(
+                    f"model.freeze[{i}]: {pat!r} matches no parameter; parameters are {names[:8]}{' ...' if len(names) > 8 else ''}"
+                )
+            for n, p in self.model.named_parameters():
+                if n in hits:
+                    p.requires_grad_(False)
+        if problems:
+            raise ConfigError(problems)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ConfigError(["model.freeze: every parameter is frozen; nothing would train"])
+
+    def _make_optimizer(self, name: str, lr: float) -> torch.optim.Optimizer:
+        tc, params = self.cfg.trainer, self.trained_params
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, betas=tc.betas, weight_decay=tc.weight_decay)
+
+    def _make_scheduler(self) -> Any:
+        s = self.cfg.trainer.schedule
+        if s.name == "step":
+            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=s.step_size, gamma=s.gamma)
+        if s.name == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=s.t_max, eta_min=s.eta_min)
+        if s.name == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=s.factor, patience=s.patience, min_lr=s.min_lr)
+        return None
