@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from streamtrain.daemon.errors import SnapshotError
-from streamtrain.daemon.snapshot import SnapshotInfo, SnapshotStore, _map_tensors
+from streamtrain.daemon.snapshot import SnapshotInfo, SnapshotStore
+from streamtrain.daemon.snapshot_state import _map_tensors
 
 __all__ = ["SnapshotWriter", "state_to_host", "tensors_finite"]
 

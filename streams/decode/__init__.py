@@ -1,0 +1,36 @@
+"""Turn a consumed batch of Kafka record values into feature and label arrays.
+
+One vectorized decode per batch (``b"".join`` + one ``np.frombuffer`` for raw,
+``pyarrow.json`` / ``pyarrow.csv`` over the joined lines, Arrow IPC streams with many
+rows each): decoding record by record in Python next to the trainer starves it.
+When a batch holds a record the fast path cannot parse, the batch is bisected so
+good records keep the fast path and only the bad ones are looked at one by one.
+
+Records that cannot be used are returned as :class:`Reject` with a reason from
+:data:`REASONS`; the caller counts them and sends them to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+from streamtrain.streams.decode.arrow import ArrowDecoder
+from streamtrain.streams.decode.common import REASONS, Decoded, Decoder, LabelRule, Reject, value_bytes
+from streamtrain.streams.decode.csv import CsvDecoder
+from streamtrain.streams.decode.json import JsonDecoder
+from streamtrain.streams.decode.raw import RawDecoder
+
+__all__ = ["REASONS", "Decoded", "Decoder", "LabelRule", "Reject", "make_decoder", "value_bytes"]
+
+
+def make_decoder(data: object, rule: LabelRule) -> Decoder:
+    """The decoder for a :class:`daemon.config.DataConfig`-shaped object."""
+    fmt = data.format
+    if fmt == "raw":
+        return RawDecoder(data.width, rule, data.max_record_bytes)
+    if fmt == "json":
+        return JsonDecoder(tuple(data.features), data.label, data.feature_field, data.width, rule, data.max_record_bytes)
+    if fmt == "csv":
+        columns = tuple(data.csv.columns) or (*data.features, data.label)
+        return CsvDecoder(columns, tuple(data.features), data.label, data.csv.delimiter, rule, data.max_record_bytes)
+    if fmt == "arrow":
+        return ArrowDecoder(tuple(data.features), data.label, data.feature_field, data.width, rule, data.max_record_bytes)
+    raise ValueError(f"unknown data.format {fmt!r}")

@@ -1,0 +1,80 @@
+"""CSV: one line per record, no header; column names from the config."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+
+from streamtrain.streams.decode.common import LabelRule, _BisectingDecoder, _check_finite, _column, _stack
+from streamtrain.streams.errors import DecodeError
+
+
+class CsvDecoder(_BisectingDecoder):
+    """One CSV line per record, no header; column names from the config."""
+
+    def __init__(
+        self, columns: tuple[str, ...], features: tuple[str, ...], label: str, delimiter: str, rule: LabelRule, max_bytes: int
+    ) -> None:
+        super().__init__(len(features), rule, max_bytes)
+        self.columns = columns
+        self.features = features
+        self.label = label
+        wanted = [*features, label]
+        self._read = pa_csv.ReadOptions(column_names=list(columns), use_threads=False, block_size=1 << 24)
+        self._parse = pa_csv.ParseOptions(delimiter=delimiter)
+        # the batch path skips a line with the wrong number of fields (an empty one too) and notes it
+        self._parse_batch = pa_csv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False, invalid_row_handler=self._invalid_row)
+        self._invalid: list[int] = []  # line numbers (1-based) skipped by the current read
+        self._convert = pa_csv.ConvertOptions(
+            column_types={c: pa.float64() for c in wanted}, include_columns=wanted, null_values=[""], strings_can_be_null=False
+        )
+
+    def _invalid_row(self, row: pa_csv.InvalidRow) -> str:
+        self._invalid.append(row.number)
+        return "skip"
+
+    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        joined = b"\n".join(v.rstrip(b"\r\n") for v in chunk)
+        if joined.count(b"\n") != len(chunk) - 1:
+            raise DecodeError("wrong_shape", "a record holds more than one line")
+        self._invalid = []
+        # pyarrow hands the handler a line as text: one that is not UTF-8 would fail inside the callback
+        parse = self._parse_batch if joined.isascii() or _is_utf8(joined) else self._parse
+        table = pa_csv.read_csv(io.BytesIO(joined + b"\n"), self._read, parse, self._convert)
+        skipped = [n - 1 for n in self._invalid]  # one line per record: line n is record n - 1
+        if table.num_rows != len(chunk) - len(skipped) or not all(0 <= i < len(chunk) for i in skipped):
+            raise DecodeError("wrong_shape", "row count mismatch")
+        if any(table.column(f).null_count for f in self.features):
+            raise DecodeError("wrong_shape", "empty feature")
+        x = _stack(table, self.features, table.num_rows)
+        return x, _column(table, self.label), skipped
+
+    def _one(self, value: bytes) -> tuple[list[float], float]:
+        line = value.rstrip(b"\r\n")
+        if b"\n" in line:
+            raise DecodeError("wrong_shape", "a CSV record must be one line")
+        try:
+            table = pa_csv.read_csv(io.BytesIO(line + b"\n"), self._read, self._parse, self._convert)
+        except pa.ArrowInvalid as exc:
+            text = str(exc)
+            reason = "wrong_shape" if "columns" in text or "conversion" in text.lower() else "undecodable"
+            raise DecodeError(reason, text.splitlines()[0][:300]) from None
+        if any(table.column(f).null_count for f in self.features):
+            raise DecodeError("wrong_shape", "a feature column is empty")
+        if table.column(self.label).null_count:
+            raise DecodeError("missing_label", f"column {self.label!r} is empty")
+        fx = [float(table.column(f)[0].as_py()) for f in self.features]
+        fy = float(table.column(self.label)[0].as_py())
+        _check_finite(fx, fy)
+        return fx, fy
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
