@@ -4,18 +4,25 @@ No Docker engine runs here, so what can be checked without one is: the compose f
 validates (``docker-compose config``); its pieces point at each other (the daemon's
 port, path, topic, config and snapshot volume); Prometheus' config and rules pass
 ``promtool``; every metric the dashboard and the alerts name exists in a live /metrics
-of a daemon running the compose config; the unit passes ``systemd-analyze verify``.
+of a daemon running the compose config; the unit passes ``systemd-analyze verify``;
+the wheel installs beside python-daemon, whose ``daemon`` it once overwrote, without touching it.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -498,3 +505,128 @@ def test_systemd_unit_verifies(tmp_path):
     if "offline" in r.stderr and ("unrecognized" in r.stderr or "unknown" in r.stderr):
         return  # systemd < 250 cannot rate a unit file offline
     assert r.returncode == 0, "exposure above 3.0 (OK):\n" + r.stdout[-3000:] + r.stderr
+
+
+# ------------------------------------------------------------------ the installed package
+
+PYTHON_DAEMON = {  # python-daemon (an Apache Airflow dependency) is imported as `daemon`: a stand-in for it
+    "daemon/__init__.py": '"""A stand-in for python-daemon."""\n\n\nclass DaemonContext: ...\n',
+    "daemon/pidfile.py": "class TimeoutPIDLockFile: ...\n",
+}
+INSTALLED_MODULES = (
+    "streamtrain.daemon.service",
+    "streamtrain.streams.dataset",
+    "streamtrain.models",
+    "streamtrain.config.schema",
+    "streamtrain.tools.snapshots",
+    "streamtrain.cli",
+)
+IMPORT = """
+import importlib, json, sys
+import daemon
+mods = {m: importlib.import_module(m).__file__ for m in sys.argv[1:]}
+print(json.dumps({"daemon": daemon.__file__, "DaemonContext": hasattr(daemon, "DaemonContext"), **mods}))
+"""
+
+
+def package_dirs() -> dict[str, str]:
+    """pyproject.toml's ``[tool.setuptools.package-dir]``: import name -> folder."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+
+
+def hand_made_wheel(out: Path, dist: str, version: str, files: dict[str, str]) -> Path:
+    """A pure-Python wheel of ``files`` (path in site-packages -> text), written without a build backend."""
+    name = dist.replace("-", "_")
+    info = f"{name}-{version}.dist-info"
+    files = {
+        **files,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests.test_packaging\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/top_level.txt": "".join(sorted({p.split("/")[0] + "\n" for p in files})),
+    }
+    wheel = out / f"{name}-{version}-py3-none-any.whl"
+    record = []
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            data = text.encode()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            z.writestr(path, data)
+            record.append(f"{path},sha256={digest},{len(data)}\n")
+        z.writestr(f"{info}/RECORD", "".join([*record, f"{info}/RECORD,,\n"]))
+    return wheel
+
+
+def test_installing_streamtrain_leaves_python_daemons_daemon_package_alone(tmp_path):
+    """Into a fresh venv, offline: a stand-in python-daemon, then streamtrain's wheel built from this checkout.
+
+    python-daemon's ``daemon`` keeps its files and its ``DaemonContext`` (streamtrain once installed its daemon/
+    folder as a top-level ``daemon`` over them, and its uninstall deleted them); streamtrain's modules and its
+    command run from the installed package; uninstalling streamtrain leaves python-daemon whole.
+    """
+    for needed in ("pip", "setuptools", "venv"):
+        if importlib.util.find_spec(needed) is None:
+            pytest.skip(f"{needed} is not installed in this Python; the test builds and installs wheels with it")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_"))}  # not this checkout on PYTHONPATH
+    env.update(PYTHONNOUSERSITE="1", PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+
+    def sh(*argv, timeout=120) -> str:
+        r = subprocess.run([str(a) for a in argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, f"{shlex.join(map(str, argv))}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+        return r.stdout
+
+    # streamtrain's wheel, built from a copy of what pyproject.toml packages (setuptools' build/ and egg-info stay out of the checkout)
+    src, wheels = tmp_path / "src", tmp_path / "wheels"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    dirs = package_dirs()
+    for folder in set(dirs.values()):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pip = [sys.executable, "-m", "pip"]
+    sh(*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--wheel-dir", wheels, src)
+    (streamtrain_wheel,) = wheels.glob("streamtrain-*.whl")
+    daemon_wheel = hand_made_wheel(wheels, "python-daemon", "3.0.1", PYTHON_DAEMON)
+
+    venv = tmp_path / "venv"
+    sh(sys.executable, "-m", "venv", "--without-pip", venv)
+    python = venv / "bin" / "python"
+    site = Path(sh(python, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
+    in_venv = [*pip, "--python", python]  # this pip, run by the venv's Python on the venv's packages
+    sh(*in_venv, "install", "--no-deps", "--no-index", daemon_wheel)
+    sh(*in_venv, "install", "--no-deps", "--no-index", streamtrain_wheel)
+
+    def python_daemon_intact(when: str):
+        for path, text in PYTHON_DAEMON.items():
+            assert (site / path).is_file() and (site / path).read_text() == text, f"{when}: python-daemon's {path} was replaced or removed"
+
+    python_daemon_intact("after installing streamtrain")
+    (record,) = site.glob("streamtrain-*.dist-info/RECORD")
+    installed = [line.split(",")[0] for line in record.read_text().splitlines()]
+    outside = [p for p in installed if not p.startswith(("streamtrain/", "streamtrain-", "../../../bin/streamtrain"))]
+    assert not outside, f"streamtrain installs files outside its package: {outside}"
+    for package, folder in dirs.items():  # every module of every folder, in its subpackage
+        shipped = {p.relative_to(ROOT / folder).as_posix() for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts}
+        inside = package.replace(".", "/") + "/"
+        got = {p[len(inside) :] for p in installed if p.startswith(inside) and p.endswith(".py")}
+        assert shipped <= got, f"{folder}/ is not all in the installed {package}: {sorted(shipped - got)} missing"
+
+    # torch, numpy, ... from this environment, after the venv's own packages (so its `daemon` comes first)
+    outer = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (site / "outer-env.pth").write_text("".join(f"{p}\n" for p in outer))
+    found = json.loads(sh(python, "-I", "-c", IMPORT, *INSTALLED_MODULES))
+    assert found.pop("DaemonContext"), "python-daemon's daemon.DaemonContext is gone"
+    for module, file in found.items():
+        assert file and Path(file).is_relative_to(site), f"{module} imported from {file}, not from the installed package"
+    assert Path(found["daemon"]) == site / "daemon" / "__init__.py"
+    usage = sh(venv / "bin" / "streamtrain", "--help")
+    assert "usage: streamtrain" in usage and "check-config" in usage
+
+    (site / "outer-env.pth").unlink()  # pip in the venv sees only the venv
+    sh(*in_venv, "uninstall", "--yes", "streamtrain")
+    assert not (site / "streamtrain").exists() and not (venv / "bin" / "streamtrain").exists()
+    python_daemon_intact("after uninstalling streamtrain")
+    assert json.loads(sh(python, "-I", "-c", IMPORT))["DaemonContext"], "daemon.DaemonContext is gone after uninstalling streamtrain"
