@@ -58,7 +58,7 @@ class Broker:
         if bootstrap:
             self.bootstrap = bootstrap
         else:
-            from tests.kafka_util import start_tansu  # the test extra ships the broker binary
+            from demo.broker import start_tansu  # the test extra ships the broker binary
 
             self._tansu = start_tansu()
             self.bootstrap = self._tansu.bootstrap
@@ -110,7 +110,7 @@ def fill_topic(
 
     ``settings`` override the producer's (e.g. ``batch.num.messages`` for small produce batches).
     """
-    from tests.kafka_util import create_topic
+    from demo.broker import create_topic
 
     create_topic(bootstrap, topic, partitions)
     p = producer(bootstrap, **settings)

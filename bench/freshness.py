@@ -32,7 +32,7 @@ from bench.common import (
     unique,
 )
 from bench.loops import end_to_end, percentile
-from tests.kafka_util import create_topic
+from demo.broker import create_topic
 
 RATES = (25_000, 50_000, 100_000, 150_000, 200_000, 300_000, 400_000)
 

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from bench.common import FEATURES, Broker, machine, print_machine, quiet_logs, rss_mib, snapshot_dir, start_producer, table, unique
-from tests.kafka_util import create_topic, free_port
+from demo.broker import create_topic, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

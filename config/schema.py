@@ -254,7 +254,7 @@ def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = (), env
     ``STREAMTRAIN__*`` variables of ``environ`` (default ``os.environ``), then the
     ``key.path=value`` strings of ``overrides`` (``--set``), are applied to the file's
     mapping; then ``${env:NAME}`` / ``${file:/path}`` references are resolved; then it
-    is validated. See :mod:`daemon.overrides` and :mod:`daemon.secrets`.
+    is validated. See :mod:`streamtrain.config.overrides` and :mod:`streamtrain.config.secrets`.
     """
     env = os.environ if environ is None else environ
     p = Path(path)

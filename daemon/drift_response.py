@@ -1,6 +1,6 @@
 """What the trainer does about concept drift: watch the prequential error, act when it rises.
 
-Each step gives the detector (:mod:`daemon.drift`) one value: the batch's error rate, or
+Each step gives the detector (:mod:`streamtrain.daemon.drift`) one value: the batch's error rate, or
 for regression its mean absolute error in units of the label's running std.  A drift is
 a detected change *upwards* (the error falling is learning, not drift); detections within
 ``cooldown_samples`` of the last drift are the same change (ADWIN cuts its window in a

@@ -18,11 +18,11 @@ import threading
 
 from streamtrain.config.schema import Config
 from streamtrain.daemon.errors import ConfigError, SnapshotLockedError, StreamtrainError
-from streamtrain.daemon.logs import setup_logging
 from streamtrain.daemon.metrics import Health, Metrics, MetricsServer
 from streamtrain.daemon.notify import Heartbeat, Notifier
 from streamtrain.daemon.trainer import Trainer
 from streamtrain.streams.ingest import IngestStats
+from streamtrain.streams.logs import setup_logging
 
 log = logging.getLogger("streamtrain.service")
 

@@ -8,7 +8,12 @@ Points are written every ``logging.tensorboard_every_steps`` steps, by the step 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from streamtrain.daemon.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streamtrain.daemon.step import Learner, StepResult
 
 
 class TensorBoard:
@@ -23,6 +28,20 @@ class TensorBoard:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+
+    def step(self, learner: Learner, result: StepResult) -> None:
+        """A step's scalars: the prequential loss, the EWMAs, the LR, the gradient norm, the cumulative metrics."""
+        metric = learner.metric_name
+        scalars = {
+            "loss/prequential": result.loss,
+            "loss/ewma": learner.loss_ewma,
+            f"{metric}/ewma": learner.metric_ewma,
+            "learning_rate": learner.lr,
+            "grad_norm": result.grad_norm,
+        }
+        summary = learner.prequential.summary(learner.cfg.trainer.task)
+        scalars.update({f"{k}/cumulative": v for k, v in summary.items() if k != "samples" and v is not None})
+        self.scalars(learner.step_count, scalars)
 
     def drift(self, step: int, count: int) -> None:
         self.writer.add_scalar("drift/detected", count, step)

@@ -35,7 +35,7 @@ from streamtrain.daemon.tensorboard import TensorBoard
 from streamtrain.streams.dataset import KafkaIterableDataset
 from streamtrain.streams.decode import LabelRule
 from streamtrain.streams.errors import DeadLetterError
-from streamtrain.streams.offsets import OffsetTracker, positions_from_rows, positions_to_rows
+from streamtrain.streams.offsets import OffsetTracker, describe_positions, positions_from_rows, positions_to_rows
 from streamtrain.streams.ring import Batch, Position
 from streamtrain.streams.ring import TopicPartition as TP
 
@@ -129,10 +129,6 @@ class Trainer:
         return self.learner.model
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.learner.optimizer
-
-    @property
     def step_count(self) -> int:
         return self.learner.step_count if self.learner is not None else 0
 
@@ -148,10 +144,6 @@ class Trainer:
     def trained(self) -> dict[TP, Position]:
         """Positions of every batch trained so far."""
         return self.offsets.trained
-
-    @property
-    def metric_name(self) -> str:
-        return self.learner.metric_name
 
     # ------------------------------------------------------------------ training
     def train(self) -> None:
@@ -233,22 +225,13 @@ class Trainer:
         self.last_loss = result.loss
         m.train_loss.set(result.loss)
         m.train_loss_ewma.set(self.learner.loss_ewma)
-        m.prequential_metric.labels(self.metric_name).set(self.learner.metric_ewma)
+        m.prequential_metric.labels(self.learner.metric_name).set(self.learner.metric_ewma)
         m.grad_norm.set(result.grad_norm)
         m.learning_rate.set(lr)
         if not math.isnan(batch.oldest_timestamp):
             m.freshness.observe(max(0.0, time.time() - batch.oldest_timestamp))
         if self.tensorboard is not None and self.step_count % self.cfg.logging.tensorboard_every_steps == 0:
-            summary = self.learner.prequential.summary(self.cfg.trainer.task)
-            scalars = {
-                "loss/prequential": result.loss,
-                "loss/ewma": self.learner.loss_ewma,
-                f"{self.metric_name}/ewma": self.learner.metric_ewma,
-                "learning_rate": lr,
-                "grad_norm": result.grad_norm,
-            }
-            scalars.update({f"{k}/cumulative": v for k, v in summary.items() if k != "samples" and v is not None})
-            self.tensorboard.scalars(self.step_count, scalars)
+            self.tensorboard.step(self.learner, result)
 
     def learning_totals(self) -> LearningTotals:
         """The cumulative prequential totals and drift record, for the scrape-time counters."""
@@ -287,7 +270,7 @@ class Trainer:
             info.name,
             info.step,
             tc.max_consecutive_nonfinite,
-            _fmt_positions(self.trained),
+            describe_positions(self.trained),
         )
 
     # ------------------------------------------------------------------ state
@@ -301,7 +284,7 @@ class Trainer:
             "samples": learner.samples,
             "positions": positions_to_rows(self.offsets.trained),
             "loss_ewma": None if math.isnan(learner.loss_ewma) else learner.loss_ewma,
-            "metric": {self.metric_name: None if math.isnan(learner.metric_ewma) else learner.metric_ewma},
+            "metric": {self.learner.metric_name: None if math.isnan(learner.metric_ewma) else learner.metric_ewma},
             "prequential": learner.prequential.summary(self.cfg.trainer.task),
             "drift": {"detected": learner.drift.drifts, "last": learner.drift.last_drift or None},
             "model": self.cfg.model.name,
@@ -320,7 +303,7 @@ class Trainer:
             info.name,
             self.step_count,
             f"{self.samples:,}",
-            _fmt_positions(self.offsets.trained),
+            describe_positions(self.offsets.trained),
         )
 
     # ------------------------------------------------------------------ snapshots
@@ -391,7 +374,7 @@ class Trainer:
             rate,
             self.last_loss,
             self.loss_ewma,
-            self.metric_name,
+            self.learner.metric_name,
             self.metric_ewma,
             f"{lag:,}",
             self.dataset.ring.fill(),
@@ -431,10 +414,3 @@ class Trainer:
                 self.skipped_batches.close()
             if self.committer is not None:
                 self.committer.close(timeout=5.0)
-
-
-def _fmt_positions(positions: dict[TP, Position]) -> str:
-    if not positions:
-        return "{}"
-    parts = [f"{t}[{p}]@{o}" + (f"+{r}" if r else "") for (t, p), (o, r) in sorted(positions.items())]
-    return ", ".join(parts[:8]) + (f" ... ({len(parts)} partitions)" if len(parts) > 8 else "")

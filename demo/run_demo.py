@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from demo.broker import TestProducer, create_topic, start_tansu  # noqa: E402
 from demo.synthetic import SyntheticStream  # noqa: E402
 from streamtrain.streams.encode import encode  # noqa: E402
-from tests.kafka_util import TestProducer, create_topic, start_tansu  # noqa: E402
 
 BROKER_PORT, METRICS_PORT = 19092, 19100
 TOPIC = "demo.samples"

@@ -1,13 +1,10 @@
-"""The ingest thread: consume, decode, dead-letter the rejects, fill the ring.
+"""The ingest loop: consume, decode, dead-letter the rejects, fill the ring.
 
-One thread runs the whole producer side of the ring.  A consumed batch is decoded at
-once; its rows are copied into ring slots, and each slot closes when full or
-``max_batch_wait_ms`` after its first row, so slow streams still train promptly.
-
-Each slot carries the position every partition reaches with it: ``(offset, rows)``
-means "records before ``offset`` are done, and the first ``rows`` rows of the record
-at ``offset`` too" -- an Arrow record's rows can be split across two batches, and
-after a restart the rows already trained are skipped, so nothing trains twice.
+One thread runs the whole producer side of the ring (in the ingest process, or in the
+daemon with ``ring.ingest: thread``).  A consumed batch is decoded at once; its rows are
+copied into ring slots by :class:`~streamtrain.streams.filler.SlotFiller`, each slot
+carrying the positions its rows bring their partitions to.  After a restart the rows
+of a split Arrow record that were already trained are skipped, so nothing trains twice.
 A record that produced no rows (rejected) counts as done only after its
 dead-letter copy is acknowledged: its batch, and every batch consumed after it, waits
 in a short queue (``MAX_WAITING`` batches) until the broker's ack, while the loop goes
@@ -22,7 +19,6 @@ librdkafka's queue bound.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -37,6 +33,7 @@ from streamtrain.streams.config import DataConfig, KafkaConfig, RingConfig
 from streamtrain.streams.deadletter import DeadLetter, DeadLetterQueue, Ticket
 from streamtrain.streams.decode import Decoder, LabelRule, make_decoder, value_bytes
 from streamtrain.streams.errors import DeadLetterError, KafkaSourceError
+from streamtrain.streams.filler import Pending, SlotFiller
 from streamtrain.streams.slots import Position, RingClosed, SlotProducer
 from streamtrain.streams.slots import TopicPartition as TP
 from streamtrain.streams.source import KafkaSource
@@ -62,26 +59,6 @@ class IngestStats:
     consumer_errors: int = 0
     out_of_range: dict[str, int] = field(default_factory=dict)  # "topic|partition" -> times a position was out of range
     skipped_out_of_range: dict[str, int] = field(default_factory=dict)  # "topic|partition" -> records known to be skipped
-
-
-@dataclass
-class _Pending:
-    """A decoded consumed batch whose rows are being placed into slots."""
-
-    x: np.ndarray
-    y: np.ndarray
-    part: np.ndarray  # per message: index into tps
-    offset: np.ndarray  # per message
-    ts: np.ndarray  # per message: record timestamp, unix seconds (nan if none)
-    row_start: np.ndarray  # per message: first row
-    row_end: np.ndarray  # per message: one past the last row
-    row_base: np.ndarray  # per message: rows skipped before the first decoded row (resume inside a record)
-    msg_of_row: np.ndarray
-    tps: list[TP]
-    has_ts: bool = True
-    ticket: Ticket | None = None  # its rejects' dead-letter writes: placed only once done
-    row: int = 0  # next row to place
-    done: int = 0  # messages fully handled
 
 
 class Ingest:
@@ -137,7 +114,6 @@ class Ingest:
         self.decoder = decoder
         self.dead_letter = dead_letter
         self.ring = ring
-        self.max_batch_wait_s = max_batch_wait_s
         self.max_messages = max_messages
         # Rows to take per consume(): about a ring's worth.  An Arrow record holds many rows, and
         # decoding 2000 of them at once (2 M rows, ~0.5 s) let the ring run dry meanwhile.
@@ -146,22 +122,16 @@ class Ingest:
         self.consume_timeout_s = consume_timeout_s
         self.refresh_every_s = refresh_every_s
         self.pause_after_s = pause_after_s
-        self._last_slot_at = time.monotonic()  # when the trainer last freed a slot we could take
         self.start_positions = dict(positions or {})
         self.stats = stats if stats is not None else IngestStats()  # kept across stream restarts
         self.stop_event = dead_letter.stop
         self.opened = threading.Event()
         self.on_opened: Callable[[], None] = lambda: None  # called once the consumer is open, before any batch
-        self._positions: dict[TP, Position] = dict(self.start_positions)
+        self.filler = SlotFiller(ring, max_batch_wait_s, self.start_positions, self.stats)
         # resume inside a record: skip the rows of it that were already trained
         self._skip = {tp: pos for tp, pos in self.start_positions.items() if pos[1] > 0}
-        self._pending: _Pending | None = None  # the batch being placed
-        self._waiting: deque[_Pending] = deque()  # decoded batches behind it, in consume order
-        self._slot: int | None = None
-        self._fill = 0
-        self._slot_positions: dict[TP, Position] = {}
-        self._slot_oldest = math.inf
-        self._slot_deadline = math.inf
+        self._pending: Pending | None = None  # the batch being placed
+        self._waiting: deque[Pending] = deque()  # decoded batches behind it, in consume order
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._tp_index: dict[TP, int] = {}
@@ -213,9 +183,7 @@ class Ingest:
             log.error("ingest stopped: %s", exc)
             self.ring.close(exc)
         finally:
-            if self._slot is not None and self._fill == 0 and not self._slot_positions:
-                self.ring.give_back(self._slot)
-                self._slot = None
+            self.filler.give_back_unused()
 
     def _open(self) -> None:
         delay = 0.5
@@ -245,19 +213,19 @@ class Ingest:
             state = self._advance()
             if state == "dead_letter" and len(self._waiting) >= MAX_WAITING:
                 self.dead_letter.wait(self._waiting[0].ticket, 0.05)
-                self._flush_if_due()
+                self.filler.flush_if_due()
                 return
             if state == "ring_full":
                 # Ring full.  Pausing purges librdkafka's prefetched records (a refetch on
                 # resume: 830k -> 155k msg/s measured when done often), so only a trainer that
                 # has freed no slot for pause_after_ms (stalled, or minutes per step) pauses
                 # fetching; otherwise librdkafka's queue bound caps what waits.
-                if time.monotonic() - self._last_slot_at >= self.pause_after_s:
+                if time.monotonic() - self.filler.last_slot_at >= self.pause_after_s:
                     self.source.pause()
                 self.ring.wait_free(0.05)
-                self._flush_if_due()
+                self.filler.flush_if_due()
                 return
-        self._flush_if_due()
+        self.filler.flush_if_due()
         if self.source.paused:
             self.source.resume()
         new = self.source.apply_new_partitions(self.start_positions)
@@ -265,8 +233,8 @@ class Ingest:
             log.info("picked up %d new partition(s): %s", len(new), ", ".join(f"{t}[{p}]" for t, p in new))
             self._note_starts(new)
         timeout = self.consume_timeout_s
-        if self._fill or self._slot_positions:
-            timeout = max(0.0, min(timeout, self._slot_deadline - time.monotonic()))
+        if self.filler.open:
+            timeout = max(0.0, min(timeout, self.filler.deadline - time.monotonic()))
         if self._waiting:  # back soon to place it once its ack is in
             timeout = min(timeout, 0.005)
         msgs = self.source.consume(self._consume_size(), timeout)
@@ -288,16 +256,13 @@ class Ingest:
                     if not ticket.done:
                         return "dead_letter"
                 self._pending = self._waiting.popleft()
-            if not self._place():
+            if not self.filler.place(self._pending):
                 return "ring_full"
+            self._pending = None
 
     def _consume_size(self) -> int:
         """Messages to ask for: ``kafka.consume_batch``, fewer when each record holds many rows."""
         return max(1, min(self.max_messages, int(self.target_rows / max(1.0, self._rows_per_msg))))
-
-    def _flush_if_due(self) -> None:
-        if (self._fill or self._slot_positions) and time.monotonic() >= self._slot_deadline:
-            self._publish()
 
     def _ingest(self, msgs: list) -> None:
         good = msgs
@@ -338,7 +303,7 @@ class Ingest:
         self.stats.rows += len(y)
         self._rows_per_msg = 0.8 * self._rows_per_msg + 0.2 * (len(y) / n)
         has_ts = not np.isnan(ts).all()
-        self._waiting.append(_Pending(x, y, part, offset, ts, row_end - counts, row_end, row_base, msg_of_row, self._tps, has_ts, ticket))
+        self._waiting.append(Pending(x, y, part, offset, ts, row_end - counts, row_end, row_base, msg_of_row, self._tps, has_ts, ticket))
         self._advance()
 
     def _partition_indices(self, msgs: list) -> np.ndarray:
@@ -391,52 +356,6 @@ class Ingest:
         )
         return self.dead_letter.submit(letters)
 
-    # ------------------------------------------------------------------ slots
-    def _place(self) -> bool:
-        """Copy pending rows into slots; False if the ring is full before all are placed."""
-        p = self._pending
-        total = len(p.y)
-        while True:
-            if self._slot is None:
-                self._slot = self.ring.acquire(timeout=0)
-                if self._slot is None:
-                    return False
-                self._last_slot_at = time.monotonic()
-                self._fill = 0
-            k = min(total - p.row, self.ring.batch_size - self._fill)
-            if k > 0:
-                s, f, r = self._slot, self._fill, p.row
-                self.ring.x_np[s, f : f + k] = p.x[r : r + k]
-                self.ring.y_np[s, f : f + k] = p.y[r : r + k]
-                if p.has_ts:
-                    oldest = np.nanmin(p.ts[p.msg_of_row[r : r + k]])
-                    if not math.isnan(oldest):
-                        self._slot_oldest = min(self._slot_oldest, oldest)
-                self._fill += k
-                p.row += k
-            self._advance_positions(p)
-            if self._slot_deadline == math.inf and (self._fill or self._slot_positions):
-                self._slot_deadline = time.monotonic() + self.max_batch_wait_s
-            if self._fill == self.ring.batch_size:
-                self._publish()
-            if p.row == total:
-                self._pending = None
-                return True
-
-    def _advance_positions(self, p: _Pending) -> None:
-        """Positions reached once rows before ``p.row`` are placed."""
-        done = int(np.searchsorted(p.row_end, p.row, side="right")) if p.row < len(p.y) else len(p.offset)
-        if done > p.done:
-            seg = p.part[p.done : done][::-1]
-            parts, first = np.unique(seg, return_index=True)
-            for i, j in zip(parts.tolist(), first.tolist()):
-                last = done - 1 - j
-                self._set_position(p.tps[i], (int(p.offset[last]) + 1, 0))
-            p.done = done
-        if done < len(p.offset) and p.row_start[done] < p.row:
-            # a record split across slots: note how many of its rows are placed
-            self._set_position(p.tps[p.part[done]], (int(p.offset[done]), int(p.row_base[done] + p.row - p.row_start[done])))
-
     def _check_ranges(self) -> None:
         """Once a second: a position outside the offsets the last fetches reported for its partition.
 
@@ -446,7 +365,7 @@ class Ingest:
         ``kafka.on_out_of_range``, loudly.
         """
         self._next_range_check = time.monotonic() + 1.0
-        for tp, (offset, _rows) in list(self._positions.items()):
+        for tp, (offset, _rows) in list(self.filler.positions.items()):
             low, high = self.source.cached_watermarks(tp)
             if tp not in self.source.assigned:
                 continue
@@ -457,7 +376,7 @@ class Ingest:
 
     def _out_of_range(self, tp: TP, low: int, high: int, why: str) -> None:
         """Read on per ``kafka.on_out_of_range`` (or stop), loudly, counting what is known to be skipped."""
-        pos = self._positions.get(tp, (self.source.assigned.get(tp, -1), 0))[0]
+        pos = self.filler.positions.get(tp, (self.source.assigned.get(tp, -1), 0))[0]
         where = f"{tp[0]}[{tp[1]}]: position {pos} is outside the partition's offsets {low}..{high} ({why})"
         cause = "records deleted (retention) before they were trained" if pos < low else "the topic deleted and recreated?"
         if self.on_out_of_range == "stop":
@@ -480,9 +399,7 @@ class Ingest:
         )
         self.source.seek(tp, new)
         self._skip.pop(tp, None)
-        self._set_position(tp, (new, 0))
-        if self._slot_deadline == math.inf:
-            self._slot_deadline = time.monotonic() + self.max_batch_wait_s
+        self.filler.set_position(tp, (new, 0))
 
     def _note_starts(self, tps: list[TP]) -> None:
         """Partitions not started from a snapshot position: their start offset is a position from now on.
@@ -493,28 +410,5 @@ class Ingest:
         """
         for tp in tps:
             offset = self.source.assigned.get(tp, -1)
-            if tp not in self._positions and offset >= 0:
-                self._set_position(tp, (offset, 0))
-                if self._slot_deadline == math.inf:
-                    self._slot_deadline = time.monotonic() + self.max_batch_wait_s
-
-    def _set_position(self, tp: TP, pos: Position) -> None:
-        self._slot_positions[tp] = pos
-        self._positions[tp] = pos
-
-    def _publish(self) -> None:
-        if self._slot is None:  # nothing placed since the last publish ...
-            if not self._slot_positions:
-                return
-            self._slot = self.ring.acquire(timeout=0)  # ... but positions to report (a partition's start): an empty slot
-            if self._slot is None:
-                return  # the ring is full: the next flush tries again
-            self._fill = 0
-        oldest = self._slot_oldest if self._slot_oldest != math.inf else math.nan
-        self.ring.publish(self._slot, self._fill, self._slot_positions, oldest)
-        self.stats.batches += 1
-        self._slot = None
-        self._fill = 0
-        self._slot_positions = {}
-        self._slot_oldest = math.inf
-        self._slot_deadline = math.inf
+            if tp not in self.filler.positions and offset >= 0:
+                self.filler.set_position(tp, (offset, 0))

@@ -247,7 +247,7 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     control = os.fdopen(control_fd, "rb")
     p = pickle.load(control)
     level, fmt = p["log"]
-    from streamtrain.daemon.logs import setup_logging  # stdlib only; the child logs like the daemon
+    from streamtrain.streams.logs import setup_logging  # stdlib only: the child logs like the daemon
 
     setup_logging(logging.getLevelName(level), fmt)
     _batch_scheduling()

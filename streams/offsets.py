@@ -32,6 +32,14 @@ def positions_to_rows(positions: dict[TP, Position]) -> list[list]:
     return [[t, p, o, r] for (t, p), (o, r) in sorted(positions.items())]
 
 
+def describe_positions(positions: dict[TP, Position]) -> str:
+    """``t[0]@120, t[1]@7+300, ...`` for a log line (the first eight partitions)."""
+    if not positions:
+        return "{}"
+    parts = [f"{t}[{p}]@{o}" + (f"+{r}" if r else "") for (t, p), (o, r) in sorted(positions.items())]
+    return ", ".join(parts[:8]) + (f" ... ({len(parts)} partitions)" if len(parts) > 8 else "")
+
+
 class OffsetTracker:
     """Read -> trained -> durable -> committed positions per partition (Stateful: ``state_dict``/``load_state_dict``)."""
 

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from streamtrain.cli import main
-from streamtrain.daemon.progress import RateLimiter
 from streamtrain.streams.config import DataConfig, parse
 from streamtrain.streams.decode import LabelRule, make_decoder
+from streamtrain.tools.progress import RateLimiter
 from tests.kafka_util import free_port, read_topic
 
 pytestmark = pytest.mark.integration

@@ -259,7 +259,7 @@ def lock_holder(tmp_path: Path) -> Iterator[subprocess.Popen]:
     """A second process that takes the snapshot lock and sleeps; killed -9 at the end."""
     code = (
         "import sys, time\n"
-        "from daemon.snapshot import SnapshotStore\n"
+        "from streamtrain.daemon.snapshot import SnapshotStore\n"
         "SnapshotStore(sys.argv[1]).lock()\n"
         "print('locked', flush=True)\n"
         "time.sleep(60)\n"

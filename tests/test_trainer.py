@@ -106,7 +106,7 @@ def test_non_finite_loss_or_gradient_skips_with_weights_bit_identical(tmp_path):
     t = make_trainer(tmp_path, model={"name": "tests.test_trainer:_Poisonable"}, trainer={"optimizer": "adam"})
     x, y = linear_data()
     t.step(batch(x, y))  # optimizer state exists now
-    before, opt_before, norm_before = weights(t), t.optimizer.state_dict(), t.learner.normalizer.state_dict()
+    before, opt_before, norm_before = weights(t), t.learner.optimizer.state_dict(), t.learner.normalizer.state_dict()
     for attr, reason in (("poison_output", "loss_nonfinite"), ("poison_grad", "grad_nonfinite")):
         setattr(t.model, attr, True)
         r = t.step(batch(x, y))
@@ -115,7 +115,7 @@ def test_non_finite_loss_or_gradient_skips_with_weights_bit_identical(tmp_path):
         for k, v in weights(t).items():
             assert torch.equal(v, before[k]), f"{k} changed on a skipped step"
         assert torch.equal(t.learner.normalizer.state_dict()["mean"], norm_before["mean"])
-        assert t.optimizer.state_dict()["state"][0]["step"] == opt_before["state"][0]["step"]
+        assert t.learner.optimizer.state_dict()["state"][0]["step"] == opt_before["state"][0]["step"]
         assert t.metrics.steps_skipped.labels(reason)._value.get() == 1
     assert t.step_count == 1
     assert not t.step(batch(x, y)).skipped and t.consecutive_nonfinite == 0
@@ -166,7 +166,7 @@ def test_lr_schedules(tmp_path, name, extra):
     t = make_trainer(tmp_path, trainer={"lr": 0.1, "schedule": {"name": name, **extra}})
     for i in range(20):
         t.step(batch(*linear_data(seed=i)))
-    lr = t.optimizer.param_groups[0]["lr"]
+    lr = t.learner.optimizer.param_groups[0]["lr"]
     assert lr == pytest.approx(0.025 if name == "step" else 0.0, abs=1e-9)
     t.close()
 
@@ -176,7 +176,7 @@ def test_plateau_schedule_on_prequential_loss(tmp_path):
     for i in range(20):
         x, _ = linear_data(seed=i)
         t.step(batch(x, torch.randn(256)))  # fresh noise: nothing to learn, the loss does not improve
-    assert t.optimizer.param_groups[0]["lr"] < 0.1
+    assert t.learner.optimizer.param_groups[0]["lr"] < 0.1
     t.close()
 
 
@@ -215,7 +215,7 @@ def test_snapshot_restores_everything(tmp_path):
     t2 = make_trainer(tmp_path, trainer={"optimizer": "adamw", "schedule": {"name": "cosine", "t_max": 100}})
     assert t2.step_count == 10 and t2.trained == {("t", 0): (1000, 0)}
     assert torch.equal(t2.learner.normalizer.mean, t.learner.normalizer.mean)
-    assert t2.optimizer.param_groups[0]["lr"] == t.optimizer.param_groups[0]["lr"]
+    assert t2.learner.optimizer.param_groups[0]["lr"] == t.learner.optimizer.param_groups[0]["lr"]
     r1, r2 = t.step(probe), t2.step(probe)
     assert r1.loss == r2.loss  # same state, same prequential loss
     t2.close()

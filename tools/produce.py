@@ -3,7 +3,7 @@
 The transport step from files and object storage into the stream.  With ``--config``
 the bootstrap servers, the topic, the record format (``data.*``) and the Kafka
 security settings are the daemon's own, so what is produced is exactly what that
-daemon trains on; flags override them (:mod:`daemon.produce_plan`).  Rows are read in record batches
+daemon trains on; flags override them (:mod:`streamtrain.tools.produce_plan`).  Rows are read in record batches
 (:mod:`streams.loader`), encoded by :mod:`streams.encode` and produced with delivery
 reports; the summary counts what the broker acknowledged, and the exit code is 1 when
 any record was not delivered.
@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from streamtrain.daemon.progress import ProgressLine, RateLimiter, human_bytes
 from streamtrain.streams.encode import FORMATS, encode
 from streamtrain.streams.errors import ConfigError, StreamtrainError
 from streamtrain.streams.loader import INPUT_FORMATS, InputError
 from streamtrain.tools.produce_plan import Plan, make_plan
+from streamtrain.tools.progress import ProgressLine, RateLimiter, human_bytes
 
 __all__ = ["add_parser", "main"]
 

@@ -22,7 +22,7 @@ __all__ = ["REASONS", "Decoded", "Decoder", "LabelRule", "Reject", "make_decoder
 
 
 def make_decoder(data: object, rule: LabelRule) -> Decoder:
-    """The decoder for a :class:`daemon.config.DataConfig`-shaped object."""
+    """The decoder for a :class:`streamtrain.streams.config.DataConfig`-shaped object."""
     fmt = data.format
     if fmt == "raw":
         return RawDecoder(data.width, rule, data.max_record_bytes)

@@ -37,7 +37,7 @@ class JsonDecoder(_BisectingDecoder):
         )
         self._read = pa_json.ReadOptions(use_threads=False, block_size=1 << 24)
 
-    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         if any(map(bytes.isspace, chunk)):
             # a blank record parses to no row: with a two-object record next to it the row count would match
             raise DecodeError("undecodable", "a blank record")
