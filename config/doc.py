@@ -19,7 +19,7 @@ from streamtrain.config.schema import Config
 HEADER = """\
 # streamtrain: every configuration key, its default, and what it does.
 # Generated from the config definitions by `python -m streamtrain.config.doc yaml`;
-# edit daemon/config.py or streams/config.py, not this file.
+# edit config/schema.py or streams/config.py, not this file.
 # Check a config with `streamtrain check-config FILE`; run with `streamtrain run --config FILE`.
 """
 
@@ -38,6 +38,8 @@ def _default(f: dataclasses.Field) -> Any:
 def _yaml_value(value: Any) -> str:
     if isinstance(value, tuple):
         value = list(value)
+    elif isinstance(value, dict):
+        value = dict(value)  # a frozen section's mapping
     text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()
 

@@ -99,7 +99,12 @@ def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> No
     src.trained_positions = lambda: dict(trainer.trained)
     src.learning = trainer.learning_totals
     src.ring = lambda: (ds.ring.fill(), ds.ring.slots)
-    src.consumer = lambda: (ds.source.paused, ds.source.pauses, dict(ds.source.errors))
+
+    def consumer() -> tuple[bool, int, dict[str, int]]:
+        ds.pump()
+        return ds.source.paused, ds.source.pauses, dict(ds.source.errors)
+
+    src.consumer = consumer
     reach_within = max(15.0, 2 * cfg.kafka.metadata_refresh_s + 5.0)
 
     def kafka_ready() -> tuple[bool, str]:

@@ -2,7 +2,7 @@
 
 The trainer's pause per snapshot is only :func:`state_to_host` (copying tensors to host
 memory); serialization, fsyncs and pruning happen on the writer's thread.  Kafka
-offsets are committed only once a snapshot is durable (DESIGN.md, "Offsets"), which is
+offsets are committed only once a snapshot is durable (docs/ARCHITECTURE.md), which is
 what the ``on_durable`` callback is for.
 """
 

@@ -388,7 +388,8 @@ class Trainer:
         source = self.dataset.source if self.dataset is not None else None
         if source is None:
             return {}
-        assigned = source.assigned  # read once: in the process mode each read takes in the child's status
+        self.dataset.pump()  # the ingest process's latest status
+        assigned = source.assigned
         return self.offsets.lag(source.high_watermarks(), assigned)
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "CsvConfig",
     "DataConfig",
     "DeadLetterConfig",
+    "FrozenDict",
     "KafkaConfig",
     "RingConfig",
     "non_negative",
@@ -33,10 +34,24 @@ __all__ = [
 ]
 
 
+class FrozenDict(dict):
+    """A mapping in a frozen config section: it reads, compares, prints and pickles as a dict, and refuses changes."""
+
+    def _refuse(self, *_args: Any, **_kwargs: Any) -> None:
+        raise TypeError("a config section is frozen: make a changed copy with dict(...) instead")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple:
+        return (FrozenDict, (dict(self),))
+
+
 def opt(default: Any, doc: str) -> Any:
     """A config field with its default and the line that documents it."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    if isinstance(default, dict):
+        return field(default_factory=lambda: FrozenDict(default), metadata={"doc": doc})
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
 
 
@@ -235,11 +250,11 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         return value
     if origin is dict:
         if value is None:
-            return {}
+            return FrozenDict()
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             problems.append(f"{path}: must be a mapping of names to values, got {value!r}")
             return None
-        return dict(value)
+        return FrozenDict(value)
     if origin is tuple:
         if value is None:
             return ()

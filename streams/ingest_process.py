@@ -46,51 +46,32 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class SourceMirror:
-    """The parent's view of the child's consumer: what metrics, lag and /readyz read."""
+    """The parent's view of the child's consumer: what metrics, lag and /readyz read.
+
+    Plain values, as of the last status taken in: readers call the dataset's ``pump()``
+    first (the training loop takes statuses in between steps anyway).
+    """
 
     def __init__(self, kafka: KafkaConfig, client_id: str) -> None:
-        self.pump = lambda: None  # set by IngestProcess: take in the child's latest status first
-        self._assigned: dict[TP, int] = {}
-        self._paused = False
-        self._pauses = 0
-        self._errors: dict[str, int] = {}
+        self.assigned: dict[TP, int] = {}
+        self.paused = False
+        self.pauses = 0
+        self.errors: dict[str, int] = {}
         self._hwm: dict[TP, int] = {}
         self._last_ok = 0.0
         self._committer = KafkaSource(kafka, client_id)  # commits only; never assigned
 
     def update(self, s: dict[str, Any]) -> None:
-        self._assigned = {(t, p): o for t, p, o in s["assigned"]}
+        self.assigned = {(t, p): o for t, p, o in s["assigned"]}
         self._hwm = {(t, p): h for t, p, h in s["hwm"]}
-        self._paused, self._pauses, self._errors = s["paused"], s["pauses"], s["errors"]
+        self.paused, self.pauses, self.errors = s["paused"], s["pauses"], s["errors"]
         if s["ok_age"] is not None:
             self._last_ok = time.monotonic() - s["ok_age"]
 
-    @property
-    def assigned(self) -> dict[TP, int]:
-        self.pump()
-        return self._assigned
-
-    @property
-    def paused(self) -> bool:
-        self.pump()
-        return self._paused
-
-    @property
-    def pauses(self) -> int:
-        self.pump()
-        return self._pauses
-
-    @property
-    def errors(self) -> dict[str, int]:
-        self.pump()
-        return self._errors
-
     def high_watermarks(self) -> dict[TP, int]:
-        self.pump()
         return dict(self._hwm)
 
     def reachable(self, within: float) -> bool:
-        self.pump()
         return time.monotonic() - self._last_ok < within
 
     def commit(self, positions: dict[TP, Position], timeout: float = 10.0) -> None:
@@ -160,7 +141,6 @@ class IngestProcess:
         self._control = os.fdopen(ctl_w, "wb")
         pickle.dump(self._params, self._control)
         self._control.flush()
-        self.source.pump = self.ring.pump
         self.ring.on_status = self._on_status
         self.ring.on_end = self._on_end
         self.ring.connect(ann_r, give_w)

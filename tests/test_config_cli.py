@@ -33,7 +33,7 @@ BAD = [
     ("unknown section", {**merged(), "trainr": {}}, "trainr: unknown key; did you mean 'trainer'?"),
     ("negative lr", merged(trainer={"lr": -1}), "trainer.lr: must be > 0, got -1"),
     ("lr not a number", merged(trainer={"lr": "fast"}), "trainer.lr: must be a number, got 'fast'"),
-    ("unknown optimizer", merged(trainer={"optimizer": "rmsprop"}), "trainer.learner.optimizer: must be auto, sgd, adam or adamw"),
+    ("unknown optimizer", merged(trainer={"optimizer": "rmsprop"}), "trainer.optimizer: must be auto, sgd, adam or adamw"),
     ("multiclass without classes", merged(trainer={"task": "multiclass"}), "trainer.num_classes: must be >= 2 for task multiclass"),
     ("loss for another task", merged(trainer={"task": "binary", "loss": "mse"}), "trainer.loss: must be one of auto, bce for task binary"),
     ("fp16 on cpu", merged(trainer={"device": "cpu", "amp": "fp16"}), "trainer.amp: fp16 needs CUDA"),
@@ -74,7 +74,7 @@ def test_every_problem_is_reported_at_once(tmp_path, capsys):
     path.write_text(yaml.safe_dump(merged(kafka={"topics": []}, trainer={"lr": 0, "optimizer": "x"}, ring={"batch_size": -2})))
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
-    for key in ("kafka.topics", "trainer.lr", "trainer.learner.optimizer", "ring.batch_size"):
+    for key in ("kafka.topics", "trainer.lr", "trainer.optimizer", "ring.batch_size"):
         assert f"  {key}: " in err
 
 

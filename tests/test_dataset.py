@@ -145,7 +145,10 @@ def test_commit_and_lag_from_another_thread_while_the_stream_is_idle(bootstrap, 
     within(ds.commit)
     assert committed_offsets(bootstrap, ds.kafka.group_id, list(producer.end)) == producer.end
     deadline = time.monotonic() + DEADLINE
-    while within(ds.source.high_watermarks) != producer.end and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        ds.pump()  # the ingest process's latest status
+        if within(ds.source.high_watermarks) == producer.end:
+            break
         time.sleep(0.1)
     assert within(ds.source.high_watermarks) == producer.end
 
@@ -327,7 +330,10 @@ def test_a_full_ring_pauses_the_consumer_and_nothing_is_lost(make_topic, dataset
     ds = dataset([topic], ring={"slots": 2, "batch_size": 16, "ingest": ingest})
     ds.start()
     deadline = time.monotonic() + DEADLINE
-    while ds.source.pauses < 1 and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        ds.pump()
+        if ds.source.pauses >= 1:
+            break
         time.sleep(0.05)  # nobody takes batches: the ring fills up
     assert ds.source.pauses >= 1
     assert ds.ring.fill() == 2

@@ -222,3 +222,22 @@ def test_the_daemons_librdkafka_defaults_give_way_to_settings():
     assert consumer_settings(kafka)["fetch.wait.max.ms"] == 200  # freshness on brokers that poll (docs/BENCHMARKS.md)
     tuned = parse(KafkaConfig, {"topics": ["a"], "settings": {"fetch.wait.max.ms": 50, "fetch.queue.backoff.ms": 100}}, "kafka")
     assert consumer_settings(tuned)["fetch.wait.max.ms"] == 50 and consumer_settings(tuned)["fetch.queue.backoff.ms"] == 100
+
+
+def test_a_frozen_section_holds_no_mutable_mapping():
+    """``kafka.settings`` and ``model.params`` refuse changes like the sections around them, and still pickle (to the ingest child)."""
+    import pickle
+
+    from streamtrain.config.schema import config_from_dict
+
+    cfg = config_from_dict(
+        {"kafka": {"topics": ["a"], "settings": {"security.protocol": "SSL"}}, "data": {"format": "raw", "num_features": 3}}
+    )
+    for mapping in (cfg.kafka.settings, cfg.model.params, KafkaConfig().settings):
+        with pytest.raises(TypeError, match="frozen"):
+            mapping["x"] = 1
+        with pytest.raises(TypeError, match="frozen"):
+            mapping.update(x=1)
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and again.kafka.settings == {"security.protocol": "SSL"}
+    assert dict(cfg.kafka.settings) | {"x": 1} == {"security.protocol": "SSL", "x": 1}  # a changed copy is a plain dict
