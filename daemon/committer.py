@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from streamtrain.streams.config import KafkaConfig
+from streamtrain.streams.offsets import OffsetTracker
 from streamtrain.streams.ring import Position
 from streamtrain.streams.ring import TopicPartition as TP
 from streamtrain.streams.source import KafkaSource
@@ -24,11 +25,17 @@ log = logging.getLogger("streamtrain.trainer")
 
 
 class Committer:
-    def __init__(self, kafka: KafkaConfig, on_failure: Callable[[BaseException], None], client_id: str = "streamtrain-committer") -> None:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        offsets: OffsetTracker,
+        on_failure: Callable[[BaseException], None],
+        client_id: str = "streamtrain-committer",
+    ) -> None:
         self.kafka = kafka
+        self.offsets = offsets  # what is committed already: only the changes are sent
         self.client_id = client_id
         self.on_failure = on_failure
-        self.committed: dict[TP, Position] = {}
         self._pending: dict[TP, Position] | None = None
         self._busy = False
         self._closed = False
@@ -81,13 +88,13 @@ class Committer:
                 positions, self._pending = self._pending, None
                 self._busy = True
             try:
-                changed = {tp: pos for tp, pos in positions.items() if self.committed.get(tp) != pos}
+                changed = self.offsets.to_commit(positions)
                 if changed:
                     if self._source is None:
                         self._source = KafkaSource(self.kafka, self.client_id)
                         self._source.open_for_commits()
                     self._source.commit(changed)
-                    self.committed.update(changed)
+                    self.offsets.note_committed(changed)
             except Exception as exc:  # the group is a mirror; the snapshot is the authority
                 self.on_failure(exc)
             finally:

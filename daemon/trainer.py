@@ -115,7 +115,7 @@ class Trainer:
         if stream:
             # a skipped step's records go to the dead-letter topic (only when reading a stream: they are records then)
             self.skipped_batches = SkippedBatches(cfg.kafka, cfg.data, cfg.dead_letter, stop=self.stop)
-            self.committer = Committer(cfg.kafka, self._on_commit_error)
+            self.committer = Committer(cfg.kafka, self.offsets, self._on_commit_error)
             self.dataset.start()
         log.info("model %s: %s", cfg.model.name, self.learner.describe())
         amp = str(self.learner.amp_dtype).removeprefix("torch.") if self.learner.amp_dtype else "off"
