@@ -375,7 +375,7 @@ class Trainer:
             self.last_loss,
             self.loss_ewma,
             self.learner.metric_name,
-            self.metric_ewma,
+            self.learner.metric_ewma,
             f"{lag:,}",
             self.dataset.ring.fill(),
             self.dataset.ring.slots,

@@ -6,6 +6,7 @@ its /metrics, its snapshot directory, the consumer group and the dead-letter top
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -47,7 +48,8 @@ def test_trains_every_record_snapshots_and_commits(tmp_path, bootstrap, make_top
     p = TestProducer(bootstrap)
     p.send_all(topic, values[:first], partitions=4)
     p.flush()
-    d = start(tmp_path, bootstrap, topic)
+    # progress lines on (the suite's default is off): one a fifth of a second
+    d = start(tmp_path, bootstrap, topic, logging={"progress_every_s": 0.2, "level": "INFO"})
     early = d.wait_for("a first loss", lambda m: m.get("streamtrain_steps_total", 0) >= 5, 60)
     p.send_all(topic, values[first:], partitions=4)
     p.flush()
@@ -55,6 +57,7 @@ def test_trains_every_record_snapshots_and_commits(tmp_path, bootstrap, make_top
     late = d.settled()
     code, _ = d.terminate()
     assert code == 0, d.log()[-3000:]
+    assert re.search(r"step \d+ \| [\d,]+ samples \(\d+/s\) \| loss .* \| mae ", d.log()), "progress lines are logged"
 
     meta = latest_meta(tmp_path / "snapshots")
     assert meta["samples"] == n
