@@ -184,3 +184,22 @@ def test_warm_start_and_freeze(tmp_path, bootstrap, make_topic):
         assert torch.equal(v, pretrained.state_dict()[k]), f"{k} is frozen"
     assert any(not torch.equal(v, pretrained.state_dict()[k]) for k, v in head.items()), "the head trained"
     shutil.rmtree(tmp_path / "snapshots")
+
+
+def test_the_demo_runs_and_the_daemon_stops_cleanly():
+    """`make demo` is the README's first command: broker, producer, daemon, metrics, SIGTERM, a snapshot (shortened)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.daemon_util import ROOT
+
+    for port in (19092, 19100):  # the demo's fixed ports
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port} is in use")
+    r = subprocess.run(
+        [sys.executable, "demo/run_demo.py", "--seconds", "6", "--rate", "5000"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "==> daemon exited 0" in r.stdout and "newest: step" in r.stdout, r.stdout[-2000:]
