@@ -1,6 +1,7 @@
 """How fast the data path fills the ring with nothing training: ``python -m bench.ingest``.
 
-For each format and fraction of bad records, on a topic of the embedded broker filled
+For each format, fraction of bad records and number of ingest workers
+(``ring.ingest_workers``), on a topic of the embedded broker filled
 beforehand, the daemon's own data path (``KafkaIterableDataset`` with the daemon's
 settings: consume, decode, dead-letter the rejects, place into the shared ring) is read
 by a loop that releases each batch at once.  It prints rows/s over the window that
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", default="json,csv,raw", help="comma-separated: json,csv,arrow,raw")
     ap.add_argument("--bad", default="0,0.01", help="comma-separated fractions of bad records (default 0,0.01)")
+    ap.add_argument("--workers", default="1", help="comma-separated ingest worker counts, e.g. 1,2 (default 1)")
     ap.add_argument("--samples", type=int, default=200_000, help="rows per measured window")
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell; the best is kept")
     ap.add_argument("--quick", action="store_true", help="a tenth of the samples: checks that it runs")
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     fractions = [float(b) for b in args.bad.split(",") if b]
+    worker_counts = [int(w) for w in args.workers.split(",") if w]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         ap.error(f"unknown format(s) {unknown}")
@@ -115,25 +118,36 @@ def main(argv: list[str] | None = None) -> int:
                 fill_topic(broker.bootstrap, topic, values)
                 del values
                 gc.collect()
-                best = None
-                for _ in range(args.repeat):
-                    cfg = daemon_config(broker.bootstrap, topic, fmt, spec, "unused", kafka={"group_id": unique("bench-ingest")})
-                    r = ingest_only(cfg, n, warm)
-                    best = r if best is None or r["rate"] > best["rate"] else best
-                    print(f"{fmt} bad={frac:g}: {fmt_rate(r['rate'])} rows/s, {r['dead_lettered']} dead-lettered", flush=True)
-                rows_out.append(
-                    [
-                        fmt,
-                        f"{100 * frac:g} %",
-                        f"{bad:,}",
-                        fmt_rate(best["rate"]),
-                        f"{best['dead_lettered']:,}",
-                        f"{best['self_cpu'] / best['rows'] * 1e6:.2f}" if best.get("self_cpu") else "-",
-                    ]
-                )
+                best: dict[int, dict] = {}
+                for _ in range(args.repeat):  # the worker counts interleaved: side by side
+                    for w in worker_counts:
+                        kafka = {"group_id": unique("bench-ingest")}
+                        cfg = daemon_config(broker.bootstrap, topic, fmt, spec, "unused", kafka=kafka, ring={"ingest_workers": w})
+                        r = ingest_only(cfg, n, warm)
+                        if w not in best or r["rate"] > best[w]["rate"]:
+                            best[w] = r
+                        print(
+                            f"{fmt} bad={frac:g} workers={w}: {fmt_rate(r['rate'])} rows/s, {r['dead_lettered']} dead-lettered", flush=True
+                        )
+                one = best[worker_counts[0]]["rate"]
+                for w in worker_counts:
+                    b = best[w]
+                    rows_out.append(
+                        [
+                            fmt,
+                            f"{100 * frac:g} %",
+                            str(w),
+                            f"{bad:,}",
+                            fmt_rate(b["rate"]),
+                            f"{b['rate'] / one:.2f}x",
+                            f"{b['dead_lettered']:,}",
+                            f"{b['self_cpu'] / b['rows'] * 1e6:.2f}" if b.get("self_cpu") else "-",
+                        ]
+                    )
             del base
     print()
-    print(table(["format", "bad", "bad records in topic", "rows/s", "dead-lettered", "CPU us/row (reader + ingest process)"], rows_out))
+    headers = ["format", "bad", "workers", "bad records in topic", "rows/s", f"x {worker_counts[0]} worker(s)", "dead-lettered"]
+    print(table([*headers, "CPU us/row (reader + ingest processes)"], rows_out))
     return 0
 
 

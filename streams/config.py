@@ -207,6 +207,11 @@ class RingConfig:
         "Where consume + decode run: process (their own process, sharing no GIL with the trainer: 1.3-1.7x a "
         "small model's throughput on CPU, docs/BENCHMARKS.md) or thread (one process, e.g. a notebook).",
     )
+    ingest_workers: int = opt(
+        0,
+        "Ingest processes, each reading its own share of the partitions into its own part of the ring (process "
+        "mode). 0: from the cores the trainer leaves over (1 on 2-4 cores, 3 on 8, 7 on 16).",
+    )
     pause_after_ms: int = opt(
         1000,
         "Pause fetching once the ring has stayed full this long (a slow or stalled trainer); "
@@ -217,6 +222,10 @@ class RingConfig:
         problems = positive(self, "batch_size", "max_batch_wait_ms", "pause_after_ms")
         if self.ingest not in ("process", "thread"):
             problems.append(("ingest", f"must be process or thread, got {self.ingest!r}"))
+        if self.ingest_workers < 0:
+            problems.append(("ingest_workers", f"must be >= 0 (0: from the cores), got {self.ingest_workers}"))
+        elif self.ingest_workers > 1 and self.ingest == "thread":
+            problems.append(("ingest_workers", "more than one needs ring.ingest: process"))
         if self.slots < 2:
             problems.append(("slots", f"must be >= 2 (one filling while one trains), got {self.slots}"))
         return problems

@@ -42,6 +42,8 @@ from streamtrain.streams.ring import TopicPartition as TP
 from streamtrain.streams.shared_ring import SharedRing
 from streamtrain.streams.slots import IngestHandle, SlotConsumer
 from streamtrain.streams.source import KafkaSource
+from streamtrain.streams.split import default_workers
+from streamtrain.streams.workers import MultiMirror, build_workers
 
 
 class KafkaIterableDataset(IterableDataset):
@@ -72,7 +74,7 @@ class KafkaIterableDataset(IterableDataset):
         self.client_id = client_id
         self.offsets = OffsetTracker()  # read (here), trained and durable (the daemon's trainer), committed
         self.ring: SlotConsumer | None = None
-        self.source: KafkaSource | SourceMirror | None = None
+        self.source: KafkaSource | SourceMirror | MultiMirror | None = None
         self.ingest: IngestHandle | None = None
         self._current: Batch | None = None  # the batch handed out last; its slot is released on the next
         self._stats = IngestStats()  # cumulative over restarts of the stream
@@ -125,20 +127,22 @@ class KafkaIterableDataset(IterableDataset):
         rc = self.ring_config
         pin = self.pin_memory and torch.cuda.is_available()
         if rc.ingest == "process":
-            self.ring = SharedRing(rc.slots, rc.batch_size, self.data.width, pin_memory=pin)
-            self.ingest = IngestProcess(
-                self.kafka,
-                self.data,
-                rc,
-                self.dead_letter_config,
-                self.label_rule,
-                self.ring,
-                dict(self.offsets.read),
-                self._stats,
-                self._dl_counts,
-                self.client_id,
-            )
-            self.source = self.ingest.source
+            workers = rc.ingest_workers or default_workers()
+
+            def ring(slots: int) -> SharedRing:
+                return SharedRing(slots, rc.batch_size, self.data.width, pin_memory=pin)
+
+            def worker(ring: SharedRing, share: tuple[int, int] = (0, 1), lock: threading.Lock | None = None) -> IngestProcess:
+                positions = dict(self.offsets.read)
+                args = (self.kafka, self.data, rc, self.dead_letter_config, self.label_rule, ring, positions, self._stats)
+                return IngestProcess(*args, self._dl_counts, self.client_id, share=share, lock=lock)
+
+            if workers == 1:
+                self.ring = ring(rc.slots)
+                self.ingest = worker(self.ring)
+                self.source = self.ingest.source
+            else:  # each worker a share of the partitions and of the slots
+                self.ring, self.ingest, self.source = build_workers(workers, lambda: ring(max(2, rc.slots // workers)), worker)
             self.ingest.start()
             return
         self.ring = Ring(rc.slots, rc.batch_size, self.data.width, pin_memory=pin)

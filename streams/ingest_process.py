@@ -97,6 +97,8 @@ class IngestProcess:
         stats: IngestStats,
         dead_letter_counts: list[int],
         client_id: str = "streamtrain",
+        share: tuple[int, int] = (0, 1),
+        lock: threading.Lock | None = None,
     ) -> None:
         self.ring = ring
         self.source = SourceMirror(kafka, client_id)
@@ -104,7 +106,7 @@ class IngestProcess:
         self.opened = threading.Event()
         self._dl_counts = dead_letter_counts  # [sent, failures], cumulative over restarts (the dataset's)
         self._last_child: dict[str, Any] = {"stats": asdict(IngestStats()), "dead_letter": [0, 0]}
-        self._lock = threading.Lock()
+        self._lock = lock or threading.Lock()  # shared by the workers folding into the same counters
         self._params = {
             "kafka": kafka,
             "data": data,
@@ -113,6 +115,7 @@ class IngestProcess:
             "label_rule": label_rule,
             "positions": dict(positions),
             "client_id": client_id,
+            "share": share,
             "geometry": (ring.slots, ring.batch_size, ring.width),
             "log": (logging.getLogger("streamtrain").getEffectiveLevel(), os.environ.get("STREAMTRAIN_LOG_FORMAT", "text")),
         }
@@ -238,7 +241,7 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     slots, batch_size, width = p["geometry"]
     ring = ChildRing(ring_fd, slots, batch_size, width, ann_fd, give_fd)
     kafka, rc = p["kafka"], p["ring_config"]
-    source = KafkaSource(kafka, p["client_id"])
+    source = KafkaSource(kafka, p["client_id"], share=p["share"])
     dlq = DeadLetterQueue(kafka, p["dead_letter"])
     ingest = Ingest.from_config(source, dlq, ring, kafka, p["data"], rc, p["label_rule"], p["positions"])
     # Say "open, assigned" before the first batch: the trainer may train records the moment

@@ -208,10 +208,25 @@ class SharedRing:
             self.pump(0.1 if timeout is None else timeout)
         return self._next_ready(self._ready, self.views, self._closed)
 
+    def take(self):
+        """The next announced batch without waiting (None if there is none; RingClosed once closed and drained)."""
+        if not self._ready and not self._closed:
+            self.pump(0)
+        return self._next_ready(self._ready, self.views, self._closed)
+
+    def announcements_fd(self) -> int | None:
+        """What to wait on (``select``) for the next announcement; None once ended."""
+        frames = self._frames
+        return frames.fd if frames is not None else None
+
     def release(self, slot: int) -> None:
         self._owed += 1
         if self._owed >= self.give_back_every:
             self._flush_give_back()
+
+    def flush_give_back(self) -> None:
+        """Give back every released slot now (before waiting: the child may be waiting for one)."""
+        self._flush_give_back()
 
     def _flush_give_back(self) -> None:
         if self._owed and self._give_back is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -22,9 +23,12 @@ def test_pipeline_quick_prints_its_table(bootstrap, capsys):
 
 
 def test_ingest_prints_a_row_per_format_and_bad_fraction(bootstrap, capsys):
-    assert ingest.main(["--quick", "--formats", "csv", "--bad", "0,0.05", "--samples", "20000", "--bootstrap", bootstrap]) == 0
+    args = ["--quick", "--formats", "csv", "--bad", "0,0.05", "--workers", "1,2", "--samples", "20000", "--bootstrap", bootstrap]
+    assert ingest.main(args) == 0
     out = capsys.readouterr().out
-    assert "| csv    | 0 %" in out and "| csv    | 5 %" in out
+    for bad in ("0 %", "5 %"):
+        for workers in (1, 2):
+            assert re.search(rf"\| csv +\| {bad} +\| {workers} ", out), out
 
 
 @pytest.mark.gpu

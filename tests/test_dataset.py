@@ -278,13 +278,14 @@ def test_a_topic_created_later_is_picked_up(bootstrap, make_topic, dataset, prod
     assert offsets(ds.positions) == producer.end
 
 
-def test_partitions_added_later_are_picked_up(bootstrap, make_topic, dataset, producer):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_partitions_added_later_are_picked_up(bootstrap, make_topic, dataset, producer, workers):
     """Needs CreatePartitions: Apache Kafka has it (STREAMTRAIN_TEST_BOOTSTRAP), the embedded Tansu does not."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewPartitions
 
     topic = make_topic(2)
-    ds = dataset([topic], kafka={"metadata_refresh_s": 0.5})
+    ds = dataset([topic], kafka={"metadata_refresh_s": 0.5}, ring={"ingest_workers": workers})
     produce(producer, topic, [record(i) for i in range(10)], partitions=2)
     assert_once(take(ds, 10), range(10))
     try:
@@ -393,3 +394,46 @@ def test_end_offsets_are_listed_in_one_request_and_a_failing_partition_leaves_th
         assert all(hi >= 1 for hi in listed.values()), listed
     finally:
         source.close()
+
+
+@pytest.mark.integration
+def test_two_ingest_workers_split_the_partitions_and_every_record_comes_once(bootstrap, make_topic, dataset, producer):
+    """Each worker reads the partitions split.owner gives it; together they read each record once, rejects included."""
+    from streamtrain.streams.split import owner
+
+    topic, later = make_topic(4), unique_name("later")
+    n = 4000
+    values = [record(i) if i % 97 else b"{garbage" for i in range(n)]
+    produce(producer, topic, values, partitions=4)
+    ds = dataset([topic, later], ring={"ingest_workers": 2, "slots": 8}, kafka={"metadata_refresh_s": 0.5})
+    good = [i for i in range(n) if i % 97]
+    assert_once(take(ds, len(good)), good)
+    shares = [set(w.source.assigned) for w in ds.ingest.workers]
+    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == {(topic, p) for p in range(4)}
+    assert all(owner(tp, 2) == i for i, share in enumerate(shares) for tp in share)
+    create_topic(bootstrap, later, 3)  # found at runtime: each partition goes to its owner
+    for i in range(60):
+        producer.send(later, record(10_000 + i), partition=i % 3)
+    producer.flush()
+    assert_once(take(ds, 60), range(10_000, 10_060))
+    assert offsets(ds.positions) == producer.end  # the rejected records count as done too
+    assert sum(ds.stats.rejected.values()) == n - len(good)
+    ds.commit()
+    assert committed_offsets(bootstrap, ds.kafka.group_id, list(producer.end)) == producer.end
+
+
+@pytest.mark.integration
+def test_an_ingest_worker_that_dies_ends_the_stream_with_an_error(make_topic, dataset, producer):
+    """Never a silent stall: the other workers' batches stop and the error names what happened."""
+    import os
+    import signal
+
+    topic = make_topic(4)
+    produce(producer, topic, [record(i) for i in range(200)], partitions=4)
+    ds = dataset([topic], ring={"ingest_workers": 2})
+    take(ds, 200)
+    os.kill(ds.ingest.workers[1].proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + DEADLINE
+    with pytest.raises(StreamtrainError, match="exited unexpectedly"):
+        while time.monotonic() < deadline:
+            ds.next_batch(timeout=0.2)

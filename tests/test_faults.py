@@ -112,6 +112,52 @@ def test_kill_9_at_random_moments_and_during_snapshot_writes(tmp_path, bootstrap
     )
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_kill_9_with_two_ingest_workers(tmp_path, bootstrap, make_topic):
+    """Positions from two workers compose: kill -9 of the daemon, or of one of its ingest workers (exit 1), loses and repeats nothing."""
+    topic = make_topic(4)
+    cfg = ledger_config(tmp_path, bootstrap, topic, ring={"ingest_workers": 2}, snapshot={"every_seconds": 0.5})
+    producer = LedgerProducer(bootstrap, topic)
+    producer.start(rate=3000)
+    rng = random.Random(3)
+    daemon_kills = worker_kills = 0
+    try:
+        for i in range(8):
+            d = launch(tmp_path, cfg, f"w{i}")
+            d.wait_for("training", lambda m: m.get("streamtrain_steps_total", 0) >= 1, 60)
+            time.sleep(rng.uniform(0.2, 1.5))
+            workers = _children(d.proc.pid)
+            if i % 3 == 2 and len(workers) == 2:  # one worker dies: the daemon must fail, not stall
+                os.kill(rng.choice(workers), signal.SIGKILL)
+                assert d.wait_exit(30) == 1, d.log()[-2000:]
+                assert "the ingest process exited unexpectedly" in d.log()
+                worker_kills += 1
+            else:
+                d.kill9()
+                daemon_kills += 1
+    finally:
+        producer.stop()
+    drain(tmp_path, cfg, producer)
+    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
+    assert worker_kills >= 2, f"{worker_kills} worker kills (the daemon had {len(workers)} children)"
+    record(
+        "kill -9 with 2 ingest workers (daemon or one worker)",
+        trials=f"{daemon_kills} daemon kills, {worker_kills} worker kills",
+        produced=producer.total,
+        lost=lost,
+        duplicated=dup,
+        recovery="-",
+        notes="a killed worker ends the daemon with exit 1 (never a stall); the restart resumes from the snapshot",
+    )
+
+
 # ---------------------------------------------------------------------------- 1b. prequential totals under kill -9
 def test_prequential_totals_equal_the_records_across_kill_9(tmp_path, bootstrap, make_topic):
     """The cumulative prequential counters are training state: after kill -9 and restarts they count every record once.
