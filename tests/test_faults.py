@@ -129,12 +129,12 @@ def test_kill_9_with_two_ingest_workers(tmp_path, bootstrap, make_topic):
     rng = random.Random(3)
     daemon_kills = worker_kills = 0
     try:
-        for i in range(8):
+        for i in range(6):
             d = launch(tmp_path, cfg, f"w{i}")
             d.wait_for("training", lambda m: m.get("streamtrain_steps_total", 0) >= 1, 60)
             time.sleep(rng.uniform(0.2, 1.5))
             workers = _children(d.proc.pid)
-            if i % 3 == 2 and len(workers) == 2:  # one worker dies: the daemon must fail, not stall
+            if i % 3 == 1 and len(workers) == 2:  # one worker dies: the daemon must fail, not stall
                 os.kill(rng.choice(workers), signal.SIGKILL)
                 assert d.wait_exit(30) == 1, d.log()[-2000:]
                 assert "the ingest process exited unexpectedly" in d.log()
@@ -557,7 +557,7 @@ def test_poison_records_under_kill_9_are_dead_lettered_and_the_rest_trained_once
     producer.start(rate=3000, value=value)
     rng = random.Random(5)
     try:
-        for i in range(6):
+        for i in range(4):
             d = launch(tmp_path, cfg, f"k{i}")
             d.wait_for("training", lambda m: m.get("streamtrain_steps_total", 0) >= 1, 60)
             time.sleep(rng.uniform(0.2, 1.5))
@@ -576,8 +576,8 @@ def test_poison_records_under_kill_9_are_dead_lettered_and_the_rest_trained_once
     seen = [(int(h["streamtrain.source.partition"]), int(h["streamtrain.source.offset"]) + 1) for h in heads]
     assert set(seen) == bad, f"missing from the dead-letter topic: {sorted(bad - set(seen))[:5]}"
     record(
-        "kill -9 x6 with 1 % poison records",
-        trials="6 kills",
+        "kill -9 x4 with 1 % poison records",
+        trials="4 kills",
         produced=producer.total,
         lost=lost,
         duplicated=dup,
