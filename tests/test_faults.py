@@ -129,12 +129,12 @@ def test_kill_9_with_two_ingest_workers(tmp_path, bootstrap, make_topic):
     rng = random.Random(3)
     daemon_kills = worker_kills = 0
     try:
-        for i in range(6):
+        for i in range(5):
             d = launch(tmp_path, cfg, f"w{i}")
             d.wait_for("training", lambda m: m.get("streamtrain_steps_total", 0) >= 1, 60)
             time.sleep(rng.uniform(0.2, 1.5))
             workers = _children(d.proc.pid)
-            if i % 3 == 1 and len(workers) == 2:  # one worker dies: the daemon must fail, not stall
+            if i % 2 == 1 and len(workers) == 2:  # one worker dies: the daemon must fail, not stall
                 os.kill(rng.choice(workers), signal.SIGKILL)
                 assert d.wait_exit(30) == 1, d.log()[-2000:]
                 assert "the ingest process exited unexpectedly" in d.log()
@@ -831,13 +831,15 @@ def test_malicious_snapshot_never_executes(tmp_path, bootstrap, make_topic):
 
 # ---------------------------------------------------------------------------- 9. second daemon
 def test_second_daemon_is_refused_first_undisturbed(tmp_path, bootstrap, make_topic):
+    from tests.kafka_util import free_port
+
     topic = make_topic(4)
     cfg = ledger_config(tmp_path, bootstrap, topic)
     producer = LedgerProducer(bootstrap, topic)
     d = launch(tmp_path, cfg, "a")
     producer.start(rate=1000)
     d.wait_for("training", lambda m: m.get("streamtrain_samples_trained_total", 0) >= 500, 60)
-    cfg2 = dict(cfg, metrics=dict(cfg["metrics"], port=cfg["metrics"]["port"] + 1 if cfg["metrics"]["port"] < 65000 else 0))
+    cfg2 = dict(cfg, metrics=dict(cfg["metrics"], port=free_port()))  # the first's port + 1 was taken once in CI
     second = launch(tmp_path, cfg2, "b")
     assert second.wait_exit(60) == 3
     assert "is in use by another streamtrain process" in second.log()
