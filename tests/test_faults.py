@@ -54,6 +54,16 @@ def drain(tmp_path: Path, cfg: dict, producer: LedgerProducer, name: str = "drai
     return d
 
 
+def kill_at_random_moments(tmp_path: Path, cfg: dict, rounds: int, name: str, seed: int = 5) -> None:
+    """``rounds`` times: start the daemon, let it train, kill -9 it 0.2-1.5 s later."""
+    rng = random.Random(seed)
+    for i in range(rounds):
+        d = launch(tmp_path, cfg, f"{name}{i}")
+        d.wait_for("training", lambda m: m.get("streamtrain_steps_total", 0) >= 1, 60)
+        time.sleep(rng.uniform(0.2, 1.5))
+        d.kill9()
+
+
 def samples_in_snapshot(snapshot_dir: Path) -> int:
     infos = SnapshotStore(snapshot_dir).list()
     return int(infos[0].meta.get("samples", 0)) if infos else 0
@@ -172,13 +182,8 @@ def test_prequential_totals_equal_the_records_across_kill_9(tmp_path, bootstrap,
     snaps = tmp_path / "snapshots"
     producer = LedgerProducer(bootstrap, topic, partitions=2)
     producer.start(rate=1500)
-    rng = random.Random(5)
     try:
-        for i in range(5):
-            d = launch(tmp_path, cfg, f"p{i}")
-            d.wait_for("training", lambda m: m.get("streamtrain_steps_total", 0) >= 1, 60)
-            time.sleep(rng.uniform(0.2, 1.5))
-            d.kill9()
+        kill_at_random_moments(tmp_path, cfg, 5, "p")
     finally:
         producer.stop()
     d = launch(tmp_path, cfg, "drain")
@@ -555,13 +560,8 @@ def test_poison_records_under_kill_9_are_dead_lettered_and_the_rest_trained_once
         return None
 
     producer.start(rate=3000, value=value)
-    rng = random.Random(5)
     try:
-        for i in range(4):
-            d = launch(tmp_path, cfg, f"k{i}")
-            d.wait_for("training", lambda m: m.get("streamtrain_steps_total", 0) >= 1, 60)
-            time.sleep(rng.uniform(0.2, 1.5))
-            d.kill9()
+        kill_at_random_moments(tmp_path, cfg, 4, "k")
     finally:
         producer.stop()
     drain(tmp_path, cfg, producer)
