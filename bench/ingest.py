@@ -36,7 +36,7 @@ from bench.common import (
     unique,
 )
 from streamtrain.streams.dataset import KafkaIterableDataset
-from streamtrain.streams.decode import LabelRule
+from streamtrain.streams.decode import LabelRule, make_decoder
 from streamtrain.streams.encode import FORMATS
 
 BAD_VALUE = {"json": b"{not json", "csv": b"1,2", "raw": b"\x00\x01\x02", "arrow": b"not arrow"}
@@ -56,7 +56,7 @@ def with_bad(values: list[bytes], fmt: str, fraction: float) -> tuple[list[bytes
 def ingest_only(cfg, rows: int, warmup: int, timeout: float = 300.0) -> dict[str, float]:
     """Read ``warmup + rows`` rows through the data path, releasing each batch at once."""
     ds = KafkaIterableDataset(cfg.kafka, cfg.data, cfg.ring, cfg.dead_letter, LabelRule(cfg.trainer.task, cfg.trainer.num_classes))
-    got = 0
+    got = taken = 0
     t0 = s0 = None
     cpu = CpuMeter()
     deadline = time.monotonic() + timeout
@@ -67,14 +67,20 @@ def ingest_only(cfg, rows: int, warmup: int, timeout: float = 300.0) -> dict[str
             if batch is None:
                 break
             got += len(batch)
+            taken += 1
             if t0 is None and got >= warmup:
                 t0, s0 = time.perf_counter(), got
                 cpu.start()
         seconds = time.perf_counter() - t0 if t0 is not None else math.nan
         used = cpu.stop() if t0 is not None else {}
-        ds.pump()
-        time.sleep(0.6)  # the ingest process's next status holds its final counters
-        ds.pump()
+        # the counters come with the ingest process's status: wait for one sent after the last batch taken
+        # (a batch is announced only once its rejects are in the dead-letter topic)
+        settled = time.monotonic() + 5.0
+        while time.monotonic() < settled:
+            ds.pump()
+            if ds.stats.batches >= taken:
+                break
+            time.sleep(0.05)
         return {
             "rows": got - (s0 or 0),
             "seconds": seconds,
@@ -87,6 +93,30 @@ def ingest_only(cfg, rows: int, warmup: int, timeout: float = 300.0) -> dict[str
         ds.close()
 
 
+def decode_only(formats: list[str], fractions: list[float], n: int, repeat: int) -> int:
+    """The decoder alone, in this process: ns per record over batches of ``kafka.consume_batch`` records."""
+    spec = MODELS["mlp"]
+    rows_out = []
+    for fmt in formats:
+        cfg = daemon_config("127.0.0.1:1", "unused", fmt, spec, "unused")
+        decoder = make_decoder(cfg.data, LabelRule(cfg.trainer.task, cfg.trainer.num_classes))
+        batch = cfg.kafka.consume_batch
+        base = records(fmt, n)
+        for frac in fractions:
+            values, bad = with_bad(base, fmt, frac)
+            best = math.inf
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                for i in range(0, len(values), batch):
+                    decoder.decode(values[i : i + batch])
+                best = min(best, (time.perf_counter() - t0) / len(values))
+            rows_out.append([fmt, f"{100 * frac:g} %", f"{len(values):,}", f"{bad:,}", f"{best * 1e9:,.0f}"])
+            print(f"{fmt} bad={frac:g}: {best * 1e9:,.0f} ns/record", flush=True)
+    print()
+    print(table(["format", "bad", "records", "bad records", "decode ns/record (best)"], rows_out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", default="json,csv,raw", help="comma-separated: json,csv,arrow,raw")
@@ -96,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell; the best is kept")
     ap.add_argument("--quick", action="store_true", help="a tenth of the samples: checks that it runs")
     ap.add_argument("--bootstrap", help="an existing broker instead of the embedded one")
+    ap.add_argument("--decode-only", action="store_true", help="time the decoder alone, in this process (no broker)")
     args = ap.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     fractions = [float(b) for b in args.bad.split(",") if b]
@@ -106,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     print_machine(machine())
     n = max(5_000, args.samples // 10) if args.quick else args.samples
+    if args.decode_only:
+        return decode_only(formats, fractions, n, max(1, args.repeat))
     warm = n // 5
     spec = MODELS["mlp"]
     rows_out = []

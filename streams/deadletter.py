@@ -200,11 +200,6 @@ class DeadLetterQueue:
                 ticket.failed.append((letter, exc.args[0]))
                 return
 
-    @property
-    def in_flight(self) -> int:
-        """Tickets submitted and not yet done."""
-        return len(self._open)
-
     def close(self, timeout: float = 10.0) -> None:
         if self.producer is not None:
             self.producer.flush(timeout)

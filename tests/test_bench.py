@@ -31,6 +31,12 @@ def test_ingest_prints_a_row_per_format_and_bad_fraction(bootstrap, capsys):
             assert re.search(rf"\| csv +\| {bad} +\| {workers} ", out), out
 
 
+def test_ingest_decode_only_times_each_format_without_a_broker(capsys):
+    assert ingest.main(["--decode-only", "--formats", "json,raw", "--bad", "0,0.05", "--samples", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| json +\| 5 % +\| 2,000 +\| 100 ", out) and re.search(r"\| raw +\| 0 % ", out), out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compute_only_and_end_to_end_on_cuda(bootstrap):
