@@ -130,7 +130,15 @@ class Learner:
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: Batch) -> StepResult:
-        """One prequential step on ``batch``; the weights stay untouched if anything is non-finite."""
+        """One prequential step on ``batch``; the weights stay untouched if anything is non-finite.
+
+        On CUDA the step waits for the device once: one read of its statistics (the loss,
+        the prequential sums, the gradient norm) after the backward pass, from which the
+        host decides whether to update, exactly.  A non-finite loss therefore still runs
+        its backward pass (its gradients are dropped); the optimizer steps only once the
+        host knows the gradients are finite, so ``GradScaler.step``'s own read of its
+        overflow flag is not needed (a finite norm means no overflow).
+        """
         tc = self.cfg.trainer
         x = batch.x.to(self.device, non_blocking=True)
         y = batch.y.to(self.device, non_blocking=True)
@@ -139,24 +147,25 @@ class Learner:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             out = self.model(xn)
         loss, stats = self._loss(out.float(), y)
-        # one device sync: the training loss, then the prequential sums
-        loss_value, loss_sum, hits_or_abs, sq, scaled_abs = torch.stack([loss.detach(), *stats]).tolist()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.trained_params, self.clip_norm)
+        # the step's one device sync: the training loss, the prequential sums, the gradient norm
+        loss_value, loss_sum, hits_or_abs, sq, scaled_abs, grad_norm = torch.stack([loss.detach(), *stats, norm]).tolist()
         n = len(batch)
         metric = hits_or_abs / n
         result = StepResult(loss_sum / n, metric, math.nan)
         if not math.isfinite(loss_value):
             result.skipped = "loss_nonfinite"
+            self.scaler.update()  # fp16: lowers the loss scale, as after any overflow; no optimizer step
         else:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.trained_params, self.clip_norm)
-            result.grad_norm = float(norm)
-            if not math.isfinite(result.grad_norm):
+            result.grad_norm = grad_norm
+            if not math.isfinite(grad_norm):
                 result.skipped = "amp_overflow" if self.scaler.is_enabled() else "grad_nonfinite"
                 self.scaler.update()  # fp16: lowers the loss scale; no optimizer step
             else:
                 boosted = self.drift.boost(self.optimizer)
-                self.scaler.step(self.optimizer)
+                self.optimizer.step()  # the gradients are finite (unscaled already): what scaler.step would do
                 self.drift.unboost(self.optimizer, boosted)
                 self.scaler.update()
                 self._schedule(loss_value)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from streamtrain.config.schema import config_from_dict
@@ -14,6 +15,7 @@ from streamtrain.daemon.errors import ConfigError, TrainingError
 from streamtrain.daemon.metrics import Metrics
 from streamtrain.daemon.normalizer import RunningStandardizer
 from streamtrain.daemon.trainer import Trainer
+from streamtrain.models.registry import build_model
 from streamtrain.streams.ring import Batch
 
 WIDTH = 4
@@ -119,6 +121,55 @@ def test_non_finite_loss_or_gradient_skips_with_weights_bit_identical(tmp_path):
         assert t.metrics.steps_skipped.labels(reason)._value.get() == 1
     assert t.step_count == 1
     assert not t.step(batch(x, y)).skipped and t.consecutive_nonfinite == 0
+    t.close()
+
+
+def plain_torch_steps(model_name, params, opt, batches, poisoned, clip):
+    """The step as a plain torch loop (regression, standardized features and label): what the learner must match bit for bit."""
+    torch.manual_seed(0)  # trainer.seed, before the model is built
+    model = build_model(model_name, params, WIDTH)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=1e-2) if opt == "adam" else torch.optim.AdamW(trained, lr=1e-2, weight_decay=0.0)
+    features, label = RunningStandardizer(WIDTH), RunningStandardizer(1)
+    for i, (x, y) in enumerate(batches):
+        if poisoned:
+            model.poison_output, model.poison_grad = poisoned.get(i) == "output", poisoned.get(i) == "grad"
+        features.update(x)
+        out = model(features.transform(x)).reshape(-1)
+        label.update(y[:, None])
+        loss = F.mse_loss(out, (y - label.shift) * label.scale)
+        if math.isfinite(loss.item()):
+            loss.backward()
+            if math.isfinite(torch.nn.utils.clip_grad_norm_(trained, clip).item()):
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+@pytest.mark.parametrize(
+    ("model", "opt", "clip"),
+    [({"name": "tests.test_trainer:_Poisonable"}, "adam", 0.0), ({"name": "mlp", "params": {"hidden": [16, 8]}}, "adamw", 1.0)],
+)
+def test_steps_give_the_weights_of_a_plain_torch_loop(tmp_path, model, opt, clip):
+    """The learner's step (one device read per step, the update decided from it) changes nothing a plain loop would not."""
+    trainer = {"optimizer": opt, "lr": 1e-2, "grad_clip_norm": clip, "num_threads": 1}
+    t = make_trainer(tmp_path, model=model, trainer=trainer, drift={"detector": "off"})
+    batches = [linear_data(n=32, seed=i) for i in range(30)]
+    batches = [(x * (1 + i % 5), y) for i, (x, y) in enumerate(batches)]
+    poisoned = {4: "output", 9: "grad"} if "Poisonable" in model["name"] else {}  # steps skipped, weights untouched
+    skipped = []
+    for i, (x, y) in enumerate(batches):
+        if poisoned.get(i):
+            setattr(t.model, f"poison_{poisoned[i]}", True)
+        skipped.append(t.step(batch(x, y)).skipped)
+        if poisoned.get(i):
+            t.model.poison_output = t.model.poison_grad = False
+    ref_model, ref_opt = plain_torch_steps(model["name"], dict(model.get("params", {})), opt, batches, poisoned, clip or math.inf)
+    assert [i for i, why in enumerate(skipped) if why] == sorted(poisoned)
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(t.model.state_dict()[k], v), k
+    for a, b in zip(t.learner.optimizer.state_dict()["state"].values(), ref_opt.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in b)
     t.close()
 
 
