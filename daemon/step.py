@@ -142,6 +142,9 @@ class Learner:
         tc = self.cfg.trainer
         x = batch.x.to(self.device, non_blocking=True)
         y = batch.y.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":  # the ring gets the slot back once this copy is done, whatever the host waits for
+            batch.copy_done = torch.cuda.Event()
+            batch.copy_done.record(torch.cuda.current_stream(self.device))
         self.normalizer.update(x)  # features are known before the prediction; a skipped step's records count too
         xn = self.normalizer.transform(x)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
