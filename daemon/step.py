@@ -271,6 +271,7 @@ class Learner:
                 ]
             ) from exc
         self.optimizer.load_state_dict(state["optimizer"])
+        self._step_counts_on_host()
         self.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
@@ -288,6 +289,18 @@ class Learner:
         self.loss_ewma = float(t["loss_ewma"])
         self.metric_ewma = float(t["metric_ewma"])
         self._plateau_losses = list(t.get("plateau_losses", []))
+
+    def _step_counts_on_host(self) -> None:
+        """Keep Adam's step counts on the CPU, where a fresh optimizer has them.
+
+        A snapshot is loaded onto the device, and torch restores ``state["step"]`` where it
+        finds it; Adam's (non-fused) update reads each count with ``.item()``: on CUDA that
+        was a device sync per parameter tensor on every step after a restart.
+        """
+        for s in self.optimizer.state.values():
+            step = s.get("step")
+            if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+                s["step"] = step.cpu()
 
     # ------------------------------------------------------------------ building
     def _check_output_size(self) -> None:

@@ -4,6 +4,7 @@ schedules, online standardization, warm start, snapshot round trips.  CUDA tests
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -302,6 +303,48 @@ def test_cuda_fp16_amp_with_grad_scaler(tmp_path):
     t.close()
     t2 = make_trainer(tmp_path, trainer={"device": "cuda"}, model={"name": "mlp", "params": {"hidden": [64]}})
     assert t2.learner.scaler.get_scale() == t.learner.scaler.get_scale()
+    t2.close()
+
+
+def device_syncs(fn) -> int:
+    """How many times the host waits for the device while ``fn`` runs (torch's sync debug mode warns at each)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("amp", ["off", "fp16", "bf16"])
+@pytest.mark.parametrize("opt", [{"optimizer": "adamw", "grad_clip_norm": 1.0}, {"optimizer": "sgd", "momentum": 0.9, "grad_clip_norm": 0}])
+def test_cuda_a_step_waits_for_the_device_once(tmp_path, amp, opt):
+    """Steady state, and again after a restart from a snapshot: one read of the step's statistics per step, nothing else."""
+    if amp == "bf16" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs bf16 on the GPU")
+    sections = {"trainer": {"device": "cuda", "amp": amp, **opt}, "model": {"name": "mlp", "params": {"hidden": [64]}}}
+    data = [linear_data(seed=i) for i in range(8)]
+    batches = [batch(x.pin_memory(), y.pin_memory(), {("t", 0): (i + 1, 0)}) for i, (x, y) in enumerate(data)]
+
+    def steps(t: Trainer, n: int) -> None:
+        for b in batches[:n]:
+            t.step(b)
+            t.trained.update(b.positions)
+
+    t = make_trainer(tmp_path, **sections)
+    steps(t, 3)  # warm up: optimizer state, the loss scale, cuBLAS handles
+    assert device_syncs(lambda: steps(t, 5)) == 5
+    t.snapshot(final=True)
+    t.close()
+    t2 = make_trainer(tmp_path, **sections)
+    assert t2.step_count == 8
+    steps(t2, 2)
+    assert device_syncs(lambda: steps(t2, 5)) == 5  # the restored optimizer state adds none
     t2.close()
 
 
