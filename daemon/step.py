@@ -51,9 +51,17 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full precision."""
+    """The autocast dtype, or None for full precision.
+
+    ``auto`` on CUDA is bf16 where the GPU computes in it natively (compute capability 8.0
+    and later): it has float32's range, so it needs no loss scaler (none of fp16's skipped
+    overflow steps, and no scale to keep).  Older GPUs get fp16 with a loss scaler.
+    """
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        with torch.cuda.device(device):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if name == "fp16":
         if device.type != "cuda":
             raise ConfigError(["trainer.amp: fp16 needs CUDA; on the CPU use bf16 or off"])
@@ -272,7 +280,8 @@ class Learner:
             ) from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self._step_counts_on_host()
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when written without a loss scaler (amp off or bf16): a fresh one starts
+            self.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.normalizer.load_state_dict(state["normalizer"])

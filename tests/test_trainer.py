@@ -3,6 +3,7 @@ schedules, online standardization, warm start, snapshot round trips.  CUDA tests
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -15,6 +16,7 @@ from streamtrain.config.schema import config_from_dict
 from streamtrain.daemon.errors import ConfigError, TrainingError
 from streamtrain.daemon.metrics import Metrics
 from streamtrain.daemon.normalizer import RunningStandardizer
+from streamtrain.daemon.step import pick_amp
 from streamtrain.daemon.trainer import Trainer
 from streamtrain.models.registry import build_model
 from streamtrain.streams.ring import Batch
@@ -241,6 +243,17 @@ def test_bf16_autocast_on_cpu(tmp_path):
     t.close()
 
 
+@pytest.mark.parametrize(("native_bf16", "want"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_auto_on_cuda_is_bf16_where_the_gpu_has_it(monkeypatch, native_bf16, want):
+    """The choice alone (the GPU faked): bf16 without a loss scaler where native, else fp16 with one; the CPU gets none."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(asked.append(device)))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 and not including_emulation)
+    assert pick_amp("auto", torch.device("cuda:1")) == want and asked == [torch.device("cuda:1")]
+    assert pick_amp("auto", torch.device("cpu")) is None
+    assert pick_amp("fp16", torch.device("cuda")) == torch.float16 and pick_amp("bf16", torch.device("cuda")) == torch.bfloat16
+
+
 def test_standardization_uses_statistics_from_before_the_batch():
     s = RunningStandardizer(2)
     x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
@@ -291,7 +304,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 def test_cuda_fp16_amp_with_grad_scaler(tmp_path):
-    t = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "auto"}, model={"name": "mlp", "params": {"hidden": [64]}})
+    t = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "fp16"}, model={"name": "mlp", "params": {"hidden": [64]}})
     assert t.learner.amp_dtype == torch.float16 and t.learner.scaler.is_enabled()
     first = None
     for i in range(300):
@@ -301,8 +314,30 @@ def test_cuda_fp16_amp_with_grad_scaler(tmp_path):
     assert r.loss < 0.1 * first.loss
     t.snapshot(final=True)
     t.close()
-    t2 = make_trainer(tmp_path, trainer={"device": "cuda"}, model={"name": "mlp", "params": {"hidden": [64]}})
+    t2 = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "fp16"}, model={"name": "mlp", "params": {"hidden": [64]}})
     assert t2.learner.scaler.get_scale() == t.learner.scaler.get_scale()
+    t2.close()
+
+
+bf16_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0), reason="needs bf16 on the GPU")
+
+
+@pytest.mark.gpu
+@bf16_gpu
+def test_cuda_amp_auto_is_bf16_without_a_loss_scaler(tmp_path):
+    mlp = {"name": "mlp", "params": {"hidden": [64]}}
+    t = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "auto"}, model=mlp)
+    assert t.learner.amp_dtype == torch.bfloat16 and not t.learner.scaler.is_enabled()
+    first = None
+    for i in range(300):
+        x, y = linear_data(seed=i)
+        r = t.step(batch(x.pin_memory(), y.pin_memory()))
+        first = first or r
+    assert r.loss < 0.1 * first.loss and t.learner.step_count == 300  # no step lost to a loss-scale overflow
+    t.snapshot(final=True)
+    t.close()
+    t2 = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "fp16"}, model=mlp)  # the snapshot has no scaler: a fresh one
+    assert t2.step_count == 300 and t2.learner.scaler.is_enabled()
     t2.close()
 
 
