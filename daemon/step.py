@@ -8,6 +8,15 @@ monitor -- and nothing about where batches come from or where snapshots go (that
 A step's forward pass runs on the batch *before* the update, so its loss and metric are
 prequential (test-then-train) estimates of how the model does on unseen data.  A
 non-finite loss or gradient skips the step with the weights untouched.
+
+On CUDA a step waits for the device once: the ``.tolist()`` of its loss, prequential
+sums and gradient norm, after the backward pass.  The host needs those values before
+the next step is launched: to skip a non-finite step exactly, and because what it
+decides from them shapes the next step (the LR schedule, a drift's optimizer reset or
+LR boost, a roll-back).  Nothing else in the step waits: the batch comes in with a
+non-blocking copy from pinned memory (its slot is protected by ``batch.copy_done``,
+not by this wait), clipping and the loss scaler stay on the device, and the
+optimizer's step counts live on the CPU.
 """
 
 from __future__ import annotations
