@@ -84,7 +84,9 @@ class TrainerConfig:
     betas: tuple[float, float] = opt((0.9, 0.999), "adam/adamw: betas.")
     schedule: ScheduleConfig = section(ScheduleConfig, "Learning-rate schedule.")
     device: str = opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N.")
-    amp: str = opt("auto", "Mixed precision: auto (fp16 on CUDA, off on CPU) | off | fp16 (CUDA) | bf16.")
+    amp: str = opt(
+        "auto", "Mixed precision: auto (CUDA: bf16 where the GPU has it, else fp16 with a loss scaler; CPU: off) | off | fp16 (CUDA) | bf16"
+    )
     grad_clip_norm: float | None = opt(
         None, "Clip the global gradient norm to this; 0 turns clipping off; null = by model (docs/LEARNING.md)."
     )

@@ -8,6 +8,15 @@ monitor -- and nothing about where batches come from or where snapshots go (that
 A step's forward pass runs on the batch *before* the update, so its loss and metric are
 prequential (test-then-train) estimates of how the model does on unseen data.  A
 non-finite loss or gradient skips the step with the weights untouched.
+
+On CUDA a step waits for the device once: the ``.tolist()`` of its loss, prequential
+sums and gradient norm, after the backward pass.  The host needs those values before
+the next step is launched: to skip a non-finite step exactly, and because what it
+decides from them shapes the next step (the LR schedule, a drift's optimizer reset or
+LR boost, a roll-back).  Nothing else in the step waits: the batch comes in with a
+non-blocking copy from pinned memory (its slot is protected by ``batch.copy_done``,
+not by this wait), clipping and the loss scaler stay on the device, and the
+optimizer's step counts live on the CPU.
 """
 
 from __future__ import annotations
@@ -51,9 +60,17 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full precision."""
+    """The autocast dtype, or None for full precision.
+
+    ``auto`` on CUDA is bf16 where the GPU computes in it natively (compute capability 8.0
+    and later): it has float32's range, so it needs no loss scaler (none of fp16's skipped
+    overflow steps, and no scale to keep).  Older GPUs get fp16 with a loss scaler.
+    """
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        with torch.cuda.device(device):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if name == "fp16":
         if device.type != "cuda":
             raise ConfigError(["trainer.amp: fp16 needs CUDA; on the CPU use bf16 or off"])
@@ -130,33 +147,45 @@ class Learner:
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: Batch) -> StepResult:
-        """One prequential step on ``batch``; the weights stay untouched if anything is non-finite."""
+        """One prequential step on ``batch``; the weights stay untouched if anything is non-finite.
+
+        On CUDA the step waits for the device once: one read of its statistics (the loss,
+        the prequential sums, the gradient norm) after the backward pass, from which the
+        host decides whether to update, exactly.  A non-finite loss therefore still runs
+        its backward pass (its gradients are dropped); the optimizer steps only once the
+        host knows the gradients are finite, so ``GradScaler.step``'s own read of its
+        overflow flag is not needed (a finite norm means no overflow).
+        """
         tc = self.cfg.trainer
         x = batch.x.to(self.device, non_blocking=True)
         y = batch.y.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":  # the ring gets the slot back once this copy is done, whatever the host waits for
+            batch.copy_done = torch.cuda.Event()
+            batch.copy_done.record(torch.cuda.current_stream(self.device))
         self.normalizer.update(x)  # features are known before the prediction; a skipped step's records count too
         xn = self.normalizer.transform(x)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             out = self.model(xn)
         loss, stats = self._loss(out.float(), y)
-        # one device sync: the training loss, then the prequential sums
-        loss_value, loss_sum, hits_or_abs, sq, scaled_abs = torch.stack([loss.detach(), *stats]).tolist()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.trained_params, self.clip_norm)
+        # the step's one device sync: the training loss, the prequential sums, the gradient norm
+        loss_value, loss_sum, hits_or_abs, sq, scaled_abs, grad_norm = torch.stack([loss.detach(), *stats, norm]).tolist()
         n = len(batch)
         metric = hits_or_abs / n
         result = StepResult(loss_sum / n, metric, math.nan)
         if not math.isfinite(loss_value):
             result.skipped = "loss_nonfinite"
+            self.scaler.update()  # fp16: lowers the loss scale, as after any overflow; no optimizer step
         else:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.trained_params, self.clip_norm)
-            result.grad_norm = float(norm)
-            if not math.isfinite(result.grad_norm):
+            result.grad_norm = grad_norm
+            if not math.isfinite(grad_norm):
                 result.skipped = "amp_overflow" if self.scaler.is_enabled() else "grad_nonfinite"
                 self.scaler.update()  # fp16: lowers the loss scale; no optimizer step
             else:
                 boosted = self.drift.boost(self.optimizer)
-                self.scaler.step(self.optimizer)
+                self.optimizer.step()  # the gradients are finite (unscaled already): what scaler.step would do
                 self.drift.unboost(self.optimizer, boosted)
                 self.scaler.update()
                 self._schedule(loss_value)
@@ -259,7 +288,9 @@ class Learner:
                 ]
             ) from exc
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._step_counts_on_host()
+        if state["scaler"]:  # empty when written without a loss scaler (amp off or bf16): a fresh one starts
+            self.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.normalizer.load_state_dict(state["normalizer"])
@@ -276,6 +307,18 @@ class Learner:
         self.loss_ewma = float(t["loss_ewma"])
         self.metric_ewma = float(t["metric_ewma"])
         self._plateau_losses = list(t.get("plateau_losses", []))
+
+    def _step_counts_on_host(self) -> None:
+        """Keep Adam's step counts on the CPU, where a fresh optimizer has them.
+
+        A snapshot is loaded onto the device, and torch restores ``state["step"]`` where it
+        finds it; Adam's (non-fused) update reads each count with ``.item()``: on CUDA that
+        was a device sync per parameter tensor on every step after a restart.
+        """
+        for s in self.optimizer.state.values():
+            step = s.get("step")
+            if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+                s["step"] = step.cpu()
 
     # ------------------------------------------------------------------ building
     def _check_output_size(self) -> None:

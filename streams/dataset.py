@@ -14,7 +14,9 @@ Usable on its own in a plain training loop::
 
 Batches come from a background ingest thread through a ring of preallocated slots;
 ``batch.x`` / ``batch.y`` are views of a slot, valid until the next batch is asked for
-(the slot is then reused).  Each batch carries the Kafka positions it brings the
+(the slot is then reused; after ``batch.x.to("cuda", non_blocking=True)``, set
+``batch.copy_done`` to a ``torch.cuda.Event`` recorded after the copy, and the slot is
+reused only once the copy is done).  Each batch carries the Kafka positions it brings the
 stream to; :meth:`state_dict` returns the positions of every batch yielded so far, and
 :meth:`load_state_dict` before iterating resumes exactly there.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,6 +80,7 @@ class KafkaIterableDataset(IterableDataset):
         self.source: KafkaSource | SourceMirror | MultiMirror | None = None
         self.ingest: IngestHandle | None = None
         self._current: Batch | None = None  # the batch handed out last; its slot is released on the next
+        self._copying: deque[Batch] = deque()  # released, but an asynchronous copy out of the slot may still run
         self._stats = IngestStats()  # cumulative over restarts of the stream
         self._dlq: DeadLetterQueue | None = None
         self._dl_counts = [0, 0]  # process mode: [sent, failed attempts], over the dataset's life
@@ -160,6 +164,7 @@ class KafkaIterableDataset(IterableDataset):
         """Stop the ingest thread and close the consumer (and the dead-letter producer)."""
         if self.ingest is None:
             return
+        self._give_back_copied(wait=True)
         self.ingest.close()
         self.ring.close()
         self.ingest = None  # iterating again starts over from offsets.read
@@ -187,7 +192,10 @@ class KafkaIterableDataset(IterableDataset):
         while True:
             wait = min(0.1, max(0.0, deadline - time.monotonic()))
             try:
-                batch = self.ring.get(wait)
+                batch = self.ring.get(0.0) if self._copying else None
+                if batch is None:
+                    self._give_back_copied(wait=True)  # about to wait for the producer: it may need those slots
+                    batch = self.ring.get(wait)
             except RingClosed:
                 if self.ring.error is not None:
                     raise self.ring.error from None
@@ -203,11 +211,33 @@ class KafkaIterableDataset(IterableDataset):
                 return None
 
     def release(self) -> None:
-        """Give the current batch's slot back to the ring (done automatically on the next batch)."""
+        """Give the current batch's slot back to the ring (done automatically on the next batch).
+
+        A slot with an asynchronous copy out of it still running (``batch.copy_done`` not
+        yet completed) goes back once the copy is done: when a later release finds it
+        done, or, at the latest, before the dataset waits for the producer.  Slots go
+        back in the order they came (the shared ring counts them, it does not name them).
+        """
         batch = self._current
-        if batch is not None:
-            self._current = None
+        if batch is None:
+            return
+        self._current = None
+        if batch.copy_done is None and not self._copying:
             self.ring.release(batch.slot)
+            return
+        self._copying.append(batch)
+        self._give_back_copied(wait=False)
+
+    def _give_back_copied(self, wait: bool) -> None:
+        """Give back, oldest first, the slots whose copies are done; ``wait``: wait for every copy first."""
+        copying = self._copying
+        while copying:
+            done = copying[0].copy_done
+            if done is not None and not done.query():
+                if not wait:
+                    return
+                done.synchronize()
+            self.ring.release(copying.popleft().slot)
 
     def restart(self, positions: dict[TP, Position]) -> None:
         """Read again from ``positions`` (a roll-back): batches in the ring are dropped."""

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,11 @@ class Batch:
     ``x``/``y`` are views of a ring slot: valid until the slot is released (the dataset
     releases it when the next batch is asked for).  A batch may hold zero samples when
     it only advances positions (every record in it was rejected).
+
+    Whoever copies ``x``/``y`` out asynchronously (``.to("cuda", non_blocking=True)``)
+    sets ``copy_done`` to an event recorded after the copy (``torch.cuda.Event``: its
+    ``query()`` and ``synchronize()``); the dataset then gives the slot back to the ring
+    only once the event has completed.
     """
 
     x: torch.Tensor  # (n, width) float32
@@ -39,6 +45,7 @@ class Batch:
     positions: dict[TopicPartition, Position] = field(default_factory=dict)
     oldest_timestamp: float = math.nan  # unix seconds of the oldest record inside
     slot: int = -1
+    copy_done: Any = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

@@ -205,3 +205,91 @@ def test_pinned_ring_and_batch_pin_memory():
     pinned = plain.pin_memory()
     assert pinned.x.is_pinned() and pinned.y.is_pinned()
     assert torch.equal(pinned.x, plain.x) and pinned.positions == plain.positions and pinned.oldest_timestamp == 5.0
+
+
+class _Copy:
+    """Stands for the CUDA event of an asynchronous copy out of a slot: done when told, or when waited for."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
+class _NoIngest:
+    def close(self) -> None:
+        pass
+
+
+def dataset_over(ring: Ring):
+    """A dataset reading ``ring`` with no Kafka behind it (the ingest is a stand-in)."""
+    from streamtrain.streams.dataset import KafkaIterableDataset
+
+    ds = KafkaIterableDataset.from_dict({"kafka": {"topics": ["t"]}, "data": {"format": "raw", "num_features": 2}})
+    ds.ring, ds.ingest = ring, _NoIngest()
+    return ds
+
+
+def test_a_slot_being_copied_goes_back_once_the_copy_is_done_and_in_order():
+    ring = Ring(3, 4, 2)
+    ds = dataset_over(ring)
+    fill(ring, 1.0, 4)
+    fill(ring, 2.0, 4)
+    b1 = ds.next_batch(timeout=WAIT)
+    b1.copy_done = c1 = _Copy()
+    b2 = ds.next_batch(timeout=WAIT)  # a batch is ready: taken without waiting for b1's copy
+    assert b2.x[0, 0] == 2.0 and ring.free() == 1 and not c1.waited  # b1's slot is held
+    b2.copy_done = c2 = _Copy()
+    fill(ring, 3.0, 4)
+    c1.done = True
+    b3 = ds.next_batch(timeout=WAIT)  # b1's copy is done now: its slot goes back, b2's stays
+    assert b3.x[0, 0] == 3.0 and ring.free() == 1 and b1.slot in ring._free and not c2.waited
+    assert ds.next_batch(timeout=0.05) is None  # nothing ready: b2's copy is waited for, then b2's and b3's slots go back
+    assert c2.waited and ring.free() == 3 and list(ring._free)[-2:] == [b2.slot, b3.slot]
+
+
+def test_closing_the_dataset_waits_for_copies_out_of_its_slots():
+    ring = Ring(2, 4, 2)
+    ds = dataset_over(ring)
+    fill(ring, 1.0, 4)
+    fill(ring, 2.0, 4)
+    ds.next_batch(timeout=WAIT).copy_done = c = _Copy()
+    ds.next_batch(timeout=WAIT)
+    assert ring.free() == 0
+    ds.close()
+    assert c.waited and ring.free() == 1
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_a_slot_goes_back_only_after_its_copy_to_the_device():
+    """The learner's non-blocking copy out of a pinned slot: the slot is held while the copy is queued behind work."""
+    from streamtrain.config.schema import config_from_dict
+    from streamtrain.daemon.step import Learner
+
+    ring = Ring(2, 1024, 2, pin_memory=True)
+    ds = dataset_over(ring)
+    cfg = config_from_dict({"kafka": {"topics": ["t"]}, "data": {"format": "raw", "num_features": 2}, "trainer": {"device": "cuda"}})
+    learner = Learner(cfg)
+    fill(ring, 1.0, 1024)
+    fill(ring, 2.0, 1024)
+    b1 = ds.next_batch(timeout=WAIT)
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time queued before the step's copies
+    learner.step(b1)  # returns only after the device (its one sync): copy and step done
+    assert b1.copy_done.query()
+    b1.copy_done = torch.cuda.Event()  # a copy still queued: behind another second of GPU time
+    torch.cuda._sleep(2_000_000_000)
+    b1.x.to("cuda", non_blocking=True)
+    b1.copy_done.record()
+    ds.next_batch(timeout=WAIT)  # b2 was ready: b1's slot is held, not waited for
+    assert ring.free() == 0 and not b1.copy_done.query()
+    assert ds.next_batch(timeout=0.05) is None  # nothing ready: the copy is waited for, the slots go back
+    assert b1.copy_done.query() and ring.free() == 2

@@ -3,17 +3,22 @@ schedules, online standardization, warm start, snapshot round trips.  CUDA tests
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from streamtrain.config.schema import config_from_dict
 from streamtrain.daemon.errors import ConfigError, TrainingError
 from streamtrain.daemon.metrics import Metrics
 from streamtrain.daemon.normalizer import RunningStandardizer
+from streamtrain.daemon.step import pick_amp
 from streamtrain.daemon.trainer import Trainer
+from streamtrain.models.registry import build_model
 from streamtrain.streams.ring import Batch
 
 WIDTH = 4
@@ -122,6 +127,55 @@ def test_non_finite_loss_or_gradient_skips_with_weights_bit_identical(tmp_path):
     t.close()
 
 
+def plain_torch_steps(model_name, params, opt, batches, poisoned, clip):
+    """The step as a plain torch loop (regression, standardized features and label): what the learner must match bit for bit."""
+    torch.manual_seed(0)  # trainer.seed, before the model is built
+    model = build_model(model_name, params, WIDTH)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=1e-2) if opt == "adam" else torch.optim.AdamW(trained, lr=1e-2, weight_decay=0.0)
+    features, label = RunningStandardizer(WIDTH), RunningStandardizer(1)
+    for i, (x, y) in enumerate(batches):
+        if poisoned:
+            model.poison_output, model.poison_grad = poisoned.get(i) == "output", poisoned.get(i) == "grad"
+        features.update(x)
+        out = model(features.transform(x)).reshape(-1)
+        label.update(y[:, None])
+        loss = F.mse_loss(out, (y - label.shift) * label.scale)
+        if math.isfinite(loss.item()):
+            loss.backward()
+            if math.isfinite(torch.nn.utils.clip_grad_norm_(trained, clip).item()):
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+@pytest.mark.parametrize(
+    ("model", "opt", "clip"),
+    [({"name": "tests.test_trainer:_Poisonable"}, "adam", 0.0), ({"name": "mlp", "params": {"hidden": [16, 8]}}, "adamw", 1.0)],
+)
+def test_steps_give_the_weights_of_a_plain_torch_loop(tmp_path, model, opt, clip):
+    """The learner's step (one device read per step, the update decided from it) changes nothing a plain loop would not."""
+    trainer = {"optimizer": opt, "lr": 1e-2, "grad_clip_norm": clip, "num_threads": 1}
+    t = make_trainer(tmp_path, model=model, trainer=trainer, drift={"detector": "off"})
+    batches = [linear_data(n=32, seed=i) for i in range(30)]
+    batches = [(x * (1 + i % 5), y) for i, (x, y) in enumerate(batches)]
+    poisoned = {4: "output", 9: "grad"} if "Poisonable" in model["name"] else {}  # steps skipped, weights untouched
+    skipped = []
+    for i, (x, y) in enumerate(batches):
+        if poisoned.get(i):
+            setattr(t.model, f"poison_{poisoned[i]}", True)
+        skipped.append(t.step(batch(x, y)).skipped)
+        if poisoned.get(i):
+            t.model.poison_output = t.model.poison_grad = False
+    ref_model, ref_opt = plain_torch_steps(model["name"], dict(model.get("params", {})), opt, batches, poisoned, clip or math.inf)
+    assert [i for i, why in enumerate(skipped) if why] == sorted(poisoned)
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(t.model.state_dict()[k], v), k
+    for a, b in zip(t.learner.optimizer.state_dict()["state"].values(), ref_opt.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    t.close()
+
+
 def test_repeated_non_finite_steps_roll_back_to_the_last_snapshot(tmp_path):
     t = make_trainer(tmp_path, model={"name": "tests.test_trainer:_Poisonable"}, trainer={"max_consecutive_nonfinite": 3})
     x, y = linear_data()
@@ -189,6 +243,17 @@ def test_bf16_autocast_on_cpu(tmp_path):
     t.close()
 
 
+@pytest.mark.parametrize(("native_bf16", "want"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_auto_on_cuda_is_bf16_where_the_gpu_has_it(monkeypatch, native_bf16, want):
+    """The choice alone (the GPU faked): bf16 without a loss scaler where native, else fp16 with one; the CPU gets none."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(asked.append(device)))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 and not including_emulation)
+    assert pick_amp("auto", torch.device("cuda:1")) == want and asked == [torch.device("cuda:1")]
+    assert pick_amp("auto", torch.device("cpu")) is None
+    assert pick_amp("fp16", torch.device("cuda")) == torch.float16 and pick_amp("bf16", torch.device("cuda")) == torch.bfloat16
+
+
 def test_standardization_uses_statistics_from_before_the_batch():
     s = RunningStandardizer(2)
     x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
@@ -239,7 +304,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 def test_cuda_fp16_amp_with_grad_scaler(tmp_path):
-    t = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "auto"}, model={"name": "mlp", "params": {"hidden": [64]}})
+    t = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "fp16"}, model={"name": "mlp", "params": {"hidden": [64]}})
     assert t.learner.amp_dtype == torch.float16 and t.learner.scaler.is_enabled()
     first = None
     for i in range(300):
@@ -249,8 +314,72 @@ def test_cuda_fp16_amp_with_grad_scaler(tmp_path):
     assert r.loss < 0.1 * first.loss
     t.snapshot(final=True)
     t.close()
-    t2 = make_trainer(tmp_path, trainer={"device": "cuda"}, model={"name": "mlp", "params": {"hidden": [64]}})
+    t2 = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "fp16"}, model={"name": "mlp", "params": {"hidden": [64]}})
     assert t2.learner.scaler.get_scale() == t.learner.scaler.get_scale()
+    t2.close()
+
+
+bf16_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0), reason="needs bf16 on the GPU")
+
+
+@pytest.mark.gpu
+@bf16_gpu
+def test_cuda_amp_auto_is_bf16_without_a_loss_scaler(tmp_path):
+    mlp = {"name": "mlp", "params": {"hidden": [64]}}
+    t = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "auto"}, model=mlp)
+    assert t.learner.amp_dtype == torch.bfloat16 and not t.learner.scaler.is_enabled()
+    first = None
+    for i in range(300):
+        x, y = linear_data(seed=i)
+        r = t.step(batch(x.pin_memory(), y.pin_memory()))
+        first = first or r
+    assert r.loss < 0.1 * first.loss and t.learner.step_count == 300  # no step lost to a loss-scale overflow
+    t.snapshot(final=True)
+    t.close()
+    t2 = make_trainer(tmp_path, trainer={"device": "cuda", "amp": "fp16"}, model=mlp)  # the snapshot has no scaler: a fresh one
+    assert t2.step_count == 300 and t2.learner.scaler.is_enabled()
+    t2.close()
+
+
+def device_syncs(fn) -> int:
+    """How many times the host waits for the device while ``fn`` runs (torch's sync debug mode warns at each)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("amp", ["off", "fp16", "bf16"])
+@pytest.mark.parametrize("opt", [{"optimizer": "adamw", "grad_clip_norm": 1.0}, {"optimizer": "sgd", "momentum": 0.9, "grad_clip_norm": 0}])
+def test_cuda_a_step_waits_for_the_device_once(tmp_path, amp, opt):
+    """Steady state, and again after a restart from a snapshot: one read of the step's statistics per step, nothing else."""
+    if amp == "bf16" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs bf16 on the GPU")
+    sections = {"trainer": {"device": "cuda", "amp": amp, **opt}, "model": {"name": "mlp", "params": {"hidden": [64]}}}
+    data = [linear_data(seed=i) for i in range(8)]
+    batches = [batch(x.pin_memory(), y.pin_memory(), {("t", 0): (i + 1, 0)}) for i, (x, y) in enumerate(data)]
+
+    def steps(t: Trainer, n: int) -> None:
+        for b in batches[:n]:
+            t.step(b)
+            t.trained.update(b.positions)
+
+    t = make_trainer(tmp_path, **sections)
+    steps(t, 3)  # warm up: optimizer state, the loss scale, cuBLAS handles
+    assert device_syncs(lambda: steps(t, 5)) == 5
+    t.snapshot(final=True)
+    t.close()
+    t2 = make_trainer(tmp_path, **sections)
+    assert t2.step_count == 8
+    steps(t2, 2)
+    assert device_syncs(lambda: steps(t2, 5)) == 5  # the restored optimizer state adds none
     t2.close()
 
 
