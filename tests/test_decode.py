@@ -189,6 +189,7 @@ def test_bad_record_is_rejected_with_its_reason_and_neighbours_decode(data, valu
         assert_rows(out, data, good)
         assert rejected(out) == [(bad, reason)]
         assert out.rejects[0].error and out.rejects[0].rows == ()
+        assert out.nbytes == sum(len(v) for v in values if v is not None)  # the ingest's byte count
 
 
 def test_raw_empty_value_is_rejected():

@@ -14,12 +14,12 @@ Records that cannot be used are returned as :class:`Reject` with a reason from
 from __future__ import annotations
 
 from streamtrain.streams.decode.arrow import ArrowDecoder
-from streamtrain.streams.decode.common import REASONS, Decoded, Decoder, LabelRule, Reject, value_bytes
+from streamtrain.streams.decode.common import REASONS, Decoded, Decoder, LabelRule, Reject
 from streamtrain.streams.decode.csv import CsvDecoder
 from streamtrain.streams.decode.json import JsonDecoder
 from streamtrain.streams.decode.raw import RawDecoder
 
-__all__ = ["REASONS", "Decoded", "Decoder", "LabelRule", "Reject", "make_decoder", "value_bytes"]
+__all__ = ["REASONS", "Decoded", "Decoder", "LabelRule", "Reject", "make_decoder"]
 
 
 def make_decoder(data: object, rule: LabelRule) -> Decoder:

@@ -45,7 +45,7 @@ class JsonDecoder:
         self._label = attrgetter("label")
 
     def decode(self, values: list[bytes | None]) -> Decoded:
-        good, rejects = _screen(values, self.max_bytes)
+        good, rejects, nbytes = _screen(values, self.max_bytes)
         chunk = values if len(good) == len(values) else [values[i] for i in good]
         try:
             rows = list(map(self._row, chunk))
@@ -54,7 +54,7 @@ class JsonDecoder:
             rows, idx = self._one_by_one(values, good, rejects)
             rejects.sort(key=lambda r: r.index)
         x, y = self._arrays(rows)
-        return _finish(x, y, idx, self.rule, rejects)
+        return _finish(x, y, idx, self.rule, rejects, nbytes=nbytes)
 
     def _one_by_one(self, values: list, good: range | list[int], rejects: list[Reject]) -> tuple[list, np.ndarray]:
         rows, ok = [], []
