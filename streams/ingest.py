@@ -31,7 +31,7 @@ from confluent_kafka import Message
 
 from streamtrain.streams.config import DataConfig, KafkaConfig, RingConfig
 from streamtrain.streams.deadletter import DeadLetter, DeadLetterQueue, Ticket
-from streamtrain.streams.decode import Decoder, LabelRule, make_decoder, value_bytes
+from streamtrain.streams.decode import Decoder, LabelRule, make_decoder
 from streamtrain.streams.errors import DeadLetterError, KafkaSourceError
 from streamtrain.streams.filler import Pending, SlotFiller
 from streamtrain.streams.slots import Position, RingClosed, SlotProducer
@@ -110,6 +110,7 @@ class Ingest:
         on_out_of_range: str = "earliest",
     ) -> None:
         self.source = source
+        self._topics = tuple(source.kafka.topics)  # assigned, not subscribed: no message comes from another topic
         self.on_out_of_range = on_out_of_range
         self.decoder = decoder
         self.dead_letter = dead_letter
@@ -288,7 +289,7 @@ class Ingest:
         t0 = time.perf_counter()
         decoded = self.decoder.decode(values)
         self.stats.decode_seconds += time.perf_counter() - t0
-        self.stats.bytes += value_bytes(values)
+        self.stats.bytes += decoded.nbytes
         part = np.asarray(parts, np.int32)
         offset = np.asarray(offsets, np.int64)
         ts = np.asarray(stamps, np.float64) / 1000.0
@@ -308,9 +309,9 @@ class Ingest:
 
     def _partition_indices(self, msgs: list) -> np.ndarray:
         """Each message's index into ``self._tps`` (partitions get an index when first seen)."""
-        topics = list(map(Message.topic, msgs))
         partitions = np.fromiter(map(Message.partition, msgs), np.int64, len(msgs))
-        names = set(topics)
+        topics = self._topics
+        names = set(topics) if len(topics) == 1 else set(topics := list(map(Message.topic, msgs)))
         if len(names) == 1:  # one topic: a lookup table over the few partition numbers
             (topic,) = names
             seen = np.unique(partitions).tolist()

@@ -189,6 +189,7 @@ def test_bad_record_is_rejected_with_its_reason_and_neighbours_decode(data, valu
         assert_rows(out, data, good)
         assert rejected(out) == [(bad, reason)]
         assert out.rejects[0].error and out.rejects[0].rows == ()
+        assert out.nbytes == sum(len(v) for v in values if v is not None)  # the ingest's byte count
 
 
 def test_raw_empty_value_is_rejected():
@@ -351,3 +352,45 @@ def test_empty_batch_and_all_rejected_batch():
             assert out.x.shape == (0, dec.width) and out.x.dtype == np.float32
             assert len(out.y) == 0 and len(out.msg_index) == 0
             assert [r.index for r in out.rejects] == list(range(len(values)))
+
+
+# ----------------------------------------------------------------------------- a batch is its records
+
+
+def _mutations(rng: np.random.Generator, good: bytes) -> bytes:
+    """A random kind of damage to a good JSON record: cut, a byte changed, a value swapped for another type."""
+    kind = int(rng.integers(6))
+    if kind == 0:
+        return good[: int(rng.integers(len(good)))]
+    if kind == 1:
+        i = int(rng.integers(len(good)))
+        return good[:i] + bytes([int(rng.integers(256))]) + good[i + 1 :]
+    record = json.loads(good)
+    key = str(rng.choice(sorted(record)))
+    record[key] = [None, True, "1", [], {}, 1e300 * 10, 10**400][int(rng.integers(7))] if kind < 5 else None
+    if kind == 5:
+        del record[key]
+    try:
+        return json.dumps(record).encode()
+    except (ValueError, OverflowError):
+        return good + b"}"
+
+
+@pytest.mark.parametrize("data", [NAMED, VECTOR], ids=["json", "json-vector"])
+def test_json_batch_decodes_as_its_records_do_alone(data):
+    """Whatever a batch holds, each record is trained or rejected as it would be alone, with the same reason."""
+    rng = np.random.default_rng(11)
+    dec = decoder(data)
+    for _ in range(20):
+        n = int(rng.integers(1, 300))
+        values = [good_record(data, i) for i in range(n)]
+        for i in rng.choice(n, int(rng.integers(0, 8)), replace=False):
+            values[i] = _mutations(rng, values[i])
+        out = dec.decode(values)
+        alone = [dec.decode([v]) for v in values]
+        assert [i for i, a in enumerate(alone) if len(a.y)] == out.msg_index.tolist()
+        assert [(i, a.rejects[0].reason) for i, a in enumerate(alone) if a.rejects] == sorted(rejected(out))
+        kept = [a for a in alone if len(a.y)]
+        if kept:
+            np.testing.assert_array_equal(out.x, np.concatenate([a.x for a in kept]))
+            np.testing.assert_array_equal(out.y, np.concatenate([a.y for a in kept]))

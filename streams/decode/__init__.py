@@ -1,10 +1,11 @@
 """Turn a consumed batch of Kafka record values into feature and label arrays.
 
 One vectorized decode per batch (``b"".join`` + one ``np.frombuffer`` for raw,
-``pyarrow.json`` / ``pyarrow.csv`` over the joined lines, Arrow IPC streams with many
-rows each): decoding record by record in Python next to the trainer starves it.
-When a batch holds a record the fast path cannot parse, the batch is bisected so
-good records keep the fast path and only the bad ones are looked at one by one.
+``pyarrow.csv`` over the joined lines, Arrow IPC streams with many rows each, msgspec's
+typed parser mapped over the JSON records in C): decoding record by record in Python
+next to the trainer starves it.  When a csv batch holds a record the fast path cannot
+parse, the batch is bisected so good records keep the fast path and only the bad ones
+are looked at one by one; a JSON batch with a bad record is parsed record by record.
 
 Records that cannot be used are returned as :class:`Reject` with a reason from
 :data:`REASONS`; the caller counts them and sends them to the dead-letter topic.
@@ -13,12 +14,12 @@ Records that cannot be used are returned as :class:`Reject` with a reason from
 from __future__ import annotations
 
 from streamtrain.streams.decode.arrow import ArrowDecoder
-from streamtrain.streams.decode.common import REASONS, Decoded, Decoder, LabelRule, Reject, value_bytes
+from streamtrain.streams.decode.common import REASONS, Decoded, Decoder, LabelRule, Reject
 from streamtrain.streams.decode.csv import CsvDecoder
 from streamtrain.streams.decode.json import JsonDecoder
 from streamtrain.streams.decode.raw import RawDecoder
 
-__all__ = ["REASONS", "Decoded", "Decoder", "LabelRule", "Reject", "make_decoder", "value_bytes"]
+__all__ = ["REASONS", "Decoded", "Decoder", "LabelRule", "Reject", "make_decoder"]
 
 
 def make_decoder(data: object, rule: LabelRule) -> Decoder:

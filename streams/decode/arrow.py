@@ -24,7 +24,7 @@ class ArrowDecoder:
         self.max_bytes = max_bytes
 
     def decode(self, values: list[bytes | None]) -> Decoded:
-        good, rejects = _screen(values, self.max_bytes)
+        good, rejects, nbytes = _screen(values, self.max_bytes)
         tables: list[tuple[int, pa.Table]] = []
         for i in good:
             try:
@@ -57,11 +57,11 @@ class ArrowDecoder:
                 idxs.append(i)
                 counts.append(len(y))
         if not xs:
-            return _finish(np.empty((0, self.width)), np.empty(0), np.empty(0, np.int64), self.rule, rejects)
+            return _finish(np.empty((0, self.width)), np.empty(0), np.empty(0, np.int64), self.rule, rejects, nbytes=nbytes)
         counts_np = np.asarray(counts, np.int64)
         msg_index = np.repeat(np.asarray(idxs, np.int64), counts_np)
         rows = np.arange(len(msg_index), dtype=np.int64) - np.repeat(np.cumsum(counts_np) - counts_np, counts_np)
-        out = _finish(np.concatenate(xs), np.concatenate(ys), msg_index, self.rule, [], rows)
+        out = _finish(np.concatenate(xs), np.concatenate(ys), msg_index, self.rule, [], rows, nbytes)
         rejects.extend(_group_rows(out.rejects))
         rejects.sort(key=lambda r: r.index)
         out.rejects = rejects

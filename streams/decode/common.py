@@ -40,6 +40,7 @@ class Decoded:
     y: np.ndarray  # (rows,) float32
     msg_index: np.ndarray  # (rows,) int64: the message each row came from
     rejects: list[Reject] = field(default_factory=list)
+    nbytes: int = 0  # bytes of the record values (nulls count 0): the decoders measure lengths anyway
 
     @classmethod
     def empty(cls, width: int) -> Decoded:
@@ -70,7 +71,13 @@ class Decoder(Protocol):
 
 
 def _finish(
-    x: np.ndarray, y: np.ndarray, idx: np.ndarray, rule: LabelRule, rejects: list[Reject], row: np.ndarray | None = None
+    x: np.ndarray,
+    y: np.ndarray,
+    idx: np.ndarray,
+    rule: LabelRule,
+    rejects: list[Reject],
+    row: np.ndarray | None = None,
+    nbytes: int = 0,
 ) -> Decoded:
     """Common row checks (finite features, label present/finite/valid), vectorized.
 
@@ -96,7 +103,7 @@ def _finish(
     if bad.any():
         keep = ~bad
         x, y, idx = x[keep], y[keep], idx[keep]
-    return Decoded(x, y, idx, rejects)
+    return Decoded(x, y, idx, rejects, nbytes)
 
 
 # A label read as missing is marked with this NaN payload so it can be told from a real NaN.
@@ -127,17 +134,12 @@ def _lengths(values: list[bytes | None]) -> np.ndarray:
         return np.fromiter((len(v) if v is not None else -1 for v in values), np.int64, len(values))
 
 
-def value_bytes(values: list[bytes | None]) -> int:
-    """Total bytes of the record values (nulls count 0)."""
-    return int(np.maximum(_lengths(values), 0).sum())
-
-
-def _screen(values: list[bytes | None], max_bytes: int) -> tuple[range | list[int], list[Reject]]:
-    """Indices worth decoding; nulls, empties and oversized records rejected up front."""
+def _screen(values: list[bytes | None], max_bytes: int) -> tuple[range | list[int], list[Reject], int]:
+    """Indices worth decoding, and the values' bytes; nulls, empties and oversized records rejected up front."""
     lengths = _lengths(values)
     ok = (lengths > 0) & (lengths <= max_bytes)
     if ok.all():
-        return range(len(values)), []
+        return range(len(values)), [], int(lengths.sum())
     rejects = []
     for i in np.flatnonzero(~ok):
         n = int(lengths[i])
@@ -145,7 +147,7 @@ def _screen(values: list[bytes | None], max_bytes: int) -> tuple[range | list[in
             rejects.append(Reject(int(i), "oversized", f"record is {n} bytes, limit is {max_bytes} (data.max_record_bytes)"))
         else:
             rejects.append(Reject(int(i), "undecodable", "record value is empty" if n == 0 else "record value is null (tombstone)"))
-    return [int(i) for i in np.flatnonzero(ok)], rejects
+    return [int(i) for i in np.flatnonzero(ok)], rejects, int(np.maximum(lengths, 0).sum())
 
 
 class _BisectingDecoder:
@@ -159,12 +161,12 @@ class _BisectingDecoder:
         self.max_bytes = max_bytes
 
     def decode(self, values: list[bytes | None]) -> Decoded:
-        good, rejects = _screen(values, self.max_bytes)
+        good, rejects, nbytes = _screen(values, self.max_bytes)
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         if good:
             self._decode_range(values, good, parts, rejects)
         if not parts:
-            return _finish(np.empty((0, self.width)), np.empty(0), np.empty(0, np.int64), self.rule, rejects)
+            return _finish(np.empty((0, self.width)), np.empty(0), np.empty(0, np.int64), self.rule, rejects, nbytes=nbytes)
         x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         y = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
         idx = np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
@@ -172,7 +174,7 @@ class _BisectingDecoder:
             order = np.argsort(idx, kind="stable")
             x, y, idx = x[order], y[order], idx[order]
         rejects.sort(key=lambda r: r.index)
-        return _finish(x, y, idx, self.rule, rejects)
+        return _finish(x, y, idx, self.rule, rejects, nbytes=nbytes)
 
     def _decode_range(self, values: list, idx: range | list[int], parts: list, rejects: list[Reject]) -> None:
         cuts = 0

@@ -1,67 +1,84 @@
-"""JSON: one object per record, named feature fields or one vector field, plus a label."""
+"""JSON: one object per record, named feature fields or one vector field, plus a label.
+
+Each record is parsed on its own by msgspec into a typed row (a float per feature, or a
+list of exactly ``width`` floats, and a float label; other fields skipped unparsed), so a
+bad record can only ever fail itself.  A batch whose every record fits the type is
+decoded in one C loop; when one does not, that batch is decoded record by record and
+each failing record is looked at again with Python's ``json`` to name its reason.
+"""
 
 from __future__ import annotations
 
-import io
 import json
-import re
+from itertools import chain
+from operator import attrgetter
+from typing import Annotated
 
+import msgspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.json as pa_json
 
-from streamtrain.streams.decode.common import LabelRule, _BisectingDecoder, _check_finite, _column, _stack
+from streamtrain.streams.decode.common import Decoded, LabelRule, Reject, _check_finite, _finish, _screen
 from streamtrain.streams.errors import DecodeError
 
-_ROW_IN_ERROR = re.compile(r" in row (\d+)$")
 
-
-class JsonDecoder(_BisectingDecoder):
+class JsonDecoder:
     """One JSON object per record: named feature fields, or one vector field, plus a label."""
 
     def __init__(
         self, features: tuple[str, ...], label: str, feature_field: str | None, width: int, rule: LabelRule, max_bytes: int
     ) -> None:
-        super().__init__(width, rule, max_bytes)
+        self.width = width
+        self.rule = rule
+        self.max_bytes = max_bytes
         self.features = features
         self.label = label
         self.feature_field = feature_field
-        fields = [pa.field(f, pa.float64()) for f in features]
-        if feature_field:
-            fields.append(pa.field(feature_field, pa.list_(pa.float64())))
-        fields.append(pa.field(label, pa.float64()))
-        self._parse = pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore")
-        self._parse_ml = pa_json.ParseOptions(
-            explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore", newlines_in_values=True
-        )
-        self._read = pa_json.ReadOptions(use_threads=False, block_size=1 << 24)
+        # attributes a0.. stand for the JSON names (which need not be identifiers); bools, strings and nulls
+        # are not floats to msgspec, so the type alone rejects what the trainer cannot take
+        names = [feature_field] if feature_field else list(features)
+        vector = Annotated[list[float], msgspec.Meta(min_length=width, max_length=width)]
+        fields = [(f"a{i}", vector if feature_field else float) for i in range(len(names))] + [("label", float)]
+        row = msgspec.defstruct("Row", fields, rename={**{f"a{i}": n for i, n in enumerate(names)}, "label": label}, gc=False)
+        self._make = row
+        self._row = msgspec.json.Decoder(row).decode
+        self._vector = attrgetter("a0")
+        self._label = attrgetter("label")
 
-    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        if any(map(bytes.isspace, chunk)):
-            # a blank record parses to no row: with a two-object record next to it the row count would match
-            raise DecodeError("undecodable", "a blank record")
-        joined = b"\n".join(chunk)
-        multiline = joined.count(b"\n") != len(chunk) - 1
-        table = pa_json.read_json(io.BytesIO(joined), read_options=self._read, parse_options=self._parse_ml if multiline else self._parse)
-        if table.num_rows != len(chunk):
-            raise DecodeError("undecodable", "row count mismatch")
+    def decode(self, values: list[bytes | None]) -> Decoded:
+        good, rejects, nbytes = _screen(values, self.max_bytes)
+        chunk = values if len(good) == len(values) else [values[i] for i in good]
+        try:
+            rows = list(map(self._row, chunk))
+            idx = np.arange(len(values), dtype=np.int64) if chunk is values else np.asarray(good, np.int64)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            rows, idx = self._one_by_one(values, good, rejects)
+            rejects.sort(key=lambda r: r.index)
+        x, y = self._arrays(rows)
+        return _finish(x, y, idx, self.rule, rejects, nbytes=nbytes)
+
+    def _one_by_one(self, values: list, good: range | list[int], rejects: list[Reject]) -> tuple[list, np.ndarray]:
+        rows, ok = [], []
+        for i in good:
+            try:
+                rows.append(self._row(values[i]))
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                try:
+                    fx, fy = self._one(values[i])  # the reason; or a record only Python's json reads (a huge integer)
+                except DecodeError as exc:
+                    rejects.append(Reject(i, exc.reason, exc.message))
+                    continue
+                rows.append(self._make(fx, fy) if self.feature_field else self._make(*fx, fy))
+            ok.append(i)
+        return rows, np.asarray(ok, np.int64)
+
+    @np.errstate(over="ignore")  # a value beyond float32 becomes inf, rejected as non_finite by _finish
+    def _arrays(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
+        n, w = len(rows), self.width
         if self.feature_field:
-            col = table.column(self.feature_field).combine_chunks()
-            flat = col.flatten()
-            if col.null_count or flat.null_count or not pc.all(pc.equal(pc.list_value_length(col), self.width)).as_py():
-                raise DecodeError("wrong_shape", "vector length or a null value")
-            x = flat.to_numpy(zero_copy_only=False).reshape(len(chunk), self.width)
-        else:
-            if any(table.column(f).null_count for f in self.features):
-                raise DecodeError("wrong_shape", "missing feature")
-            x = _stack(table, self.features, len(chunk))
-        return x, _column(table, self.label), []
-
-    def _failed_row(self, exc: Exception, n: int) -> int | None:
-        m = _ROW_IN_ERROR.search(str(exc)) if isinstance(exc, pa.ArrowInvalid) else None
-        row = int(m.group(1)) if m else -1
-        return row if 0 <= row < n else None
+            x = np.fromiter(chain.from_iterable(map(self._vector, rows)), np.float32, n * w).reshape(n, w)
+            return x, np.fromiter(map(self._label, rows), np.float32, n)
+        table = np.fromiter(chain.from_iterable(map(msgspec.structs.astuple, rows)), np.float32, n * (w + 1)).reshape(n, w + 1)
+        return table[:, :w], table[:, w]
 
     def _one(self, value: bytes) -> tuple[list[float], float]:
         try:
@@ -84,7 +101,10 @@ class JsonDecoder(_BisectingDecoder):
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fx):
             raise DecodeError("wrong_shape", "every feature must be a number")
         fy = _label_value(record, self.label)
-        fx = [float(v) for v in fx]
+        try:
+            fx = [float(v) for v in fx]
+        except OverflowError:
+            raise DecodeError("non_finite", "a feature is an integer too large for a float") from None
         _check_finite(fx, fy)
         return fx, fy
 
@@ -95,4 +115,7 @@ def _label_value(record: dict, label: str) -> float:
     v = record[label]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise DecodeError("missing_label", f"field {label!r} must be a number, got {v!r}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:
+        raise DecodeError("non_finite", "the label is an integer too large for a float") from None

@@ -24,7 +24,7 @@ class RawDecoder:
         ok = lengths == self.record_bytes
         rejects: list[Reject] = []
         if ok.all():
-            good = values
+            good = values  # (lengths are all record_bytes: no null among them)
             idx = np.arange(n, dtype=np.int64)
         else:
             for i in np.flatnonzero(~ok):
@@ -46,4 +46,4 @@ class RawDecoder:
             good = list(compress(values, ok))
             idx = np.flatnonzero(ok).astype(np.int64)
         flat = np.frombuffer(b"".join(good), dtype="<f4").reshape(len(good), self.width + 1)
-        return _finish(flat[:, : self.width], flat[:, self.width], idx, self.rule, rejects)
+        return _finish(flat[:, : self.width], flat[:, self.width], idx, self.rule, rejects, nbytes=int(np.maximum(lengths, 0).sum()))
