@@ -7,6 +7,12 @@ snapshot now.
 
 Exit codes: 0 clean stop, 1 a runtime failure (named in the log), 2 invalid
 configuration, 3 the snapshot directory is locked by another process.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment) each
+process is one rank (``daemon/ranks.py``): it serves ``/metrics`` on ``metrics.port +
+LOCAL_RANK``, and only rank 0 speaks to systemd and writes snapshots.  A signal to
+torchrun reaches every rank; they stop at the same step and rank 0 writes the final
+snapshot.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from streamtrain.config.schema import Config
 from streamtrain.daemon.errors import ConfigError, SnapshotLockedError, StreamtrainError
 from streamtrain.daemon.metrics import Health, Metrics, MetricsServer
 from streamtrain.daemon.notify import Heartbeat, Notifier
+from streamtrain.daemon.ranks import World
 from streamtrain.daemon.trainer import Trainer
 from streamtrain.streams.ingest import IngestStats
 from streamtrain.streams.logs import setup_logging
@@ -32,17 +39,25 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
 def run(cfg: Config) -> int:
     """Run the daemon with a validated config; returns the process exit code."""
     setup_logging(cfg.logging.level, cfg.logging.format)
+    try:
+        world = World.from_env()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
     stop = threading.Event()
     metrics = Metrics()
     health = Health(cfg.metrics.stall_after_s)
-    trainer = Trainer(cfg, metrics, stop, on_beat=health.beat)
-    notifier = Notifier.from_env()  # systemd Type=notify; a no-op without $NOTIFY_SOCKET
+    trainer = Trainer(cfg, metrics, stop, on_beat=health.beat, world=world)
+    # systemd Type=notify; a no-op without $NOTIFY_SOCKET.  Several ranks: rank 0 speaks for them
+    notifier = Notifier.from_env() if world.leader else Notifier.from_env({})
     _install_signals(stop, trainer)
     server = None
     code = EXIT_OK
     try:
+        if world.ranked:
+            log.info("%s (local rank %d)", world.label(), world.local_rank)
         if cfg.metrics.enabled:
-            server = MetricsServer(metrics, health, cfg.metrics.host, cfg.metrics.port)
+            server = MetricsServer(metrics, health, cfg.metrics.host, cfg.metrics.port + world.local_rank)
             server.start()
         log.info("starting: topics %s at %s, model %s", ", ".join(cfg.kafka.topics), cfg.kafka.bootstrap_servers, cfg.model.name)
         notifier.status("starting: loading the model and the newest snapshot")
