@@ -23,7 +23,7 @@ from streamtrain.daemon.snapshot import STATE_FILE, SnapshotStore
 from streamtrain.daemon.trainer import Trainer
 from streamtrain.models.registry import build_model
 from streamtrain.streams.ring import Batch
-from streamtrain.tools.export import export_model, sidecar_path
+from streamtrain.daemon.export import export_model, sidecar_path
 from tests.daemon_util import FEATURES, ROOT, Daemon, daemon_config, write_config
 
 WIDTH = 3
