@@ -7,7 +7,10 @@
 A request takes the watcher's current model once (one reference, no lock) and answers
 with it; bad input is a 422 whose ``error`` names the field, a body over the limit a
 413, and nothing a client sends gives a 500.  JSON parsing, checks and the forward pass
-run on a worker thread, so a large batch never stalls the event loop.
+of a small body (up to ``inline_bytes``, 64 KiB: an MLP's batch of 64 is 25 KiB) run on
+the event loop: the hop to a worker thread cost a third of the throughput at batch 1 on
+two cores (docs/BENCHMARKS.md, Serving).  Larger bodies go to a worker thread, so a big
+batch does not stall the loop for the requests behind it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ __all__ = ["create_app"]
 VERSION = "0.1.0"
 
 
-def create_app(watcher: ModelWatcher, metrics: ServeMetrics, max_body_bytes: int = 4 << 20, max_instances: int = 4096) -> Any:
+def create_app(
+    watcher: ModelWatcher, metrics: ServeMetrics, max_body_bytes: int = 4 << 20, max_instances: int = 4096, inline_bytes: int = 64 << 10
+) -> Any:
     """The ASGI application: the FastAPI routes inside the request-metrics wrapper."""
     name = watcher.name
     app = FastAPI(title="streamtrain serve", version=VERSION, description=f"Serves model {name!r} from {watcher.root}.")
@@ -89,8 +94,12 @@ def create_app(watcher: ModelWatcher, metrics: ServeMetrics, max_body_bytes: int
             if size > max_body_bytes:
                 return _too_large(max_body_bytes)
             chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
-            body = await run_in_threadpool(_predict, m, b"".join(chunks), max_instances)
+            if size <= inline_bytes:
+                body = _predict(m, raw, max_instances)
+            else:
+                body = await run_in_threadpool(_predict, m, raw, max_instances)
         except InputError as exc:
             return _json(422, {"error": str(exc)})
         metrics.instances.inc(body[1])

@@ -3,8 +3,7 @@
 One model per process.  The HTTP side (FastAPI, uvicorn) comes with the ``serve`` extra
 (``pip install 'streamtrain[serve]'``) and is imported only here, so the daemon never
 needs it.  torch runs one intra-op thread per request by default: small models answer
-faster that way than with a pool that wakes for every call, and requests run side by
-side on the worker threads instead.
+faster that way than with a pool that wakes for every call.
 """
 
 from __future__ import annotations
@@ -43,6 +42,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for new versions (default 1)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get a 413 (default 4 MiB)")
     p.add_argument("--max-instances", type=int, default=4096, help="most instances in one request (default 4096)")
+    p.add_argument(
+        "--inline-max-bytes",
+        type=int,
+        default=64 << 10,
+        help="bodies up to this are predicted on the event loop, larger ones on a worker thread (default 64 KiB; 0: always a thread)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per request (default 1)")
     p.add_argument("--topic", help="publish.topic: a record there wakes the reload at once (with --bootstrap)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers of --topic")
@@ -50,14 +55,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--log-format", default="text", choices=("text", "json"))
 
 
-def build(repo: str | Path, name: str, poll_s: float = 1.0, max_body_bytes: int = 4 << 20, max_instances: int = 4096):
+def build(
+    repo: str | Path, name: str, poll_s: float = 1.0, max_body_bytes: int = 4 << 20, max_instances: int = 4096, inline_bytes: int = 64 << 10
+):
     """(ASGI app, watcher, metrics), the watcher having scanned once (so a version there is served from the first request)."""
     from streamtrain.serve.app import create_app
 
     metrics = ServeMetrics()
     watcher = ModelWatcher(repo, name, metrics, poll_s)
     watcher.check()
-    return create_app(watcher, metrics, max_body_bytes, max_instances), watcher, metrics
+    return create_app(watcher, metrics, max_body_bytes, max_instances, inline_bytes), watcher, metrics
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         print("streamtrain serve: --topic and --bootstrap go together", file=sys.stderr)
         return EXIT_USAGE
     torch.set_num_threads(max(1, args.threads))
-    app, watcher, _metrics = build(args.repo, name, args.poll_seconds, args.max_body_bytes, args.max_instances)
+    app, watcher, _metrics = build(args.repo, name, args.poll_seconds, args.max_body_bytes, args.max_instances, args.inline_max_bytes)
     watcher.start()
     nudger = None
     if args.topic:

@@ -69,12 +69,15 @@ def test_predictions_equal_the_trainers_model_outputs(tmp_path, serve, task, mod
     t.model.eval()
     with torch.no_grad():
         out = t.model(t.learner.normalizer.transform(x))
-    client, _, _metrics = serve(tmp_path / "repo")
     as_dicts = [dict(zip(["a", "b", "c"], row)) for row in x.tolist()]
+    inline = len(json.dumps({"instances": x.tolist()}))  # the lists on the event loop, the longer dicts on a worker thread
+    assert len(json.dumps({"instances": as_dicts})) > inline
+    client, _, _metrics = serve(tmp_path / "repo", inline_bytes=inline)
     code, doc = client.post(PREDICT, {"instances": as_dicts})
     assert code == 200 and doc["model_version"] == "20", doc
     code, by_list = client.post(PREDICT, {"instances": x.tolist()})
     assert code == 200 and by_list == doc, "lists in feature order answer the same"
+    assert client.post(PREDICT, {"instances": [*as_dicts, {"a": 1.0}]}) == (422, {"error": "instances[33].b: missing feature"})
     preds = doc["predictions"]
     if task == "regression":
         want = (out * t.learner.target.std + t.learner.target.shift).reshape(-1)  # the trainer's prediction, in label units
@@ -99,7 +102,7 @@ def test_predictions_equal_the_trainers_model_outputs(tmp_path, serve, task, mod
     m = parse_metrics(text)
     assert m["streamtrain_serve_model_version"] == 20 and 0 <= m["streamtrain_serve_model_age_seconds"] < 120
     assert m['streamtrain_serve_requests_total{code="200",handler="predict"}'] == 2 and m["streamtrain_serve_instances_total"] == 66
-    assert m['streamtrain_serve_request_duration_seconds_count{handler="predict"}'] == 2
+    assert m['streamtrain_serve_request_duration_seconds_count{handler="predict"}'] == 3
     t.close()
 
 
