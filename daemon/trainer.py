@@ -27,6 +27,7 @@ from streamtrain.config.schema import Config, config_to_dict
 from streamtrain.daemon.committer import Committer
 from streamtrain.daemon.errors import TrainingError
 from streamtrain.daemon.metrics import LearningTotals, Metrics
+from streamtrain.daemon.publisher import Publisher
 from streamtrain.daemon.skipped import SkippedBatches
 from streamtrain.daemon.snapshot import SnapshotInfo, SnapshotStore
 from streamtrain.daemon.snapshot_writer import SnapshotWriter, state_to_host, tensors_finite
@@ -73,6 +74,8 @@ class Trainer:
         self.writer: SnapshotWriter | None = None
         self.skipped_batches: SkippedBatches | None = None
         self.committer: Committer | None = None
+        self.publisher: Publisher | None = None
+        self.closing = False  # close() is writing the final snapshot
         self.tensorboard: TensorBoard | None = None
         self.consecutive_nonfinite = 0
         self.rollbacks_in_a_row = 0  # reset by every new durable snapshot
@@ -104,7 +107,9 @@ class Trainer:
         self.store = SnapshotStore(cfg.snapshot.dir, keep=cfg.snapshot.keep)
         self.store.lock()
         self.store.cleanup_debris()
-        self.writer = SnapshotWriter(self.store, on_durable=self._on_durable, on_error=self._on_snapshot_error)
+        if cfg.publish.dir is not None:
+            self.publisher = Publisher(cfg.publish, cfg.kafka, self.metrics)
+        self.writer = SnapshotWriter(self.store, on_durable=self._on_durable, on_error=self._on_snapshot_error, on_state=self._on_state)
         restored = self.store.load_latest(map_location=str(self.learner.device))
         if restored is not None:
             self.load_state_dict(*restored)
@@ -352,6 +357,11 @@ class Trainer:
         if self.committer is not None:
             self.committer.submit(positions)  # on its own thread: a broker outage must not hold up snapshots
 
+    def _on_state(self, info: SnapshotInfo, state: dict[str, Any]) -> None:
+        """Writer thread, after :meth:`_on_durable`: hand the state to the publisher (its own thread exports it)."""
+        if self.publisher is not None:
+            self.publisher.durable(info, state, final=self.closing)
+
     def _on_commit_error(self, exc: BaseException) -> None:
         self.metrics.commit_failures.inc()
         log.warning("could not commit offsets to the consumer group (the snapshot holds them): %s", exc)
@@ -397,6 +407,7 @@ class Trainer:
         ds = self.dataset
         if ds is not None and ds.ingest is not None:
             ds.ingest.stop()
+        self.closing = True
         try:
             if self.writer is not None and self.ready:
                 info = self.snapshot(final=True)
@@ -415,3 +426,5 @@ class Trainer:
                 self.skipped_batches.close()
             if self.committer is not None:
                 self.committer.close(timeout=5.0)
+            if self.publisher is not None:
+                self.publisher.close(timeout=30.0)
