@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The streamtrain daemon.  The CPU image by default:
+# The streamtrain daemon, and `streamtrain serve` (the serve extra is installed: FastAPI, uvicorn).
+# The CPU image by default:
 #   docker build -t streamtrain .
 # The CUDA image: the same base, torch from PyTorch's CUDA index (its wheels bring the CUDA
 # runtime; the host needs the NVIDIA driver and the container toolkit, run with --gpus all):
@@ -29,8 +30,9 @@ COPY streams /tmp/src/streams
 COPY models /tmp/src/models
 COPY config /tmp/src/config
 COPY tools /tmp/src/tools
+COPY serve /tmp/src/serve
 # hadolint ignore=DL3013
-RUN pip install /tmp/src && rm -rf /tmp/src
+RUN pip install "/tmp/src[serve]" && rm -rf /tmp/src
 
 # The demo producer of docker-compose.yml: `python -m demo.producer` finds it in the working
 # directory.  It is not in the installed package, which is the daemon alone.
@@ -45,7 +47,8 @@ VOLUME /var/lib/streamtrain
 # streamtrain, by number (so Kubernetes' runAsNonRoot can check it)
 USER 10001:10001
 
-# metrics.port: /metrics, /healthz, /readyz (the config must set metrics.host: 0.0.0.0)
+# metrics.port: /metrics, /healthz, /readyz (the config must set metrics.host: 0.0.0.0).
+# `streamtrain serve --port 8501` listens there instead; docker-compose.yml publishes it.
 EXPOSE 9100
 # /healthz: the training loop turns and the ingest thread lives (no curl in the slim image).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

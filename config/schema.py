@@ -19,6 +19,7 @@ import yaml
 
 from streamtrain.config.overrides import apply_overrides, env_overrides, parse_set
 from streamtrain.config.secrets import Secret, redacted, resolve_secrets
+from streamtrain.serve.repository import NAME_RE
 from streamtrain.streams.config import (
     DataConfig,
     DeadLetterConfig,
@@ -177,6 +178,32 @@ class SnapshotConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    dir: str | None = opt(
+        None, "Model repository: each published version goes to <dir>/<name>/<version>/ (version = the snapshot's step); null = off."
+    )
+    name: str = opt("model", "The model's name in the repository, and in the serving URL /v1/models/<name>.")
+    every_snapshots: int = opt(1, "Publish every Nth durable snapshot (the final one at shutdown always).")
+    keep: int = opt(5, "Newest versions to keep in the repository.")
+    program: bool = opt(True, "Also write the torch.export program (model.pt2: standardization included, no model code needed).")
+    topic: str | None = opt(
+        None, "Kafka topic (compacted: key = name) told about every version published; same cluster and client settings as kafka.*."
+    )
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = positive(self, "every_snapshots", "keep")
+        if self.dir is not None and not self.dir.strip():
+            problems.append(("dir", "must be a directory path, or null to publish nothing"))
+        if not NAME_RE.match(self.name):
+            problems.append(("name", f"must be letters, digits, '.', '_' or '-' (one path component), got {self.name!r}"))
+        if self.topic is not None and (not self.topic or any(c.isspace() for c in self.topic)):
+            problems.append(("topic", f"must be a topic name without spaces, got {self.topic!r}"))
+        if self.topic is not None and self.dir is None:
+            problems.append(("topic", "needs publish.dir (the topic tells where the versions written there are)"))
+        return problems
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = opt(True, "Serve /metrics, /healthz and /readyz.")
     host: str = opt("127.0.0.1", "Address to bind (0.0.0.0 inside a container).")
@@ -218,6 +245,7 @@ class Config:
     trainer: TrainerConfig = section(TrainerConfig, "How it is trained.")
     drift: DriftConfig = section(DriftConfig, "Concept drift: detected on the prequential error, and acted on.")
     snapshot: SnapshotConfig = section(SnapshotConfig, "Durable training state.")
+    publish: PublishConfig = section(PublishConfig, "Publish each snapshot's model as a version for serving (streamtrain serve).")
     metrics: MetricsConfig = section(MetricsConfig, "Prometheus metrics and health endpoints.")
     logging: LoggingConfig = section(LoggingConfig, "Logs.")
 
@@ -225,6 +253,8 @@ class Config:
         problems = []
         if self.dead_letter.topic in self.kafka.topics:
             problems.append(("dead_letter.topic", "must not be one of kafka.topics (rejected records would come back)"))
+        if self.publish.topic is not None and self.publish.topic in (*self.kafka.topics, self.dead_letter.topic):
+            problems.append(("publish.topic", "must not be one of kafka.topics or the dead-letter topic"))
         problems += _model_problems(self)
         return problems
 

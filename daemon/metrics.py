@@ -96,6 +96,33 @@ class Metrics:
         self.last_snapshot = Gauge("streamtrain_last_snapshot_timestamp_seconds", "Unix time of the last durable snapshot.", registry=r)
         self.snapshot_step = Gauge("streamtrain_last_snapshot_step", "Training step of the last durable snapshot.", registry=r)
         self.commit_failures = Counter("streamtrain_commit_failures", "Offset commits to the consumer group that failed.", registry=r)
+        self.models_published = Counter(
+            "streamtrain_models_published", "Model versions published to the repository (publish.dir).", registry=r
+        )
+        self.publish_failures = Counter(
+            "streamtrain_publish_failures",
+            "Publishes that failed, by stage (write: the version directory; topic: the record on publish.topic).",
+            ["stage"],
+            registry=r,
+        )
+        for stage in ("write", "topic"):
+            self.publish_failures.labels(stage)
+        self.publish_skipped = Counter(
+            "streamtrain_publish_skipped",
+            "Durable snapshots not published, by reason (superseded: a newer one came first; not_newer: its step is not above "
+            "the newest version).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("superseded", "not_newer"):
+            self.publish_skipped.labels(reason)
+        self.published_version = Gauge("streamtrain_published_model_version", "Newest model version published (a step).", registry=r)
+        self.publish_duration = Histogram(
+            "streamtrain_publish_duration_seconds",
+            "Time to export and write one version (off the training thread).",
+            buckets=_SNAPSHOT,
+            registry=r,
+        )
         self.info = Gauge(
             "streamtrain_info", "Constant 1, labelled with what runs.", ["version", "model", "device", "amp", "format"], registry=r
         )

@@ -3,7 +3,8 @@
 The trainer's pause per snapshot is only :func:`state_to_host` (copying tensors to host
 memory); serialization, fsyncs and pruning happen on the writer's thread.  Kafka
 offsets are committed only once a snapshot is durable (docs/ARCHITECTURE.md), which is
-what the ``on_durable`` callback is for.
+what the ``on_durable`` callback is for; ``on_state`` then gets the state just written
+(the trainer publishes its model for serving from it).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ class SnapshotWriter:
         store: SnapshotStore,
         on_durable: Callable[[SnapshotInfo, float], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        on_state: Callable[[SnapshotInfo, dict], None] | None = None,
     ) -> None:
         self.store = store
         self._on_durable = on_durable
         self._on_error = on_error
+        self._on_state = on_state
         self._mutex = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
@@ -95,6 +98,11 @@ class SnapshotWriter:
         info = self.store.write(state, meta)
         if self._on_durable is not None:
             self._on_durable(info, time.monotonic() - started)
+        if self._on_state is not None:
+            try:
+                self._on_state(info, state)
+            except Exception:  # the snapshot is durable: what is done with its state after must not undo that
+                log.exception("the snapshot on_state callback failed")
         return info
 
     def _run(self, state: dict, meta: dict) -> None:

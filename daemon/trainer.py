@@ -27,6 +27,7 @@ from streamtrain.config.schema import Config, config_to_dict
 from streamtrain.daemon.committer import Committer
 from streamtrain.daemon.errors import TrainingError
 from streamtrain.daemon.metrics import LearningTotals, Metrics
+from streamtrain.daemon.publisher import Publisher
 from streamtrain.daemon.ranks import ALONE, Collectives, Turn, World, control
 from streamtrain.daemon.skipped import SkippedBatches
 from streamtrain.daemon.snapshot import SnapshotInfo, SnapshotStore
@@ -79,6 +80,8 @@ class Trainer:
         self.writer: SnapshotWriter | None = None
         self.skipped_batches: SkippedBatches | None = None
         self.committer: Committer | None = None
+        self.publisher: Publisher | None = None
+        self.closing = False  # close() is writing the final snapshot
         self.tensorboard: TensorBoard | None = None
         self.consecutive_nonfinite = 0
         self.rollbacks_in_a_row = 0  # reset by every new durable snapshot
@@ -112,11 +115,13 @@ class Trainer:
         )
         self.offsets = self.dataset.offsets
         restored = None
-        if world.leader:  # the snapshots are rank 0's: it writes them, and restores the others from them
+        if world.leader:  # the snapshots are rank 0's: it writes them (and publishes), and restores the others from them
             self.store = SnapshotStore(cfg.snapshot.dir, keep=cfg.snapshot.keep)
             self.store.lock()
             self.store.cleanup_debris()
-            self.writer = SnapshotWriter(self.store, on_durable=self._on_durable, on_error=self._on_snapshot_error)
+            if cfg.publish.dir is not None:
+                self.publisher = Publisher(cfg.publish, cfg.kafka, self.metrics)
+            self.writer = SnapshotWriter(self.store, on_durable=self._on_durable, on_error=self._on_snapshot_error, on_state=self._on_state)
             restored = self._load_latest()
         if world.ranked:
             restored = self._restore_ranks(restored)
@@ -477,6 +482,11 @@ class Trainer:
         if self.committer is not None:
             self.committer.submit(positions)  # on its own thread: a broker outage must not hold up snapshots
 
+    def _on_state(self, info: SnapshotInfo, state: dict[str, Any]) -> None:
+        """Writer thread, after :meth:`_on_durable`: hand the state to the publisher (its own thread exports it)."""
+        if self.publisher is not None:
+            self.publisher.durable(info, state, final=self.closing)
+
     def _on_commit_error(self, exc: BaseException) -> None:
         self.metrics.commit_failures.inc()
         log.warning("could not commit offsets to the consumer group (the snapshot holds them): %s", exc)
@@ -522,6 +532,7 @@ class Trainer:
         ds = self.dataset
         if ds is not None and ds.ingest is not None:
             ds.ingest.stop()
+        self.closing = True
         try:
             if self.world.ranked:
                 # only after every rank left the loop at the same turn: otherwise the others are not there to agree
@@ -545,5 +556,7 @@ class Trainer:
                 self.skipped_batches.close()
             if self.committer is not None:
                 self.committer.close(timeout=5.0)
+            if self.publisher is not None:
+                self.publisher.close(timeout=30.0)
             if self.coll is not None:
                 self.coll.close()

@@ -1,5 +1,5 @@
 """``streamtrain`` command line: ``run`` the daemon, ``check-config`` a file, ``produce`` files
-into a topic, and look at or export ``snapshots``."""
+into a topic, look at or export ``snapshots``, and ``serve`` a published model."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from streamtrain.config.args import add_set_argument, load_or_explain
 from streamtrain.config.schema import dump_config
 from streamtrain.daemon.service import EXIT_CONFIG, run
+from streamtrain.serve import server
 from streamtrain.tools import produce, snapshots
 
 
@@ -23,12 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     add_set_argument(p_check)
     produce.add_parser(sub)
     snapshots.add_parser(sub)
+    server.add_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "produce":
         return produce.main(args)
     if args.command == "snapshots":
         return snapshots.main(args)
+    if args.command == "serve":
+        return server.main(args)
     cfg = load_or_explain(args.config, args.overrides)
     if cfg is None:
         return EXIT_CONFIG

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from bench import calls, fetchwait, frames, ingest, learning, neighbour, pipeline, step
+from bench import calls, fetchwait, frames, ingest, learning, neighbour, pipeline, serve, step
 from bench.common import MODELS, daemon_config, fill_topic, records, snapshot_dir, unique
 from bench.loops import compute_only, end_to_end
 
@@ -95,3 +95,11 @@ def test_step_prints_each_case(capsys):
     out = capsys.readouterr().out
     for case in step.CASES:
         assert f"{case}: " in out and "samples/s" in out
+
+
+def test_serve_prints_requests_and_latency_for_each_batch(capsys):
+    pytest.importorskip("fastapi", reason="the serve extra")
+    assert serve.main(["--requests", "20", "--batches", "1,64", "--clients", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 1 ", "| 64 "))]
+    assert len(rows) == 2 and all(r[3].strip() == "40" and r[-2].strip() == "0" for r in rows), out

@@ -30,6 +30,8 @@ def imports(folder: str) -> dict[str, set[str]]:
         ("streams", ("streamtrain.daemon", "streamtrain.tools", "streamtrain.config", "streamtrain.cli", "torch.distributed")),
         ("models", ("streamtrain.daemon", "streamtrain.tools", "streamtrain.config", "streamtrain.cli")),
         ("config", ("streamtrain.daemon", "streamtrain.tools", "streamtrain.cli")),
+        # serving runs without the daemon: the repository layout, the served model and the HTTP side
+        ("serve", ("streamtrain.daemon", "streamtrain.tools", "streamtrain.config", "streamtrain.cli")),
         ("tools", ("streamtrain.cli",)),
         ("daemon", ("streamtrain.cli", "streamtrain.tools")),
         ("demo", ("tests",)),
@@ -52,3 +54,17 @@ def test_the_ingest_process_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_the_daemon_and_config_load_without_the_http_server():
+    """The daemon publishes into the repository without the ``serve`` extra: FastAPI and uvicorn load for ``streamtrain serve`` only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, streamtrain.daemon.service, streamtrain.daemon.publisher, streamtrain.cli; "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamtrain.config.schema import load_config
 from tests.daemon_util import ROOT, Daemon, write_config
 from tests.kafka_util import free_port
+from tests.serve_util import Client, ServeProcess
 
 COMPOSE = ROOT / "docker-compose.yml"
 DAEMON_CONFIG = ROOT / "config" / "compose.yaml"
@@ -79,7 +80,7 @@ def test_compose_file_validates_with_docker_compose():
     r = subprocess.run([exe, "-f", str(COMPOSE), "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"docker-compose config:\n{r.stdout}{r.stderr}"
     resolved = yaml.safe_load(r.stdout)
-    assert set(resolved["services"]) == {"kafka", "topic-init", "streamtrain", "producer", "prometheus", "grafana"}
+    assert set(resolved["services"]) == {"kafka", "topic-init", "streamtrain", "serve", "producer", "prometheus", "grafana"}
     st = resolved["services"]["streamtrain"]
     assert st["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert st["depends_on"]["topic-init"]["condition"] == "service_completed_successfully"
@@ -119,6 +120,18 @@ def test_compose_services_point_at_each_other():
     assert cfg["snapshot"]["dir"].startswith(STATE_DIR + "/"), "snapshots on the volume"
     assert f"{port}:{port}" in st["ports"]
     assert _seconds(st["stop_grace_period"]) >= 60, "room for the final snapshot before SIGKILL"
+
+    serve = c["serve"]
+    assert serve["image"] == st["image"], "the server runs from the daemon's image"
+    argv = serve["command"]
+    arg = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+    assert argv[0] == "serve" and arg("--name") == cfg["publish"]["name"] and arg("--host") == "0.0.0.0"
+    assert arg("--repo") == cfg["publish"]["dir"] and cfg["publish"]["dir"].startswith(STATE_DIR + "/"), "the daemon's repository"
+    assert mounts(serve)[STATE_DIR] == "streamtrain-data" and serve["volumes"][0].endswith(":ro"), "the same volume, read-only"
+    port_serve = arg("--port")
+    assert f"{port_serve}:{port_serve}" in serve["ports"] and f"127.0.0.1:{port_serve}/healthz" in " ".join(serve["healthcheck"]["test"])
+    assert arg("--topic") == cfg["publish"]["topic"] and arg("--bootstrap") == cfg["kafka"]["bootstrap_servers"]
+    assert f"--topic {cfg['publish']['topic']} " in init and "cleanup.policy=compact" in init, "topic-init creates it compacted"
 
     producer = c["producer"]
     assert producer["image"] == st["image"], "the producer runs from the daemon's image"
@@ -222,6 +235,10 @@ def test_prometheus_scrapes_the_daemon_port_and_path():
     host, port = target.rsplit(":", 1)
     assert host == "streamtrain" and host in compose()["services"]
     assert int(port) == cfg["metrics"]["port"]
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "streamtrain-serve"]
+    (target,) = [t for sc in job["static_configs"] for t in sc["targets"]]
+    argv = compose()["services"]["serve"]["command"]
+    assert target == f"serve:{argv[argv.index('--port') + 1]}"
     for rules in prom["rule_files"]:
         assert (PROMETHEUS.parent / rules).is_file()
 
@@ -384,6 +401,7 @@ def test_every_metric_the_dashboard_and_alerts_name_exists_in_a_live_daemon(tmp_
     cfg["dead_letter"]["topic"] = f"{topic}.dlq"
     cfg["snapshot"]["dir"] = str(tmp_path / "snapshots")
     cfg["metrics"].update(host="127.0.0.1", port=free_port())
+    cfg["publish"].update(dir=str(tmp_path / "models"), topic=f"{topic}.models")
     p = subprocess.run(
         [
             sys.executable,
@@ -417,7 +435,20 @@ def test_every_metric_the_dashboard_and_alerts_name_exists_in_a_live_daemon(tmp_
     d.wait_for("a snapshot", lambda m: m.get("streamtrain_snapshots_total", 0) >= 1, 30)
     code, text = d.get("/metrics")
     assert code == 200
+    d.wait_for("a published version", lambda m: m.get("streamtrain_models_published_total", 0) >= 1, 30)
+    server = ServeProcess(tmp_path / "serve.log", "--repo", cfg["publish"]["dir"], "--name", cfg["publish"]["name"])
+    try:
+        server.wait_ready()
+        client = Client(server.port)
+        features = cfg["data"]["features"]
+        assert client.post(f"/v1/models/{cfg['publish']['name']}:predict", {"instances": [[0.0] * len(features)]})[0] == 200
+        served_code, served = client.get("/metrics")
+        client.close()
+        assert served_code == 200 and server.terminate() == 0
+    finally:
+        server.kill()
     assert d.terminate()[0] == 0
+    text += served  # the serving row's metrics come from streamtrain serve
 
     kinds: dict[str, str] = {}  # sample name -> its family's type
     labels: dict[str, set[str]] = {}

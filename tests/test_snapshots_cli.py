@@ -18,12 +18,12 @@ import yaml
 
 from streamtrain.cli import main
 from streamtrain.config.schema import config_from_dict
+from streamtrain.daemon.export import export_model, sidecar_path
 from streamtrain.daemon.metrics import Metrics
 from streamtrain.daemon.snapshot import STATE_FILE, SnapshotStore
 from streamtrain.daemon.trainer import Trainer
 from streamtrain.models.registry import build_model
 from streamtrain.streams.ring import Batch
-from streamtrain.tools.export import export_model, sidecar_path
 from tests.daemon_util import FEATURES, ROOT, Daemon, daemon_config, write_config
 
 WIDTH = 3

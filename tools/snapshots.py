@@ -19,8 +19,8 @@ import yaml
 
 from streamtrain.config.secrets import redacted
 from streamtrain.daemon.errors import SnapshotError
+from streamtrain.daemon.export import EXPORT_FORMATS, export_model, sidecar_path
 from streamtrain.daemon.snapshot import STATE_FILE, SnapshotInfo, SnapshotStore
-from streamtrain.tools.export import EXPORT_FORMATS, export_model, sidecar_path
 
 __all__ = ["add_parser", "main"]
 

@@ -1,0 +1,144 @@
+"""Requests/s and latency of ``streamtrain serve``'s ``:predict``: ``python -m bench.serve``.
+
+The MLP of the other benchmarks (16 features, hidden [64]) is trained a few steps and
+published by the trainer's own publisher; the real command (``python -m streamtrain
+serve``) serves it, and keep-alive HTTP/1.1 clients (``http.client``, one connection per
+thread) post ``{"instances": [...]}`` of named features, batch 1 and batch 64, one and
+several clients at once.  Latency is a request's round trip as the client sees it; the
+clients run on the same machine as the server and share its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import FEATURES, MODELS, WIDTH, machine, print_machine, quiet_logs, samples, table
+from bench.serving import Client, ServeProcess
+from streamtrain.config.schema import config_from_dict
+from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.trainer import Trainer
+from streamtrain.streams.ring import Batch
+
+NAME = "mlp"
+
+
+def publish(root: Path) -> int:
+    """Train the benchmark MLP a few steps and publish it into ``root``; returns its version."""
+    spec = MODELS["mlp"]
+    cfg = config_from_dict(
+        {
+            "kafka": {"topics": ["bench"]},
+            "data": {"format": "json", "features": FEATURES, "label": "y"},
+            "model": {"name": spec.name, "params": spec.params},
+            "trainer": {"task": "regression"},
+            "snapshot": {"dir": str(root / "snapshots")},
+            "publish": {"dir": str(root / "repo"), "name": NAME},
+        }
+    )
+    t = Trainer(cfg, Metrics())
+    t.setup(stream=False)
+    x, y = samples(20 * spec.batch_size)
+    for i in range(20):
+        s = slice(i * spec.batch_size, (i + 1) * spec.batch_size)
+        pos = {("bench", 0): ((i + 1) * spec.batch_size, 0)}
+        t.step(Batch(torch.from_numpy(x[s]), torch.from_numpy(y[s]), pos))
+        t.trained.update(pos)
+    t.close()  # the final snapshot, published
+    return t.step_count
+
+
+def drive(port: int, batch: int, clients: int, requests: int) -> dict[str, float]:
+    """``clients`` threads of ``requests`` posts each; latencies in ms, the rate over the whole run."""
+    x, _ = samples(max(64, batch) * 4, seed=5)
+    bodies = [{"instances": [dict(zip(FEATURES, map(float, r))) for r in x[i * batch : (i + 1) * batch]]} for i in range(4)]
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    failures = [0] * clients
+    go = threading.Barrier(clients + 1)
+
+    def run(i: int) -> None:
+        c = Client(port)
+        c.post(f"/v1/models/{NAME}:predict", bodies[0])  # connect and warm up outside the timing
+        go.wait()
+        for n in range(requests):
+            t0 = time.perf_counter()
+            code, _doc = c.post(f"/v1/models/{NAME}:predict", bodies[n % 4])
+            latencies[i].append(time.perf_counter() - t0)
+            failures[i] += code != 200
+        c.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for th in threads:
+        th.start()
+    go.wait()
+    started = time.perf_counter()
+    for th in threads:
+        th.join()
+    seconds = time.perf_counter() - started
+    flat = sorted(v for lat in latencies for v in lat)
+    q = statistics.quantiles(flat, n=100)
+    return {
+        "rps": len(flat) / seconds,
+        "p50": q[49] * 1e3,
+        "p99": q[98] * 1e3,
+        "requests": len(flat),
+        "failed": sum(failures),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=2000, help="requests per client (default 2000)")
+    ap.add_argument("--batches", default="1,64", help="instances per request, comma-separated (default 1,64)")
+    ap.add_argument("--clients", default="1,4", help="client threads, comma-separated (default 1,4)")
+    ap.add_argument("--threads", type=int, default=1, help="the server's --threads (torch intra-op threads)")
+    ap.add_argument(
+        "--inline-max-bytes", type=int, help="the server's --inline-max-bytes (default: its own, 64 KiB; 0: a worker thread always)"
+    )
+    args = ap.parse_args(argv)
+    quiet_logs()
+    print_machine(machine())
+    batches = [int(b) for b in args.batches.split(",")]
+    clients = [int(c) for c in args.clients.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        root = Path(tmp)
+        version = publish(root)
+        extra = ["--inline-max-bytes", str(args.inline_max_bytes)] if args.inline_max_bytes is not None else []
+        server = ServeProcess(root / "serve.log", "--repo", str(root / "repo"), "--name", NAME, "--threads", str(args.threads), *extra)
+        try:
+            server.wait_ready()
+            rows = []
+            for batch in batches:
+                for n in clients:
+                    r = drive(server.port, batch, n, args.requests)
+                    rows.append(
+                        [
+                            str(batch),
+                            str(n),
+                            f"{r['requests']:,}",
+                            f"{r['rps']:,.0f}",
+                            f"{r['rps'] * batch:,.0f}",
+                            f"{r['p50']:.2f}",
+                            f"{r['p99']:.2f}",
+                            str(r["failed"]),
+                        ]
+                    )
+            assert server.terminate() == 0, server.log()[-2000:]
+        finally:
+            server.kill()
+    inline = "default" if args.inline_max_bytes is None else args.inline_max_bytes
+    print(f"model: mlp {MODELS['mlp'].params}, {WIDTH} features, version {version}")
+    print(f"server: --threads {args.threads}, --inline-max-bytes {inline}")
+    print(table(["batch", "clients", "requests", "requests/s", "rows/s", "p50 ms", "p99 ms", "failed"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Publishes durable snapshots' models as versions for serving, on a thread of its own.
+
+After a snapshot is durable the writer thread hands its state here (``publish.dir`` set).
+The model is exported as ``daemon/export.py`` does for ``snapshots export`` (the
+``state_dict`` with its sidecar, and the ``torch.export`` program) into
+``<publish.dir>/<publish.name>/<step>/``, written atomically by
+:func:`streamtrain.serve.repository.write_version`; the newest ``publish.keep`` stay.
+With ``publish.topic`` a record per version (key = the name) tells serving fleets about
+it without polling.
+
+Like the committer, nothing here may hold up training or snapshots: exporting takes tens
+of milliseconds to seconds, and a slow disk longer.  Only the newest snapshot waiting
+matters (a newer one replaces one not yet published); a failure is counted and logged,
+and training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streamtrain.config.schema import PublishConfig
+from streamtrain.daemon.export import export_model
+from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.snapshot import SnapshotInfo
+from streamtrain.serve.repository import VersionExistsError, cleanup_debris, list_versions, prune, write_version
+from streamtrain.streams.config import KafkaConfig
+from streamtrain.streams.source import client_settings, make_client
+
+__all__ = ["Publisher"]
+
+log = logging.getLogger("streamtrain.publish")
+
+# what the export reads of a snapshot's state; the rest (optimizer, RNG) is not held on to
+_EXPORTED = ("model", "normalizer", "target")
+
+
+class Publisher:
+    """Turns durable snapshots into versions in the model repository; see the module docstring."""
+
+    def __init__(self, cfg: PublishConfig, kafka: KafkaConfig, metrics: Metrics) -> None:
+        assert cfg.dir is not None, "publish.dir is not set: nothing to publish"
+        self.cfg = cfg
+        self.kafka = kafka
+        self.metrics = metrics
+        self.root = Path(cfg.dir)
+        self._durable = 0  # durable snapshots seen, for publish.every_snapshots
+        self._pending: tuple[SnapshotInfo, dict[str, Any]] | None = None
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._producer: Producer | None = None
+        self._topic_ready = False
+        cleanup_debris(self.root, cfg.name)
+        newest = list_versions(self.root, cfg.name)
+        self.newest = newest[0].version if newest else -1  # versions only grow
+        if newest:
+            metrics.published_version.set(self.newest)
+        self._thread = threading.Thread(target=self._run, name="streamtrain-publisher", daemon=True)
+        self._thread.start()
+
+    def durable(self, info: SnapshotInfo, state: dict[str, Any], final: bool = False) -> None:
+        """Snapshot ``info`` (with ``state``, not to be changed) is durable: publish it soon, if it is its turn.
+
+        Every ``publish.every_snapshots``-th one, and the ``final`` one at shutdown.
+        """
+        self._durable += 1
+        if not final and self._durable % self.cfg.every_snapshots:
+            return
+        exported = {k: state[k] for k in _EXPORTED if k in state}
+        with self._cond:
+            if self._pending is not None:
+                self.metrics.publish_skipped.labels("superseded").inc()
+                log.info("snapshot %s not published: %s came before it was its turn", self._pending[0].name, info.name)
+            self._pending = (info, exported)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Until everything handed over is published (or has failed); False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._busy or self._pending is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Give the last publish ``timeout`` seconds, then stop (an abandoned one leaves only debris, removed at next start)."""
+        done = self.wait(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if not done:
+            log.warning("the last model publish did not finish within %.0f s; the repository keeps the versions before it", timeout)
+            return
+        self._thread.join(timeout)
+        if self._producer is not None:
+            self._producer.flush(5.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                (info, state), self._pending = self._pending, None
+                self._busy = True
+            try:
+                self.publish(info, state)
+            except Exception:  # never let the thread die: the next snapshot tries again
+                log.exception("publishing snapshot %s failed unexpectedly", info.name)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def publish(self, info: SnapshotInfo, state: dict[str, Any]) -> dict | None:
+        """Write version ``info.step`` now (on the calling thread); returns its manifest, or None if skipped or failed."""
+        cfg, version = self.cfg, info.step
+        if version <= self.newest:
+            self.metrics.publish_skipped.labels("not_newer").inc()
+            log.info("snapshot %s not published: version %d is not newer than %d in the repository", info.name, version, self.newest)
+            return None
+        started = time.monotonic()
+
+        def write_files(tmp: Path) -> None:
+            export_model(info, state, tmp / "model.pt", "state_dict")
+            if cfg.program:
+                export_model(info, state, tmp / "model.pt2", "program")
+
+        meta = info.meta
+        about = {
+            "step": version,
+            "snapshot": info.name,
+            "created": info.created,
+            "samples": meta.get("samples"),
+            "positions": [{"topic": t, "partition": p, "offset": o, "rows": r} for t, p, o, r in meta.get("positions", [])],
+            "prequential": meta.get("prequential"),
+        }
+        try:
+            manifest = write_version(self.root, cfg.name, version, write_files, about)
+        except VersionExistsError:
+            self.metrics.publish_skipped.labels("not_newer").inc()
+            log.info("snapshot %s not published: version %d is in the repository already", info.name, version)
+            return None
+        except Exception as exc:  # a failed publish is counted and logged; training goes on
+            self.metrics.publish_failures.labels("write").inc()
+            log.error("could not publish snapshot %s as version %d of %s: %s", info.name, version, cfg.name, exc)
+            return None
+        self.newest = version
+        seconds = time.monotonic() - started
+        pruned = prune(self.root, cfg.name, cfg.keep, protect=version)
+        self.metrics.models_published.inc()
+        self.metrics.published_version.set(version)
+        self.metrics.publish_duration.observe(seconds)
+        log.info(
+            "published version %d of %s in %.2f s (%s)%s",
+            version,
+            cfg.name,
+            seconds,
+            self.root / cfg.name / str(version),
+            f"; pruned {', '.join(map(str, pruned))}" if pruned else "",
+        )
+        if cfg.topic:
+            self._announce(manifest)
+        return manifest
+
+    # ------------------------------------------------------------------ the topic
+    def _announce(self, manifest: dict) -> None:
+        """One record on ``publish.topic``: key = the name, value = where the version is and what it holds."""
+        cfg = self.cfg
+        files = manifest["files"]
+        value = {
+            "name": cfg.name,
+            "version": manifest["version"],
+            "path": f"{cfg.name}/{manifest['version']}",
+            "dir": str((self.root / cfg.name / str(manifest["version"])).resolve()),
+            "sha256": files["model.pt"]["sha256"],
+            "files": {f: e["sha256"] for f, e in files.items()},
+            **{k: manifest[k] for k in ("step", "snapshot", "created", "samples", "positions", "prequential", "published")},
+        }
+        try:
+            if self._producer is None:
+                settings = {**client_settings(self.kafka, "streamtrain-publish"), "acks": "all", "linger.ms": 0}
+                self._producer = make_client(Producer, settings, "kafka.settings", logger=log)
+            self._ensure_topic()
+            errors: list[KafkaError] = []
+            self._producer.produce(
+                cfg.topic, json.dumps(value).encode(), cfg.name.encode(), on_delivery=lambda err, _m: err and errors.append(err)
+            )
+            left = self._producer.flush(30.0)
+            if errors or left:
+                raise RuntimeError(errors[0].str() if errors else "no acknowledgement within 30 s")
+        except Exception as exc:
+            self.metrics.publish_failures.labels("topic").inc()
+            log.error("version %d of %s is in the repository, but telling %s failed: %s", manifest["version"], cfg.name, cfg.topic, exc)
+
+    def _ensure_topic(self) -> None:
+        """Create ``publish.topic`` compacted (one partition) when it does not exist; leave an existing one alone."""
+        if self._topic_ready:
+            return
+        admin = AdminClient(client_settings(self.kafka, "streamtrain-publish-admin"))
+        md = admin.list_topics(self.cfg.topic, timeout=10).topics.get(self.cfg.topic)
+        if md is None or md.error is not None:
+            topic = NewTopic(self.cfg.topic, 1, -1, config={"cleanup.policy": "compact"})
+            try:
+                admin.create_topics([topic])[self.cfg.topic].result(10)
+                log.info("created the compacted topic %s for published versions", self.cfg.topic)
+            except Exception as exc:
+                err = exc.args[0] if exc.args else None
+                if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                    log.warning("could not create %s (%s); producing to it anyway", self.cfg.topic, exc)
+        self._topic_ready = True
