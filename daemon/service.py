@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from streamtrain.config.schema import Config
 from streamtrain.daemon.errors import ConfigError, SnapshotLockedError, StreamtrainError
@@ -143,12 +144,24 @@ def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> No
     src.ready = lambda: health.ready()[0]
 
 
+# Under torchrun a stop can arrive twice at once: to the whole process group (a terminal's
+# Ctrl-C, systemd) and forwarded by torchrun.  A second signal this soon is the same stop.
+SAME_STOP_S = 2.0
+
+
 def _install_signals(stop: threading.Event, trainer: Trainer) -> None:
+    first: list[float] = []
+
     def on_stop(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
         if stop.is_set():
-            log.warning("second %s: exiting now; the last durable snapshot is kept", signal.Signals(signum).name)
+            if trainer.world.ranked and time.monotonic() - first[0] < SAME_STOP_S:
+                log.info("%s again (forwarded by torchrun): already stopping", name)
+                return
+            log.warning("second %s: exiting now; the last durable snapshot is kept", name)
             os._exit(EXIT_FAILURE)
-        log.info("%s received: finishing the current step", signal.Signals(signum).name)
+        log.info("%s received: finishing the current step", name)
+        first.append(time.monotonic())
         stop.set()
 
     def on_usr1(_signum: int, _frame: object) -> None:
