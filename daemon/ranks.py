@@ -98,7 +98,8 @@ class Collectives:
         self.dist = dist
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         self.device = device if self.backend == "nccl" else torch.device("cpu")
-        dist.init_process_group(self.backend, rank=world.rank, world_size=world.size, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(self.backend, store=_store(world, timeout), rank=world.rank, world_size=world.size, timeout=timeout)
         self.broken = False  # a collective failed (a rank died): nothing more can be agreed on
         log.info("%s: process group up (%s)", world.label(), self.backend)
 
@@ -141,6 +142,23 @@ class Collectives:
             self.dist.destroy_process_group()
         except Exception as exc:  # a group whose peers are gone: nothing to tear down cleanly
             log.debug("process group teardown: %s", exc)
+
+
+def _store(world: World, timeout: timedelta) -> Any:
+    """Where the ranks meet: torchrun's store, under a prefix of this attempt's own.
+
+    After torchrun restarts the group (``--max-restarts``) its store still holds what the
+    previous attempt's ranks wrote there; without a fresh prefix the new ranks read each
+    other's old addresses and fail to connect (seen here: gloo "Connection refused" to a
+    port of the ranks before).
+    """
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it; otherwise rank 0 does
+    store = dist.TCPStore(addr, port, world.size, is_master=not agent and world.leader, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"streamtrain/attempt-{attempt}", store)
 
 
 @dataclass

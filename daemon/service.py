@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -90,6 +91,14 @@ def run(cfg: Config) -> int:
         if server is not None:
             server.close()
     log.info("stopped (exit %d) at step %d, %s samples trained", code, trainer.step_count, f"{trainer.samples:,}")
+    if world.ranked:
+        # A process group whose peers died can leave torch.distributed threads that hold the
+        # interpreter's exit until torchrun's SIGKILL, 30 s later (seen after a failed start):
+        # everything is closed and written by now, so leave at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

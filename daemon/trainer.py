@@ -40,7 +40,7 @@ from streamtrain.streams.errors import DeadLetterError
 from streamtrain.streams.offsets import OffsetTracker, describe_positions, positions_from_rows, positions_to_rows
 from streamtrain.streams.ring import Batch, Position
 from streamtrain.streams.ring import TopicPartition as TP
-from streamtrain.streams.split import Share
+from streamtrain.streams.split import Share, owner
 
 log = logging.getLogger("streamtrain.trainer")
 
@@ -228,10 +228,13 @@ class Trainer:
         """The loop of one rank of several: every turn one agreement (daemon/ranks.py), then the same decisions everywhere."""
         progress_every = self.cfg.logging.progress_every_s
         next_progress = time.monotonic() + progress_every if progress_every else math.inf
+        others_busy = False
         while True:
             self.on_beat()
             t0 = time.perf_counter()
-            batch = self.dataset.next_batch(timeout=0.1)
+            # While any rank has data, one with none must not hold the step up waiting for its own:
+            # it takes what its ring holds now (maybe nothing); only when every rank was idle it waits.
+            batch = self.dataset.next_batch(timeout=0.0 if others_busy else 0.1)
             self.metrics.data_wait.observe(time.perf_counter() - t0)
             now = time.monotonic()
             asked = self.snapshot_requested.is_set()
@@ -243,6 +246,7 @@ class Trainer:
             elif turn.asked and not turn.snapshot:
                 self.snapshot_requested.set()  # asked on another rank: written at the next turn the writer is free
             epoch = self.stream_epoch
+            others_busy = turn.samples > 0
             if turn.samples:
                 self.step(batch if batch is not None else self._empty_batch(), turn)
             if batch is not None and epoch == self.stream_epoch:
@@ -279,8 +283,8 @@ class Trainer:
         if not all(p[0] for p in parts):
             return None
         positions: dict[TP, Position] = {}
-        for _, rows, _ in parts:
-            positions.update(positions_from_rows(rows))
+        for rank, (_, rows, _) in enumerate(parts):  # each partition from the rank that reads it
+            positions.update((tp, pos) for tp, pos in positions_from_rows(rows).items() if owner(tp, self.world.size) == rank)
         missing = sorted({tuple(tp) for _, _, a in parts for tp in a} - set(positions))
         if missing:
             self.metrics.snapshots_incomplete.inc()
@@ -424,7 +428,10 @@ class Trainer:
 
     def load_state_dict(self, info: SnapshotInfo, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state, f"{info.name} in {self.cfg.snapshot.dir}", info.meta.get("model", "?"))
-        self.offsets.resume(self.step_count, positions_from_rows(info.meta["positions"]))
+        positions = positions_from_rows(info.meta["positions"])
+        if self.world.ranked:  # every rank gets the whole map and keeps its own partitions (another world size re-splits)
+            positions = {tp: pos for tp, pos in positions.items() if self.dataset.share.owns(tp)}
+        self.offsets.resume(self.step_count, positions)
         self.last_snapshot_step = self.step_count
         self.metrics.snapshot_step.set(info.step)
         self.metrics.last_snapshot.set(info.created)
