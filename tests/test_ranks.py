@@ -111,6 +111,7 @@ def stop_ranks(d: Daemon, ranks: int) -> None:
     assert "final snapshot" in log, log[-4000:]
 
 
+@pytest.mark.integration
 def test_partitions_split_by_rank_and_a_quiet_rank_neither_blocks_nor_stalls(tmp_path, bootstrap, make_topic):
     """3 partitions on 2 ranks, partition 1 silent (the only one of its rank): the other rank trains all; the ledger is exact."""
     topic = make_topic(3)
@@ -145,6 +146,7 @@ def test_partitions_split_by_rank_and_a_quiet_rank_neither_blocks_nor_stalls(tmp
     )
 
 
+@pytest.mark.integration
 @pytest.mark.fault
 def test_kill_9_of_a_random_rank_then_one_rank_then_three_exactly_once(tmp_path, bootstrap, make_topic):
     """2 ranks under torchrun --max-restarts, a producer writing, kill -9 of a random rank (some during a snapshot write):
@@ -198,6 +200,7 @@ def test_kill_9_of_a_random_rank_then_one_rank_then_three_exactly_once(tmp_path,
     )
 
 
+@pytest.mark.integration
 @pytest.mark.fault
 def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path, bootstrap, make_topic):
     topic = make_topic(4)
@@ -226,6 +229,13 @@ def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path, bootst
     )
 
 
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def wait_ranks_training(d: Daemon, ranks: int, timeout: float) -> list[int]:
     """Every rank up and past a step; returns their pids."""
     deadline = time.monotonic() + timeout
@@ -248,3 +258,44 @@ def wait_restarted(d: Daemon, old: list[int], timeout: float) -> None:
         if d.proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"no restart (torchrun exit {d.proc.poll()}); log:\n{d.log()[-4000:]}")
         time.sleep(0.05)
+
+
+@pytest.mark.integration
+@pytest.mark.fault
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["group-int", "group-term"])
+def test_a_signal_to_every_process_stops_every_rank_cleanly(tmp_path, bootstrap, make_topic, sig):
+    """systemd's control-group stop (KillMode=control-group) signals every process: each rank gets it from systemd and once
+    more from torchrun, which forwards it; their ingest processes get it too.  (torchrun starts its ranks in sessions of
+    their own, so a terminal's Ctrl-C reaches torchrun alone, which forwards it: one copy.)"""
+    topic = make_topic(4)
+    cfg = ledger_config(tmp_path, bootstrap, topic)
+    producer = LedgerProducer(bootstrap, topic)
+    producer.start(rate=2000)
+    d = launch_ranks(tmp_path, cfg, "group", 2)
+    try:
+        wait_ranks_training(d, 2, timeout=90)
+        time.sleep(1.0)
+        everyone = [d.proc.pid, *d.rank_pids()]
+        everyone += [c for pid in everyone[1:] for c in children(pid)]
+        for pid in everyone:  # as the cgroup's kill: at once, in no particular order
+            os.kill(pid, sig)
+        d.wait_exit(60)
+    finally:
+        producer.stop()
+    log = d.log()
+    assert log.count("stopped (exit 0)") == 2 and "final snapshot" in log, log[-4000:]
+    assert "exiting now" not in log, "the forwarded copy of the signal was taken for a second one"
+    assert "(forwarded by torchrun): already stopping" in log  # each rank did get two
+    d = launch_ranks(tmp_path, cfg, "drain", 2)
+    wait_drained(d, topic, producer)
+    stop_ranks(d, 2)
+    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
+    record(
+        f"{sig.name} to every process (torchrun, 2 ranks, their ingest: a control-group stop)",
+        trials=1,
+        produced=producer.total,
+        lost=lost,
+        duplicated=dup,
+        recovery="both ranks exit 0 after the final snapshot",
+        notes="torchrun's forwarded copy is the same stop",
+    )
