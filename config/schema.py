@@ -94,6 +94,9 @@ class TrainerConfig:
     standardize: bool = opt(True, "Standardize features with their running mean/variance (a batch is folded in, then scaled).")
     standardize_target: bool = opt(True, "regression: train on the label standardized by its running statistics (any label scale).")
     num_threads: int = opt(0, "torch intra-op threads; 0 = the cores the data path leaves free.")
+    rank_timeout_s: float = opt(
+        120.0, "Several ranks (torchrun): how long a rank waits for the others at a step before it exits 1 (a hung rank)."
+    )
     seed: int = opt(0, "Seed for weight init and dropout.")
     max_consecutive_nonfinite: int = opt(
         10, "After this many non-finite steps in a row, roll back to the last good snapshot and replay the stream from it."
@@ -131,7 +134,7 @@ class TrainerConfig:
         return (
             problems
             + non_negative(self, "weight_decay", "momentum", "num_threads", "huber_delta")
-            + positive(self, "max_consecutive_nonfinite", "max_rollbacks")
+            + positive(self, "max_consecutive_nonfinite", "max_rollbacks", "rank_timeout_s")
         )
 
 

@@ -126,6 +126,17 @@ class Metrics:
         self.info = Gauge(
             "streamtrain_info", "Constant 1, labelled with what runs.", ["version", "model", "device", "amp", "format"], registry=r
         )
+        self.rank_info = Gauge(
+            "streamtrain_rank_info",
+            "Constant 1: which rank of how many this process is (several under torchrun; 0 of 1 alone).",
+            ["rank", "world_size", "local_rank"],
+            registry=r,
+        )
+        self.snapshots_incomplete = Counter(
+            "streamtrain_snapshots_incomplete",
+            "Snapshots not written because a rank's positions were missing (several ranks; rank 0 counts).",
+            registry=r,
+        )
         self.start_time = Gauge("streamtrain_start_time_seconds", "Unix time the daemon started.", registry=r)
         self.start_time.set(time.time())
         self.scrape = ScrapeCollector()

@@ -65,6 +65,19 @@ class RunningStandardizer:
         self.n = total
         self._refresh()
 
+    @torch.no_grad()
+    def merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Fold in a batch known by its count, mean and sum of squared deviations (the batch of every rank)."""
+        if not self.enabled or n_b == 0:
+            return
+        n_a, total = self.n, self.n + n_b
+        delta = mean_b.to(self.mean) - self.mean
+        self.mean.add_(delta, alpha=n_b / total)
+        self.m2.add_(m2_b.to(self.m2))
+        self.m2.addcmul_(delta, delta, value=n_a * n_b / total)
+        self.n = total
+        self._refresh()
+
     def _refresh(self) -> None:
         var = self.m2 / max(self.n, 1)
         # where the variance is within round-off of the mean (or zero), centre only

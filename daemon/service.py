@@ -7,6 +7,12 @@ snapshot now.
 
 Exit codes: 0 clean stop, 1 a runtime failure (named in the log), 2 invalid
 configuration, 3 the snapshot directory is locked by another process.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment) each
+process is one rank (``daemon/ranks.py``): it serves ``/metrics`` on ``metrics.port +
+LOCAL_RANK``, and only rank 0 speaks to systemd and writes snapshots.  A signal to
+torchrun reaches every rank; they stop at the same step and rank 0 writes the final
+snapshot.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 
 from streamtrain.config.schema import Config
 from streamtrain.daemon.errors import ConfigError, SnapshotLockedError, StreamtrainError
 from streamtrain.daemon.metrics import Health, Metrics, MetricsServer
 from streamtrain.daemon.notify import Heartbeat, Notifier
+from streamtrain.daemon.ranks import World
 from streamtrain.daemon.trainer import Trainer
 from streamtrain.streams.ingest import IngestStats
 from streamtrain.streams.logs import setup_logging
@@ -32,17 +41,25 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
 def run(cfg: Config) -> int:
     """Run the daemon with a validated config; returns the process exit code."""
     setup_logging(cfg.logging.level, cfg.logging.format)
+    try:
+        world = World.from_env()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
     stop = threading.Event()
     metrics = Metrics()
     health = Health(cfg.metrics.stall_after_s)
-    trainer = Trainer(cfg, metrics, stop, on_beat=health.beat)
-    notifier = Notifier.from_env()  # systemd Type=notify; a no-op without $NOTIFY_SOCKET
+    trainer = Trainer(cfg, metrics, stop, on_beat=health.beat, world=world)
+    # systemd Type=notify; a no-op without $NOTIFY_SOCKET.  Several ranks: rank 0 speaks for them
+    notifier = Notifier.from_env() if world.leader else Notifier.from_env({})
     _install_signals(stop, trainer)
     server = None
     code = EXIT_OK
     try:
+        if world.ranked:
+            log.info("%s (local rank %d)", world.label(), world.local_rank)
         if cfg.metrics.enabled:
-            server = MetricsServer(metrics, health, cfg.metrics.host, cfg.metrics.port)
+            server = MetricsServer(metrics, health, cfg.metrics.host, cfg.metrics.port + world.local_rank)
             server.start()
         log.info("starting: topics %s at %s, model %s", ", ".join(cfg.kafka.topics), cfg.kafka.bootstrap_servers, cfg.model.name)
         notifier.status("starting: loading the model and the newest snapshot")
@@ -74,6 +91,14 @@ def run(cfg: Config) -> int:
         if server is not None:
             server.close()
     log.info("stopped (exit %d) at step %d, %s samples trained", code, trainer.step_count, f"{trainer.samples:,}")
+    if world.ranked:
+        # A process group whose peers died can leave torch.distributed threads that hold the
+        # interpreter's exit until torchrun's SIGKILL, 30 s later (seen after a failed start):
+        # everything is closed and written by now, so leave at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
@@ -128,12 +153,24 @@ def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> No
     src.ready = lambda: health.ready()[0]
 
 
+# Under torchrun a stop can arrive twice at once: to the whole process group (a terminal's
+# Ctrl-C, systemd) and forwarded by torchrun.  A second signal this soon is the same stop.
+SAME_STOP_S = 2.0
+
+
 def _install_signals(stop: threading.Event, trainer: Trainer) -> None:
+    first: list[float] = []
+
     def on_stop(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
         if stop.is_set():
-            log.warning("second %s: exiting now; the last durable snapshot is kept", signal.Signals(signum).name)
+            if trainer.world.ranked and time.monotonic() - first[0] < SAME_STOP_S:
+                log.info("%s again (forwarded by torchrun): already stopping", name)
+                return
+            log.warning("second %s: exiting now; the last durable snapshot is kept", name)
             os._exit(EXIT_FAILURE)
-        log.info("%s received: finishing the current step", signal.Signals(signum).name)
+        log.info("%s received: finishing the current step", name)
+        first.append(time.monotonic())
         stop.set()
 
     def on_usr1(_signum: int, _frame: object) -> None:

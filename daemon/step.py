@@ -36,6 +36,7 @@ from streamtrain.daemon.drift_response import DriftMonitor
 from streamtrain.daemon.errors import ConfigError
 from streamtrain.daemon.normalizer import RunningStandardizer
 from streamtrain.daemon.prequential import Prequential
+from streamtrain.daemon.ranks import ALONE, Collectives, Turn, World
 from streamtrain.models.registry import build_model
 from streamtrain.streams.ring import Batch
 
@@ -101,13 +102,16 @@ def optimizer_defaults(model: str, optimizer: str, lr: float | None, clip: float
 class Learner:
     """Model, optimizer and everything else a step updates; built from the config, restored from a snapshot."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, world: World = ALONE) -> None:
         self.cfg = cfg
         tc = cfg.trainer
         self.device = pick_device(tc.device)
+        if world.ranked and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", world.local_rank)  # one GPU per rank on its host
         self.amp_dtype = pick_amp(tc.amp, self.device)
         torch.manual_seed(tc.seed)
-        self.threads = tc.num_threads or max(1, (os.cpu_count() or 2) - 1)  # leave a core to the data path
+        # leave a core to the data path; ranks on one host share its cores
+        self.threads = tc.num_threads or max(1, ((os.cpu_count() or 2) - world.local_size) // world.local_size)
         torch.set_num_threads(self.threads)
 
         self.model = build_model(cfg.model.name, dict(cfg.model.params), cfg.data.width).to(self.device)
@@ -146,8 +150,14 @@ class Learner:
         return f"{n_params:,} parameters ({n_train:,} trained) on {self.device}, amp {amp}, {self.threads} torch thread(s)"
 
     # ------------------------------------------------------------------ the step
-    def step(self, batch: Batch) -> StepResult:
+    def step(self, batch: Batch, ranked: tuple[Turn, Collectives] | None = None) -> StepResult:
         """One prequential step on ``batch``; the weights stay untouched if anything is non-finite.
+
+        ``ranked``: the step is one over the batches of every rank (``daemon/ranks.py``):
+        the standardizers fold in the moments of all of them (``turn``), the loss is this
+        rank's sum over the global count, and the gradients and statistics are summed over
+        the ranks before anything is decided, so every rank decides alike.  ``batch`` may
+        then be empty (this rank had nothing this turn).
 
         On CUDA the step waits for the device once: one read of its statistics (the loss,
         the prequential sums, the gradient norm) after the backward pass, from which the
@@ -162,17 +172,27 @@ class Learner:
         if self.device.type == "cuda":  # the ring gets the slot back once this copy is done, whatever the host waits for
             batch.copy_done = torch.cuda.Event()
             batch.copy_done.record(torch.cuda.current_stream(self.device))
-        self.normalizer.update(x)  # features are known before the prediction; a skipped step's records count too
+        # features are known before the prediction; a skipped step's records count too
+        if ranked is None:
+            self.normalizer.update(x)
+            n, fold_labels = len(batch), None
+        else:
+            turn, coll = ranked
+            n = turn.samples
+            self._fold(self.normalizer, turn.moments[: 2 * x.shape[1]], n, x, coll)
+            fold_labels = lambda y2: self._fold(self.target, turn.moments[2 * x.shape[1] :], n, y2, coll)  # noqa: E731
         xn = self.normalizer.transform(x)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             out = self.model(xn)
-        loss, stats = self._loss(out.float(), y)
+        loss, stats = self._loss(out.float(), y, None if ranked is None else n, fold_labels)
         self.scaler.scale(loss).backward()
+        sums = torch.stack([loss.detach(), *stats])
+        if ranked is not None:
+            sums = self._sum_over_ranks(sums, ranked[1])
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.trained_params, self.clip_norm)
         # the step's one device sync: the training loss, the prequential sums, the gradient norm
-        loss_value, loss_sum, hits_or_abs, sq, scaled_abs, grad_norm = torch.stack([loss.detach(), *stats, norm]).tolist()
-        n = len(batch)
+        loss_value, loss_sum, hits_or_abs, sq, scaled_abs, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()
         metric = hits_or_abs / n
         result = StepResult(loss_sum / n, metric, math.nan)
         if not math.isfinite(loss_value):
@@ -206,35 +226,92 @@ class Learner:
         self.metric_ewma = result.metric if math.isnan(self.metric_ewma) else (1 - a) * self.metric_ewma + a * result.metric
         return result
 
-    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    # ------------------------------------------------------------------ several ranks
+    def batch_moments(self, batch: Batch | None) -> torch.Tensor:
+        """This rank's part of a turn's moments: sums of the features and labels, and of their squares, centred on the running means.
+
+        Every rank holds the same running means, so the sums add up over the ranks
+        (``daemon/ranks.py``'s control all-reduce) to the moments of the union of the batches.
+        """
+        w = self.cfg.data.width
+        if batch is None or len(batch) == 0:
+            return torch.zeros(2 * w + 2, dtype=torch.float64)
+        xs = batch.x.to(torch.float64) - self.normalizer.mean.cpu()
+        ys = batch.y.to(torch.float64).reshape(-1, 1) - self.target.mean.cpu()
+        return torch.cat([xs.sum(0), xs.square().sum(0), ys.sum(0), ys.square().sum(0)])
+
+    @staticmethod
+    def _fold(norm: RunningStandardizer, moments: torch.Tensor, n: int, local: torch.Tensor, coll: Collectives) -> None:
+        """Fold the turn's batch (every rank's) into ``norm`` from its summed centred moments."""
+        if not norm.enabled or n == 0:
+            return
+        width = norm.mean.shape[0]
+        s1, s2 = moments[:width].to(norm.mean), moments[width:].to(norm.mean)
+        mean_b = norm.mean + s1 / n
+        if norm.n == 0:
+            # the first batch ever: no running mean to centre on, so sum the squares about the
+            # batch's mean in a second pass (a timestamp's square loses its spread in float64)
+            dev = local.reshape(-1, width).to(torch.float64) - mean_b
+            m2_b = coll.all_reduce(dev.square().sum(0).cpu()).to(norm.mean)
+        else:
+            m2_b = (s2 - s1.square() / n).clamp_(min=0.0)
+        norm.merge(n, mean_b, m2_b)
+
+    def _sum_over_ranks(self, sums: torch.Tensor, coll: Collectives) -> torch.Tensor:
+        """Sum the gradients (zeros where this rank has none) and ``sums`` over the ranks: one all-reduce."""
+        params = self.trained_params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [sums.to(torch.float32)])
+        coll.all_reduce(flat)
+        at = 0
+        for p, g in zip(params, grads):
+            k = g.numel()
+            p.grad = flat[at : at + k].view_as(g).to(g.dtype)
+            at += k
+        return flat[at:]
+
+    def _loss(
+        self, out: torch.Tensor, y: torch.Tensor, total: int | None = None, fold_labels: Any = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The training loss, and the batch's prequential sums: loss, hits or |error|, squared error, |error| / label std.
 
         Regression trains on the label standardized by its running statistics (so a label
         of any scale trains at the same pace); the prediction scored is made with the
         statistics of the labels *before* this batch, in the label's own units.
+
+        ``total``: several ranks -- the loss is this rank's sum over ``total`` (the samples
+        of every rank), so the gradients summed over the ranks are those of the mean over
+        all of them; ``fold_labels(y)`` folds the labels of every rank into the label's
+        statistics instead of this batch's alone.
         """
         tc = self.cfg.trainer
         zero = out.new_zeros(())
+        reduction, count = ("mean", len(y)) if total is None else ("sum", total)
+
+        def over(loss: torch.Tensor) -> torch.Tensor:
+            return loss if total is None else loss / total
+
         if tc.task == "multiclass":
             labels = y.long()
-            loss = F.cross_entropy(out, labels)
-            return loss, (loss.detach() * len(y), (out.detach().argmax(1) == labels).sum().float(), zero, zero)
+            loss = over(F.cross_entropy(out, labels, reduction=reduction))
+            return loss, (loss.detach() * count, (out.detach().argmax(1) == labels).sum().float(), zero, zero)
         out = out.reshape(-1)
         if tc.task == "binary":
-            loss = F.binary_cross_entropy_with_logits(out, y)
-            return loss, (loss.detach() * len(y), ((out.detach() > 0) == (y > 0.5)).sum().float(), zero, zero)
+            loss = over(F.binary_cross_entropy_with_logits(out, y, reduction=reduction))
+            return loss, (loss.detach() * count, ((out.detach() > 0) == (y > 0.5)).sum().float(), zero, zero)
         target = self.target
         err = torch.addcmul(target.shift - y, out.detach(), target.std)  # the prequential prediction's error
         inv_std = target.scale[0]  # the statistics before this batch's labels (update() replaces the tensors)
-        target.update(y[:, None])
+        (fold_labels or target.update)(y[:, None])
         sq = torch.dot(err, err)
         abs_sum = err.abs().sum()
         if tc.loss == "huber":
             per_sample = F.huber_loss(out * target.std + target.shift, y, delta=tc.huber_delta, reduction="none")
-            loss = per_sample.mean() * target.scale[0] ** 2
+            mean = per_sample.mean() if total is None else per_sample.sum() / total
+            loss = mean * target.scale[0] ** 2
             preq = F.huber_loss(err, torch.zeros_like(err), delta=tc.huber_delta, reduction="sum")
         else:
-            loss = F.mse_loss(out, (y - target.shift) * target.scale)
+            loss = over(F.mse_loss(out, (y - target.shift) * target.scale, reduction=reduction))
             preq = sq
         return loss, (preq, abs_sum, sq, abs_sum * inv_std)
 

@@ -28,6 +28,7 @@ from streamtrain.daemon.committer import Committer
 from streamtrain.daemon.errors import TrainingError
 from streamtrain.daemon.metrics import LearningTotals, Metrics
 from streamtrain.daemon.publisher import Publisher
+from streamtrain.daemon.ranks import ALONE, Collectives, Turn, World, control
 from streamtrain.daemon.skipped import SkippedBatches
 from streamtrain.daemon.snapshot import SnapshotInfo, SnapshotStore
 from streamtrain.daemon.snapshot_writer import SnapshotWriter, state_to_host, tensors_finite
@@ -39,6 +40,7 @@ from streamtrain.streams.errors import DeadLetterError
 from streamtrain.streams.offsets import OffsetTracker, describe_positions, positions_from_rows, positions_to_rows
 from streamtrain.streams.ring import Batch, Position
 from streamtrain.streams.ring import TopicPartition as TP
+from streamtrain.streams.split import Share, owner
 
 log = logging.getLogger("streamtrain.trainer")
 
@@ -59,8 +61,12 @@ class Trainer:
         stop: threading.Event | None = None,
         on_beat: Callable[[], None] | None = None,
         on_step: Callable[[Batch, StepResult], None] | None = None,
+        world: World = ALONE,
     ) -> None:
         self.cfg = cfg
+        self.world = world  # several ranks under torchrun (daemon/ranks.py); one otherwise
+        self.coll: Collectives | None = None
+        self.agreed_stop = False  # every rank left the loop at the same turn: a final snapshot can be agreed on
         self.metrics = metrics
         self.stop = stop or threading.Event()
         self.on_beat = on_beat or (lambda: None)
@@ -91,9 +97,11 @@ class Trainer:
 
         ``stream=False`` leaves Kafka out (tests and tools feed :meth:`step` themselves).
         """
-        cfg, tc = self.cfg, self.cfg.trainer
-        self.learner = Learner(cfg)
-        self.tensorboard = TensorBoard(cfg.logging.tensorboard_dir) if cfg.logging.tensorboard_dir else None
+        cfg, tc, world = self.cfg, self.cfg.trainer, self.world
+        self.learner = Learner(cfg, world)
+        if world.ranked:
+            self.coll = Collectives(world, self.learner.device, tc.rank_timeout_s)
+        self.tensorboard = TensorBoard(cfg.logging.tensorboard_dir) if cfg.logging.tensorboard_dir and world.leader else None
         self.dataset = KafkaIterableDataset(
             cfg.kafka,
             cfg.data,
@@ -102,15 +110,21 @@ class Trainer:
             LabelRule(tc.task, tc.num_classes),
             pin_memory=self.learner.device.type == "cuda",
             yield_empty=True,
+            client_id=f"streamtrain-{world.rank}" if world.ranked else "streamtrain",
+            share=Share(rank=world.rank, world=world.size),
         )
         self.offsets = self.dataset.offsets
-        self.store = SnapshotStore(cfg.snapshot.dir, keep=cfg.snapshot.keep)
-        self.store.lock()
-        self.store.cleanup_debris()
-        if cfg.publish.dir is not None:
-            self.publisher = Publisher(cfg.publish, cfg.kafka, self.metrics)
-        self.writer = SnapshotWriter(self.store, on_durable=self._on_durable, on_error=self._on_snapshot_error, on_state=self._on_state)
-        restored = self.store.load_latest(map_location=str(self.learner.device))
+        restored = None
+        if world.leader:  # the snapshots are rank 0's: it writes them (and publishes), and restores the others from them
+            self.store = SnapshotStore(cfg.snapshot.dir, keep=cfg.snapshot.keep)
+            self.store.lock()
+            self.store.cleanup_debris()
+            if cfg.publish.dir is not None:
+                self.publisher = Publisher(cfg.publish, cfg.kafka, self.metrics)
+            self.writer = SnapshotWriter(self.store, on_durable=self._on_durable, on_error=self._on_snapshot_error, on_state=self._on_state)
+            restored = self._load_latest()
+        if world.ranked:
+            restored = self._restore_ranks(restored)
         if restored is not None:
             self.load_state_dict(*restored)
         else:
@@ -120,13 +134,31 @@ class Trainer:
         if stream:
             # a skipped step's records go to the dead-letter topic (only when reading a stream: they are records then)
             self.skipped_batches = SkippedBatches(cfg.kafka, cfg.data, cfg.dead_letter, stop=self.stop)
-            self.committer = Committer(cfg.kafka, self.offsets, self._on_commit_error)
+            if world.leader:
+                self.committer = Committer(cfg.kafka, self.offsets, self._on_commit_error)
             self.dataset.start()
         log.info("model %s: %s", cfg.model.name, self.learner.describe())
         amp = str(self.learner.amp_dtype).removeprefix("torch.") if self.learner.amp_dtype else "off"
         self.metrics.info.labels(VERSION, cfg.model.name, str(self.learner.device), amp, cfg.data.format).set(1)
+        self.metrics.rank_info.labels(str(world.rank), str(world.size), str(world.local_rank)).set(1)
         self.metrics.learning_rate.set(self.learner.lr)
         self.ready = True
+
+    def _load_latest(self) -> tuple[SnapshotInfo, dict[str, Any]] | None:
+        # several ranks: on the CPU, to be sent to the others (each moves it to its device)
+        return self.store.load_latest(map_location="cpu" if self.world.ranked else str(self.learner.device))
+
+    def _restore_ranks(self, restored: tuple[SnapshotInfo, dict[str, Any]] | None) -> tuple[SnapshotInfo, dict[str, Any]] | None:
+        """Rank 0's snapshot (or its fresh model) on every rank: they all start from the same state."""
+        fresh = None if restored is not None or not self.world.leader else self.learner.model.state_dict()
+        restored, fresh = self.coll.broadcast((restored, fresh))
+        if restored is None:
+            self.learner.model.load_state_dict(fresh)  # the same initial weights, whatever each rank's RNG
+        elif self.world.leader:
+            was = restored[0].meta.get("world_size", 1)
+            if was != self.world.size:
+                log.info("snapshot %s was written by %d rank(s); now split over %d", restored[0].name, was, self.world.size)
+        return restored
 
     # ------------------------------------------------------------------ what the step holds
     @property
@@ -153,6 +185,9 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train(self) -> None:
         """Drain the ring until :attr:`stop` is set (SIGTERM) or the data path fails."""
+        if self.world.ranked:
+            self._train_ranked()
+            return
         progress_every = self.cfg.logging.progress_every_s
         next_progress = time.monotonic() + progress_every if progress_every else math.inf
         while not self.stop.is_set():
@@ -175,22 +210,110 @@ class Trainer:
 
     def snapshot_if_due(self, now: float) -> None:
         """Snapshot on the schedule or on request (SIGUSR1); a request made while a write is in flight waits for it."""
-        snap = self.cfg.snapshot
-        due = (snap.every_steps and self.step_count - self.last_snapshot_step >= snap.every_steps) or (
-            snap.every_seconds and now - self.last_snapshot_time >= snap.every_seconds
-        )
         requested = self.snapshot_requested.is_set()
-        if (due or requested) and not self.writer.busy():
+        if self._snapshot_due(now):
             self.snapshot()
             if requested:
                 self.snapshot_requested.clear()
 
-    def step(self, batch: Batch) -> StepResult:
-        """One step of the learner, then the books: metrics, a skipped batch's records, a roll-back."""
+    def _snapshot_due(self, now: float) -> bool:
+        snap = self.cfg.snapshot
+        due = (snap.every_steps and self.step_count - self.last_snapshot_step >= snap.every_steps) or (
+            snap.every_seconds and now - self.last_snapshot_time >= snap.every_seconds
+        )
+        return bool(due or self.snapshot_requested.is_set()) and not self.writer.busy()
+
+    # ------------------------------------------------------------------ several ranks
+    def _train_ranked(self) -> None:
+        """The loop of one rank of several: every turn one agreement (daemon/ranks.py), then the same decisions everywhere."""
+        progress_every = self.cfg.logging.progress_every_s
+        next_progress = time.monotonic() + progress_every if progress_every else math.inf
+        others_busy = False
+        while True:
+            self.on_beat()
+            t0 = time.perf_counter()
+            # While any rank has data, one with none must not hold the step up waiting for its own:
+            # it takes what its ring holds now (maybe nothing); only when every rank was idle it waits.
+            batch = self.dataset.next_batch(timeout=0.0 if others_busy else 0.1)
+            self.metrics.data_wait.observe(time.perf_counter() - t0)
+            now = time.monotonic()
+            asked = self.snapshot_requested.is_set()
+            snapshot = self.world.leader and self._snapshot_due(now)
+            n = len(batch) if batch is not None else 0
+            turn = control(self.coll, n, self.stop.is_set(), snapshot, asked, self.learner.batch_moments(batch))
+            if not self.world.leader:
+                self.snapshot_requested.clear()  # passed on to rank 0
+            elif turn.asked and not turn.snapshot:
+                self.snapshot_requested.set()  # asked on another rank: written at the next turn the writer is free
+            epoch = self.stream_epoch
+            others_busy = turn.samples > 0
+            if turn.samples:
+                self.step(batch if batch is not None else self._empty_batch(), turn)
+            if batch is not None and epoch == self.stream_epoch:
+                self.offsets.note_trained(batch.positions)
+            if turn.snapshot:
+                self.snapshot_ranked()
+                self.snapshot_requested.clear()
+            if turn.stop:
+                self.agreed_stop = True
+                return
+            if now >= next_progress:
+                self.log_progress()
+                next_progress = now + progress_every
+
+    def _empty_batch(self) -> Batch:
+        w = self.cfg.data.width
+        return Batch(torch.empty(0, w), torch.empty(0))
+
+    def snapshot_ranked(self, final: bool = False) -> SnapshotInfo | None:
+        """Every rank's positions at this step, gathered; rank 0 checks they cover every partition and writes one snapshot."""
+        ok = True
+        if self.skipped_batches is not None and self.skipped_batches.pending:
+            try:  # the snapshot's positions go past the skipped records: they must be in the dead-letter topic first
+                self._dead_letter_skipped()
+            except DeadLetterError as exc:
+                log.error("snapshot not written: %s (the records will be read again after a restart)", exc)
+                ok = False
+        source = self.dataset.source
+        assigned = sorted(source.assigned) if source is not None else []
+        parts = self.coll.gather((ok, positions_to_rows(self.offsets.trained), assigned))
+        if not self.world.leader:
+            return None
+        self.last_snapshot_time = time.monotonic()
+        if not all(p[0] for p in parts):
+            return None
+        positions: dict[TP, Position] = {}
+        for rank, (_, rows, _) in enumerate(parts):  # each partition from the rank that reads it
+            positions.update((tp, pos) for tp, pos in positions_from_rows(rows).items() if owner(tp, self.world.size) == rank)
+        missing = sorted({tuple(tp) for _, _, a in parts for tp in a} - set(positions))
+        if missing:
+            self.metrics.snapshots_incomplete.inc()
+            names = ", ".join(f"{t}[{p}]" for t, p in missing)
+            log.warning("snapshot not written: no position yet for %s (a rank has not reported them)", names)
+            return None
+        if (self.step_count, positions) == (self.offsets.durable_step, self.offsets.durable):
+            return None  # nothing new since the last durable one
+        if final:
+            self.writer.wait()
+        t0 = time.perf_counter()
+        state = state_to_host(self.state_dict())
+        meta = self.meta(positions)
+        self.metrics.snapshot_pause.observe(time.perf_counter() - t0)
+        self.last_snapshot_step = self.step_count
+        if final:
+            return self.writer.write_now(state, meta)
+        self.writer.submit(state, meta)
+        return None
+
+    def step(self, batch: Batch, turn: Turn | None = None) -> StepResult:
+        """One step of the learner, then the books: metrics, a skipped batch's records, a roll-back.
+
+        ``turn``: several ranks -- the step is over every rank's batch (``batch`` may be empty).
+        """
         started = time.perf_counter()
-        result = self.learner.step(batch)
+        result = self.learner.step(batch, None if turn is None else (turn, self.coll))
         if result.skipped:
-            if self.skipped_batches is not None:
+            if self.skipped_batches is not None and len(batch):
                 self.skipped_batches.hold(batch, self.offsets.trained, result.skipped)
             self._skipped(result)
         else:
@@ -254,8 +377,12 @@ class Trainer:
         """
         tc = self.cfg.trainer
         advice = "lower trainer.lr, set trainer.grad_clip_norm, or check the data"
-        self.writer.wait()
-        restored = self.store.load_latest(map_location=str(self.learner.device))
+        restored = None
+        if self.world.leader:
+            self.writer.wait()
+            restored = self._load_latest()
+        if self.world.ranked:  # every rank decided alike to roll back: rank 0's snapshot for all
+            restored = self.coll.broadcast(restored)
         self.consecutive_nonfinite = 0
         if restored is None:
             raise TrainingError(f"{tc.max_consecutive_nonfinite} non-finite steps in a row and no snapshot to roll back to; {advice}")
@@ -282,12 +409,14 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()
 
-    def meta(self) -> dict[str, Any]:
+    def meta(self, positions: dict[TP, Position] | None = None) -> dict[str, Any]:
+        """The snapshot's meta.json; ``positions``: every rank's, when there are several."""
         learner = self.learner
         return {
             "step": learner.step_count,
             "samples": learner.samples,
-            "positions": positions_to_rows(self.offsets.trained),
+            "positions": positions_to_rows(self.offsets.trained if positions is None else positions),
+            "world_size": self.world.size,
             "loss_ewma": None if math.isnan(learner.loss_ewma) else learner.loss_ewma,
             "metric": {self.learner.metric_name: None if math.isnan(learner.metric_ewma) else learner.metric_ewma},
             "prequential": learner.prequential.summary(self.cfg.trainer.task),
@@ -299,7 +428,10 @@ class Trainer:
 
     def load_state_dict(self, info: SnapshotInfo, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state, f"{info.name} in {self.cfg.snapshot.dir}", info.meta.get("model", "?"))
-        self.offsets.resume(self.step_count, positions_from_rows(info.meta["positions"]))
+        positions = positions_from_rows(info.meta["positions"])
+        if self.world.ranked:  # every rank gets the whole map and keeps its own partitions (another world size re-splits)
+            positions = {tp: pos for tp, pos in positions.items() if self.dataset.share.owns(tp)}
+        self.offsets.resume(self.step_count, positions)
         self.last_snapshot_step = self.step_count
         self.metrics.snapshot_step.set(info.step)
         self.metrics.last_snapshot.set(info.created)
@@ -409,10 +541,15 @@ class Trainer:
             ds.ingest.stop()
         self.closing = True
         try:
-            if self.writer is not None and self.ready:
+            if self.world.ranked:
+                # only after every rank left the loop at the same turn: otherwise the others are not there to agree
+                info = self.snapshot_ranked(final=True) if self.ready and self.agreed_stop and not self.coll.broken else None
+            elif self.writer is not None and self.ready:
                 info = self.snapshot(final=True)
-                if info is not None:
-                    log.info("final snapshot %s (step %d)", info.name, info.step)
+            else:
+                info = None
+            if info is not None:
+                log.info("final snapshot %s (step %d)", info.name, info.step)
         finally:
             if self.writer is not None:
                 self.writer.close(timeout=30)
@@ -428,3 +565,5 @@ class Trainer:
                 self.committer.close(timeout=5.0)
             if self.publisher is not None:
                 self.publisher.close(timeout=30.0)
+            if self.coll is not None:
+                self.coll.close()

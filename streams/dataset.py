@@ -45,7 +45,7 @@ from streamtrain.streams.ring import TopicPartition as TP
 from streamtrain.streams.shared_ring import SharedRing
 from streamtrain.streams.slots import IngestHandle, SlotConsumer
 from streamtrain.streams.source import KafkaSource
-from streamtrain.streams.split import default_workers
+from streamtrain.streams.split import EVERYTHING, Share, default_workers
 from streamtrain.streams.workers import MultiMirror, build_workers
 
 
@@ -64,6 +64,7 @@ class KafkaIterableDataset(IterableDataset):
         yield_empty: bool = False,
         idle_timeout_s: float | None = None,
         client_id: str = "streamtrain",
+        share: Share = EVERYTHING,
     ) -> None:
         super().__init__()
         self.kafka = kafka
@@ -75,6 +76,7 @@ class KafkaIterableDataset(IterableDataset):
         self.yield_empty = yield_empty
         self.idle_timeout_s = idle_timeout_s
         self.client_id = client_id
+        self.share = share  # this rank's partitions, when training on several (streams/split.py)
         self.offsets = OffsetTracker()  # read (here), trained and durable (the daemon's trainer), committed
         self.ring: SlotConsumer | None = None
         self.source: KafkaSource | SourceMirror | MultiMirror | None = None
@@ -136,7 +138,7 @@ class KafkaIterableDataset(IterableDataset):
             def ring(slots: int) -> SharedRing:
                 return SharedRing(slots, rc.batch_size, self.data.width, pin_memory=pin)
 
-            def worker(ring: SharedRing, share: tuple[int, int] = (0, 1), lock: threading.Lock | None = None) -> IngestProcess:
+            def worker(ring: SharedRing, share: Share = self.share, lock: threading.Lock | None = None) -> IngestProcess:
                 positions = dict(self.offsets.read)
                 args = (self.kafka, self.data, rc, self.dead_letter_config, self.label_rule, ring, positions, self._stats)
                 return IngestProcess(*args, self._dl_counts, self.client_id, share=share, lock=lock)
@@ -146,11 +148,11 @@ class KafkaIterableDataset(IterableDataset):
                 self.ingest = worker(self.ring)
                 self.source = self.ingest.source
             else:  # each worker a share of the partitions and of the slots
-                self.ring, self.ingest, self.source = build_workers(workers, lambda: ring(max(2, rc.slots // workers)), worker)
+                self.ring, self.ingest, self.source = build_workers(workers, lambda: ring(max(2, rc.slots // workers)), worker, self.share)
             self.ingest.start()
             return
         self.ring = Ring(rc.slots, rc.batch_size, self.data.width, pin_memory=pin)
-        self.source = KafkaSource(self.kafka, self.client_id)
+        self.source = KafkaSource(self.kafka, self.client_id, self.share)
         if self._dlq is None:  # one for the dataset's life, so its counters survive restarts
             self._dlq = DeadLetterQueue(self.kafka, self.dead_letter_config)
         dlq = self._dlq

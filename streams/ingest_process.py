@@ -38,6 +38,7 @@ from streamtrain.streams.shared_ring import SharedRing
 from streamtrain.streams.slots import Position
 from streamtrain.streams.slots import TopicPartition as TP
 from streamtrain.streams.source import KafkaSource
+from streamtrain.streams.split import EVERYTHING, Share
 
 log = logging.getLogger("streamtrain.ingest")
 
@@ -97,7 +98,7 @@ class IngestProcess:
         stats: IngestStats,
         dead_letter_counts: list[int],
         client_id: str = "streamtrain",
-        share: tuple[int, int] = (0, 1),
+        share: Share = EVERYTHING,
         lock: threading.Lock | None = None,
     ) -> None:
         self.ring = ring

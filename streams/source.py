@@ -41,7 +41,7 @@ from streamtrain.streams.config import KafkaConfig
 from streamtrain.streams.errors import ConfigError, KafkaSourceError
 from streamtrain.streams.slots import Position
 from streamtrain.streams.slots import TopicPartition as TP
-from streamtrain.streams.split import owner
+from streamtrain.streams.split import EVERYTHING, Share
 
 log = logging.getLogger("streamtrain.source")
 
@@ -120,10 +120,10 @@ def make_client(cls: type, settings: dict[str, Any], key: str, **kwargs: Any) ->
 class KafkaSource:
     """Reads every partition of ``kafka.topics``; opens lazily (no network in ``__init__``)."""
 
-    def __init__(self, kafka: KafkaConfig, client_id: str = "streamtrain", share: tuple[int, int] = (0, 1)) -> None:
+    def __init__(self, kafka: KafkaConfig, client_id: str = "streamtrain", share: Share = EVERYTHING) -> None:
         self.kafka = kafka
         self.client_id = client_id
-        self.share = share  # (this worker's index, workers): it reads the partitions split.owner gives it
+        self.share = Share(*share)  # which partitions this reader reads (streams/split.py)
         self.consumer: Consumer | None = None
         self._side: Consumer | None = None  # for the calls made from other threads
         self._admin: AdminClient | None = None  # lists watermarks for the metadata thread
@@ -149,7 +149,7 @@ class KafkaSource:
         self._note_ok()
         origins = self._assign(partitions, positions or {}, timeout, new=False)
         missing = [t for t in self.kafka.topics if not any(tp[0] == t for tp in partitions)]
-        if missing and self.share[1] == 1:  # a worker of several may own no partition of a topic that exists
+        if missing and self.share.everything:  # a reader of several may own no partition of a topic that exists
             log.warning("topic(s) %s do not exist yet; they will be read as soon as they appear", ", ".join(missing))
         return origins
 
@@ -236,8 +236,7 @@ class KafkaSource:
             if tmd is None or tmd.error is not None:
                 continue
             found.extend((topic, p) for p in sorted(tmd.partitions))
-        index, count = self.share
-        return [tp for tp in found if owner(tp, count) == index] if count > 1 else found
+        return found if self.share.everything else [tp for tp in found if self.share.owns(tp)]
 
     def _assign(self, partitions: list[TP], positions: dict[TP, Position], timeout: float, new: bool) -> dict[TP, str]:
         """Assign with start offsets: snapshot position, else committed, else reset (or beginning if new)."""

@@ -1,23 +1,52 @@
-"""Which worker reads which partition: one function, for the ingest workers (and for ranks).
+"""Which rank and which of its ingest workers reads which partition: one function for both.
 
-``owner(tp, count)`` is stable: a partition keeps its owner when partitions or topics are
-added (it depends on the topic's name and the partition's number only), so no two
-workers ever read the same partition, and a partition found at runtime goes to the
-worker the function names without anyone else agreeing to it.  The partitions of one
-topic are spread round-robin: with as many partitions as workers, each gets one.
+A partition's key is ``crc32(topic) + partition``.  Rank ``key % world`` reads it, and
+within that rank worker ``(key // world) % workers``.  Both are stable: a partition
+keeps its owner when partitions or topics are added (the key depends on the topic's
+name and the partition's number only), so no two readers ever read the same
+partition, and a partition found at runtime goes to the reader the function names
+without anyone agreeing to it.  Consecutive partitions of one topic go round-robin:
+with as many partitions as ranks (or workers), each gets one.  A rank's split does not
+depend on another rank's worker count, so ranks on different machines may differ in
+cores.  With one rank this is ``key % workers``: the split of the ingest workers alone.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
+from typing import NamedTuple
 
 from streamtrain.streams.slots import TopicPartition as TP
 
 
+def key(tp: TP) -> int:
+    return zlib.crc32(tp[0].encode()) + tp[1]
+
+
 def owner(tp: TP, count: int) -> int:
-    """The index (0..count-1) of the worker that reads ``tp``."""
-    return (zlib.crc32(tp[0].encode()) + tp[1]) % count
+    """The index (0..count-1) of the reader of ``tp`` among ``count`` (ranks; or the workers of one rank)."""
+    return key(tp) % count
+
+
+class Share(NamedTuple):
+    """One reader's share of the partitions: worker ``worker`` of ``workers`` on rank ``rank`` of ``world``."""
+
+    worker: int = 0
+    workers: int = 1
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def everything(self) -> bool:
+        return self.workers == 1 and self.world == 1
+
+    def owns(self, tp: TP) -> bool:
+        k = key(tp)
+        return k % self.world == self.rank and (k // self.world) % self.workers == self.worker
+
+
+EVERYTHING = Share()  # one reader of every partition: one rank, one ingest worker
 
 
 def default_workers(cpus: int | None = None) -> int:

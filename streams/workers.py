@@ -22,6 +22,7 @@ from streamtrain.streams.ingest_process import IngestProcess, SourceMirror
 from streamtrain.streams.shared_ring import SharedRing
 from streamtrain.streams.slots import Position, RingClosed
 from streamtrain.streams.slots import TopicPartition as TP
+from streamtrain.streams.split import EVERYTHING, Share
 
 
 class MultiRing:
@@ -171,9 +172,12 @@ class MultiMirror:
             m.close()
 
 
-def build_workers(count: int, make_ring: Any, make_worker: Any) -> tuple[MultiRing, MultiIngest, MultiMirror]:
-    """``count`` rings and workers (``make_ring()``, ``make_worker(ring, (index, count), lock)``), not started."""
+def build_workers(count: int, make_ring: Any, make_worker: Any, share: Share = EVERYTHING) -> tuple[MultiRing, MultiIngest, MultiMirror]:
+    """``count`` rings and workers (``make_ring()``, ``make_worker(ring, share of worker i, lock)``), not started.
+
+    ``share`` is this rank's (its ``worker`` and ``workers`` are replaced).
+    """
     lock = threading.Lock()
     rings = [make_ring() for _ in range(count)]
-    workers = [make_worker(ring, (i, count), lock) for i, ring in enumerate(rings)]
+    workers = [make_worker(ring, share._replace(worker=i, workers=count), lock) for i, ring in enumerate(rings)]
     return MultiRing(rings), MultiIngest(workers), MultiMirror([w.source for w in workers])

@@ -55,14 +55,29 @@ class Daemon:
 
     running: list[Daemon] = []
 
-    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None, own_group: bool = False) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        own_group: bool = False,
+        ranks: int = 0,
+        max_restarts: int = 0,
+    ) -> None:
+        """``ranks``: launched by torchrun (``--standalone``) as that many ranks, each serving /metrics on port + rank."""
         self.config_path = config_path
         self.log_path = log_path
         self.cfg = yaml.safe_load(config_path.read_text())
         self.port = self.cfg["metrics"]["port"]
+        self.ranks = ranks
+        own_group = own_group or bool(ranks)  # reaped as a group: killing torchrun alone would orphan its ranks
         self._log = open(log_path, "ab")
+        run = ["-m", "streamtrain", "run", "--config", str(config_path)]
+        if ranks:
+            launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", f"--max-restarts={max_restarts}"]
+            run = [*launcher, "--monitor-interval=0.5", *run]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamtrain", "run", "--config", str(config_path)],
+            [sys.executable, *run],
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -85,19 +100,31 @@ class Daemon:
             if not d._log.closed:
                 d._log.close()
 
-    # -------------------------------------------------------------- reading
-    def get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+    # -------------------------------------------------------------- ranks (torchrun)
+    def rank_pids(self) -> list[int]:
+        """The processes torchrun started (one per rank; their ingest processes are theirs)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
+            return [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+        except OSError:
+            return []
+
+    def rank_metrics(self) -> list[dict[str, float]]:
+        """Every rank's /metrics ({} for a rank not up)."""
+        return [self.metrics(rank) for rank in range(max(1, self.ranks))]
+
+    # -------------------------------------------------------------- reading
+    def get(self, path: str, timeout: float = 2.0, rank: int = 0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port + rank}{path}", timeout=timeout) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
         except OSError:
             return 0, ""
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, rank: int = 0) -> dict[str, float]:
         """Every sample as ``name{label="v",...}`` -> value (labels sorted); {} if not up."""
-        code, text = self.get("/metrics")
+        code, text = self.get("/metrics", rank=rank)
         if code != 200:
             return {}
         return parse_metrics(text)
@@ -163,6 +190,12 @@ class Daemon:
         self.proc.kill()
         self.proc.wait(10)
         self._log.close()
+
+    def kill9_rank(self, index: int) -> int:
+        """kill -9 one rank (torchrun sees it fail, stops the others, and restarts the group); returns its pid."""
+        pid = self.rank_pids()[index]
+        os.kill(pid, signal.SIGKILL)
+        return pid
 
     def wait_exit(self, timeout: float) -> int:
         try:

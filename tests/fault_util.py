@@ -48,9 +48,11 @@ def ledger_record(partition: int, seq: int, rng: random.Random) -> bytes:
 class LedgerProducer:
     """Writes (partition, sequence) records; knows exactly what was delivered, per partition."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int = 4) -> None:
+    def __init__(self, bootstrap: str, topic: str, partitions: int = 4, silent: tuple[int, ...] = ()) -> None:
+        """``silent``: partitions of the topic that get no record."""
         self.topic = topic
         self.partitions = partitions
+        self.targets = [p for p in range(partitions) if p not in silent]
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "message.timeout.ms": 120_000})
         self.next_seq = [1] * partitions
         self.count = [0] * partitions
@@ -76,7 +78,7 @@ class LedgerProducer:
         """Send n records round-robin; ``value(p, seq)`` may replace a record (returns (p, seq) of each)."""
         sent = []
         for i in range(n):
-            p = i % self.partitions
+            p = self.targets[i % len(self.targets)]
             seq = self.next_seq[p]
             self.next_seq[p] += 1
             body = value(p, seq) if value else None

@@ -18,6 +18,10 @@ Fault knobs (all off by default):
   so the prequential error of every record is known from the record alone.
 A poisoned step's records go to ``skipped`` instead of ``count``, so
 ``count + skipped == produced`` stays exact.
+
+Under several ranks (torch.distributed initialized) every rank's forward sums what each
+rank saw, and whether any rank poisoned the step, over the ranks: the step is skipped on
+all of them if it is on one, and the replicated ledger is the ledger of the union.
 """
 
 from __future__ import annotations
@@ -73,13 +77,21 @@ class Ledger(nn.Module):
         part = x[:, 0].long()
         seq = x[:, 1].double()
         with torch.no_grad():
-            if poison or poison_grad:
-                self.skipped.index_add_(0, part, torch.ones_like(seq))
-                self.skipped_seqsum.index_add_(0, part, seq)
+            count = torch.zeros_like(self.count).index_add_(0, part, torch.ones_like(seq))
+            seqsum = torch.zeros_like(self.seqsum).index_add_(0, part, seq)
+            skip = poison or poison_grad
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                vec = torch.cat([count, seqsum, torch.tensor([float(poison or poison_grad)], dtype=torch.float64)])
+                torch.distributed.all_reduce(vec)
+                p = self.config.partitions
+                count, seqsum, skip = vec[:p], vec[p : 2 * p], bool(vec[2 * p] > 0)
+            if skip:
+                self.skipped.add_(count)
+                self.skipped_seqsum.add_(seqsum)
                 self.skipped_steps += 1
             else:
-                self.count.index_add_(0, part, torch.ones_like(seq))
-                self.seqsum.index_add_(0, part, seq)
+                self.count.add_(count)
+                self.seqsum.add_(seqsum)
         if poison:
             return out * math.nan
         if poison_grad:

@@ -90,6 +90,11 @@ def test_compose_file_validates_with_docker_compose():
     gpu_service = yaml.safe_load(r.stdout)["services"]["streamtrain"]
     assert "/whl/cu" in gpu_service["build"]["args"]["TORCH_INDEX_URL"]
     assert gpu_service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    ranks = ROOT / "deploy" / "compose.ranks.yml"
+    r = subprocess.run([exe, "-f", str(COMPOSE), "-f", str(ranks), "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"docker-compose config with the torchrun override:\n{r.stdout}{r.stderr}"
+    ranked = yaml.safe_load(r.stdout)["services"]["streamtrain"]
+    assert ranked["entrypoint"] == ["torchrun"] and ranked["command"][-4:] == ["streamtrain", "run", "--config", CONFIG_IN_IMAGE]
 
 
 def test_compose_services_point_at_each_other():
@@ -517,16 +522,17 @@ def test_systemd_unit_is_a_hardened_notify_service():
     assert one["Install.WantedBy"] == "multi-user.target"
 
 
-def test_systemd_unit_verifies(tmp_path):
+@pytest.mark.parametrize("unit", [UNIT, UNIT.with_name("streamtrain-torchrun.service")], ids=["one", "torchrun"])
+def test_systemd_unit_verifies(tmp_path, unit):
     exe = tool("systemd-analyze")
-    streamtrain = Path(sys.executable).parent / "streamtrain"
-    if not streamtrain.exists():
-        pytest.skip("the streamtrain command is not installed next to this Python")
-    # ExecStart must name an executable that exists here: this environment's streamtrain
-    local = tmp_path / UNIT.name
-    local.write_text(UNIT.read_text().replace("/opt/streamtrain/bin/streamtrain", str(streamtrain)))
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "streamtrain").exists() or not (bin_dir / "torchrun").exists():
+        pytest.skip("the streamtrain and torchrun commands are not installed next to this Python")
+    # ExecStart must name executables that exist here: this environment's
+    local = tmp_path / unit.name
+    local.write_text(unit.read_text().replace("/opt/streamtrain/bin/", f"{bin_dir}/"))
     r = subprocess.run([exe, "verify", str(local)], capture_output=True, text=True, timeout=60)
-    if "Failed to " in r.stderr and "streamtrain.service" not in r.stderr:
+    if "Failed to " in r.stderr and unit.name not in r.stderr:
         pytest.skip(f"systemd-analyze cannot run here: {r.stderr.strip()[:200]}")
     complaints = [line for line in r.stderr.splitlines() if "streamtrain" in line]
     assert r.returncode == 0 and not complaints, r.stdout + r.stderr
