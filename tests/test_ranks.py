@@ -47,12 +47,19 @@ def test_world_comes_from_torchruns_environment():
         World.from_env({"RANK": "2", "WORLD_SIZE": "2"})
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_a_step_over_two_ranks_is_one_step_over_the_union_of_their_batches(tmp_path, case):
-    """2 ranks x B rows give the weights, statistics and totals of one learner over the 2B rows (some steps: rank 1 idle)."""
-    done = torchrun(2, "tests/rank_step_worker.py", case, str(tmp_path))
+@pytest.fixture(scope="module")
+def ranked_states(tmp_path_factory) -> Path:
+    """Every case trained by 2 ranks under torchrun, in one launch."""
+    out = tmp_path_factory.mktemp("ranked")
+    done = torchrun(2, "tests/rank_step_worker.py", ",".join(sorted(CASES)), str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_step_over_two_ranks_is_one_step_over_the_union_of_their_batches(ranked_states, case):
+    """2 ranks x B rows give the weights, statistics and totals of one learner over the 2B rows (some steps: rank 1 idle)."""
+    ranks = [torch.load(ranked_states / f"{case}-rank{r}.pt", weights_only=True) for r in range(2)]
     one = Learner(case_config(case))
     for step, (x, y) in enumerate(global_batches(case)):
         rows = union_rows(case, step, len(y), 2)
@@ -262,7 +269,7 @@ def wait_restarted(d: Daemon, old: list[int], timeout: float) -> None:
 
 @pytest.mark.integration
 @pytest.mark.fault
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["group-int", "group-term"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["control-group-term"])
 def test_a_signal_to_every_process_stops_every_rank_cleanly(tmp_path, bootstrap, make_topic, sig):
     """systemd's control-group stop (KillMode=control-group) signals every process: each rank gets it from systemd and once
     more from torchrun, which forwards it; their ingest processes get it too.  (torchrun starts its ranks in sessions of
@@ -284,8 +291,8 @@ def test_a_signal_to_every_process_stops_every_rank_cleanly(tmp_path, bootstrap,
         producer.stop()
     log = d.log()
     assert log.count("stopped (exit 0)") == 2 and "final snapshot" in log, log[-4000:]
+    # the copy torchrun forwards arrives while a rank stops (most runs log "(forwarded by torchrun)"), or after it left
     assert "exiting now" not in log, "the forwarded copy of the signal was taken for a second one"
-    assert "(forwarded by torchrun): already stopping" in log  # each rank did get two
     d = launch_ranks(tmp_path, cfg, "drain", 2)
     wait_drained(d, topic, producer)
     stop_ranks(d, 2)
