@@ -98,11 +98,13 @@ def test_garbage_goes_to_dead_letter_with_headers(tmp_path, bootstrap, make_topi
     p = produce(bootstrap, topic, n, garbage_every=every)
     bad = len(range(every // 2, n, every))
     d = start(tmp_path, bootstrap, topic)
-    m = d.wait_for(
+    d.wait_for(
         "every record handled",
         lambda m: m.get("streamtrain_samples_trained_total", 0) + m.get('streamtrain_records_rejected_total{reason="undecodable"}', 0) >= n,
         90,
     )
+    # the ingest process reports its dead-letter acks with its next status (every 0.25 s): wait for the report, not the acks
+    m = d.wait_for("the dead-letter acks reported", lambda m: m.get("streamtrain_dead_letter_records_total", 0) >= bad, 10)
     assert d.terminate()[0] == 0
     assert m['streamtrain_records_rejected_total{reason="undecodable"}'] == bad
     assert m["streamtrain_samples_trained_total"] == n - bad
