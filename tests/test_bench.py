@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from bench import calls, fetchwait, frames, ingest, learning, neighbour, pipeline, serve, step
+from bench import calls, fetchwait, fields, frames, ingest, learning, neighbour, pipeline, serve, step
 from bench.common import MODELS, daemon_config, fill_topic, records, snapshot_dir, unique
 from bench.loops import compute_only, end_to_end
 
@@ -103,3 +103,9 @@ def test_serve_prints_requests_and_latency_for_each_batch(capsys):
     out = capsys.readouterr().out
     rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 1 ", "| 64 "))]
     assert len(rows) == 2 and all(r[3].strip() == "40" and r[-2].strip() == "0" for r in rows), out
+
+
+def test_fields_times_each_pass_over_consumed_messages(bootstrap, capsys):
+    assert fields.main(["--format", "raw", "--samples", "3000", "--repeat", "1", "--bootstrap", bootstrap]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| timestamp +\| [0-9,]+ ", out) and "decode (raw)" in out, out
