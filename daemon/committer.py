@@ -11,10 +11,9 @@ shutdown the last commit gets a few seconds before it is abandoned.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
 
+from streamtrain.daemon.newest import NewestOnly
 from streamtrain.streams.config import KafkaConfig
 from streamtrain.streams.offsets import OffsetTracker
 from streamtrain.streams.ring import Position
@@ -36,68 +35,35 @@ class Committer:
         self.offsets = offsets  # what is committed already: only the changes are sent
         self.client_id = client_id
         self.on_failure = on_failure
-        self._pending: dict[TP, Position] | None = None
-        self._busy = False
-        self._closed = False
-        self._cond = threading.Condition()
         self._source: KafkaSource | None = None
-        self._thread = threading.Thread(target=self._run, name="streamtrain-committer", daemon=True)
-        self._thread.start()
+        self._worker = NewestOnly("streamtrain-committer", self._commit, lambda _positions, exc: self.on_failure(exc))
 
     def submit(self, positions: dict[TP, Position]) -> None:
         """Commit ``positions`` soon (replacing any not yet committed)."""
-        with self._cond:
-            self._pending = dict(positions)
-            self._cond.notify_all()
+        self._worker.submit(dict(positions))
 
     def wait(self, timeout: float) -> bool:
         """Until everything submitted is committed (or has failed); False if ``timeout`` passed first."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._busy or self._pending is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+        return self._worker.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Give the last commit ``timeout`` seconds, then stop (an abandoned one leaves the group behind the snapshot)."""
-        done = self.wait(timeout)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if not done:
+        if not self._worker.close(timeout):
             log.warning(
                 "the consumer group commit did not finish within %.0f s (broker unreachable?); it lags the final snapshot, "
                 "which holds the positions",
                 timeout,
             )
             return  # the thread may be inside librdkafka: leave its consumer alone
-        self._thread.join(timeout)
         if self._source is not None:
             self._source.close()
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._pending is None and not self._closed:
-                    self._cond.wait()
-                if self._pending is None:
-                    return
-                positions, self._pending = self._pending, None
-                self._busy = True
-            try:
-                changed = self.offsets.to_commit(positions)
-                if changed:
-                    if self._source is None:
-                        self._source = KafkaSource(self.kafka, self.client_id)
-                        self._source.open_for_commits()
-                    self._source.commit(changed)
-                    self.offsets.note_committed(changed)
-            except Exception as exc:  # the group is a mirror; the snapshot is the authority
-                self.on_failure(exc)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+    def _commit(self, positions: dict[TP, Position]) -> None:
+        # the group is a mirror; the snapshot is the authority: a failure goes to on_failure
+        changed = self.offsets.to_commit(positions)
+        if changed:
+            if self._source is None:
+                self._source = KafkaSource(self.kafka, self.client_id)
+                self._source.open_for_commits()
+            self._source.commit(changed)
+            self.offsets.note_committed(changed)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from streamtrain.config.schema import PublishConfig
 from streamtrain.daemon.export import export_model
 from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.newest import NewestOnly
 from streamtrain.daemon.snapshot import SnapshotInfo
 from streamtrain.serve.repository import VersionExistsError, cleanup_debris, list_versions, prune, write_version
 from streamtrain.streams.config import KafkaConfig
@@ -52,10 +52,6 @@ class Publisher:
         self.metrics = metrics
         self.root = Path(cfg.dir)
         self._durable = 0  # durable snapshots seen, for publish.every_snapshots
-        self._pending: tuple[SnapshotInfo, dict[str, Any]] | None = None
-        self._busy = False
-        self._closed = False
-        self._cond = threading.Condition()
         self._producer: Producer | None = None
         self._topic_ready = False
         cleanup_debris(self.root, cfg.name)
@@ -63,8 +59,7 @@ class Publisher:
         self.newest = newest[0].version if newest else -1  # versions only grow
         if newest:
             metrics.published_version.set(self.newest)
-        self._thread = threading.Thread(target=self._run, name="streamtrain-publisher", daemon=True)
-        self._thread.start()
+        self._worker = NewestOnly("streamtrain-publisher", lambda item: self.publish(*item), self._failed)
 
     def durable(self, info: SnapshotInfo, state: dict[str, Any], final: bool = False) -> None:
         """Snapshot ``info`` (with ``state``, not to be changed) is durable: publish it soon, if it is its turn.
@@ -75,54 +70,26 @@ class Publisher:
         if not final and self._durable % self.cfg.every_snapshots:
             return
         exported = {k: state[k] for k in _EXPORTED if k in state}
-        with self._cond:
-            if self._pending is not None:
-                self.metrics.publish_skipped.labels("superseded").inc()
-                log.info("snapshot %s not published: %s came before it was its turn", self._pending[0].name, info.name)
-            self._pending = (info, exported)
-            self._cond.notify_all()
+        replaced = self._worker.submit((info, exported))
+        if replaced is not None:
+            self.metrics.publish_skipped.labels("superseded").inc()
+            log.info("snapshot %s not published: %s came before it was its turn", replaced[0].name, info.name)
 
     def wait(self, timeout: float) -> bool:
         """Until everything handed over is published (or has failed); False if ``timeout`` passed first."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._busy or self._pending is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+        return self._worker.wait(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
         """Give the last publish ``timeout`` seconds, then stop (an abandoned one leaves only debris, removed at next start)."""
-        done = self.wait(timeout)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if not done:
+        if not self._worker.close(timeout):
             log.warning("the last model publish did not finish within %.0f s; the repository keeps the versions before it", timeout)
             return
-        self._thread.join(timeout)
         if self._producer is not None:
             self._producer.flush(5.0)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._pending is None and not self._closed:
-                    self._cond.wait()
-                if self._pending is None:
-                    return
-                (info, state), self._pending = self._pending, None
-                self._busy = True
-            try:
-                self.publish(info, state)
-            except Exception:  # never let the thread die: the next snapshot tries again
-                log.exception("publishing snapshot %s failed unexpectedly", info.name)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+    @staticmethod
+    def _failed(item: tuple[SnapshotInfo, dict[str, Any]], exc: Exception) -> None:
+        log.error("publishing snapshot %s failed unexpectedly", item[0].name, exc_info=exc)
 
     def publish(self, info: SnapshotInfo, state: dict[str, Any]) -> dict | None:
         """Write version ``info.step`` now (on the calling thread); returns its manifest, or None if skipped or failed."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import torch
 
 from streamtrain.daemon.errors import SnapshotError, SnapshotLockedError
 from streamtrain.daemon.snapshot_state import _check, _map_tensors
+from streamtrain.serve.repository import fsync_dir, sha256, write_synced
 
 __all__ = ["SnapshotInfo", "SnapshotStore"]
 
@@ -144,17 +144,17 @@ class SnapshotStore:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
-            _write_synced(tmp / META_FILE, json.dumps(full_meta, indent=2).encode())
-            _fsync_dir(tmp)
+            write_synced(tmp / META_FILE, json.dumps(full_meta, indent=2).encode())
+            fsync_dir(tmp)
             os.rename(tmp, final)
             renamed = True
-            _fsync_dir(self.directory)
-            files = {f: {"size": (final / f).stat().st_size, "sha256": _sha256(final / f)} for f in (STATE_FILE, META_FILE)}
+            fsync_dir(self.directory)
+            files = {f: {"size": (final / f).stat().st_size, "sha256": sha256(final / f)} for f in (STATE_FILE, META_FILE)}
             manifest = {"format_version": FORMAT_VERSION, "name": name, "files": files}
             part = final / f"{MANIFEST_FILE}.tmp"
-            _write_synced(part, json.dumps(manifest, indent=2).encode())
+            write_synced(part, json.dumps(manifest, indent=2).encode())
             os.replace(part, final / MANIFEST_FILE)
-            _fsync_dir(final)
+            fsync_dir(final)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if renamed:
@@ -218,7 +218,7 @@ class SnapshotStore:
             n += 1
         try:
             os.rename(path, target)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             raise SnapshotError(f"could not move {path} aside to {target.name}: {exc}") from exc
         try:
@@ -275,7 +275,7 @@ class SnapshotStore:
                 raise SnapshotError(f"{fname} missing: {exc}") from exc
             if found != size:
                 raise SnapshotError(f"size mismatch for {fname} (manifest says {size} bytes, found {found}: truncated or overwritten)")
-            if _sha256(path / fname) != digest:
+            if sha256(path / fname) != digest:
                 raise SnapshotError(f"sha256 mismatch for {fname}")
         try:
             meta = json.loads((path / META_FILE).read_text())
@@ -326,30 +326,6 @@ def _load_state(path: Path) -> dict:
 
 def _snapshot_name(step: int, unix_ms: int) -> str:
     return f"snap-{step:012d}-{unix_ms:013d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or create inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -34,9 +34,12 @@ __all__ = [
     "Version",
     "VersionExistsError",
     "cleanup_debris",
+    "fsync_dir",
     "list_versions",
     "prune",
+    "sha256",
     "verify",
+    "write_synced",
     "write_version",
 ]
 
@@ -105,10 +108,10 @@ def write_version(
             **(info or {}),
             "files": files,
         }
-        _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-        _fsync_dir(tmp)
+        write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+        fsync_dir(tmp)
         os.rename(tmp, final)  # a version appears whole, or not at all
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, RepositoryError) or not isinstance(exc, Exception):
@@ -226,14 +229,16 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``path`` and fsync it (snapshots are written with these too: daemon/snapshot.py)."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
