@@ -51,8 +51,9 @@ def good_record(data: dict, i: int) -> bytes:
 
 
 def expected_x(data: dict, idx: list[int]) -> np.ndarray:
-    cols = [[i, -i, 2 * i] for i in idx] if data.get("num_features") == 3 else [[i, -i] for i in idx]
-    return np.asarray(cols, np.float32).reshape(len(idx), -1)
+    width = 3 if data.get("num_features") == 3 else 2
+    cols = [[i, -i, 2 * i][:width] for i in idx]
+    return np.asarray(cols, np.float32).reshape(len(idx), width)
 
 
 def assert_rows(out: Decoded, data: dict, good: list[int], msg_index: list[int] | None = None) -> None:
@@ -154,6 +155,10 @@ CASES = {
             (b"1,2,nan", "non_finite"),
             (b"1,2,-inf", "non_finite"),
             (b"1," * SMALL + b"1", "oversized"),
+            # found by trying: a blank line crashed the ingest process (IndexError) on every start
+            (b"\n", "undecodable"),
+            (b"\r\n", "undecodable"),
+            (b",,", "wrong_shape"),
         ],
     ),
     "raw": (
@@ -192,6 +197,20 @@ def test_bad_record_is_rejected_with_its_reason_and_neighbours_decode(data, valu
         assert out.nbytes == sum(len(v) for v in values if v is not None)  # the ingest's byte count
 
 
+@pytest.mark.parametrize(
+    "value", [b"[" * 100_000 + b"]" * 100_000, b'{"a": ' * 20_000, b'{"a": 1, "b": 2, "y": 1, "z": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"]
+)
+@pytest.mark.parametrize("data", [NAMED, VECTOR], ids=["json", "json-vector"])
+def test_json_nested_past_the_recursion_limit_fails_only_itself(data, value):
+    """Found by trying: a record of 100,000 brackets raised RecursionError out of the batch (the daemon exited, every start)."""
+    for n, bad in ((1, 0), (3, 1), (50, 37)):
+        values = [good_record(data, i) for i in range(n)]
+        values[bad] = value
+        out = decoder(data).decode(values)
+        assert_rows(out, data, [i for i in range(n) if i != bad])
+        assert rejected(out) == [(bad, "undecodable")] and "nested too deeply" in out.rejects[0].error
+
+
 def test_raw_empty_value_is_rejected():
     out = decoder(RAW).decode([raw(1, 2, 3, 0), b""])
     assert [r.index for r in out.rejects] == [1] and out.rejects[0].reason in ("undecodable", "wrong_shape")
@@ -200,7 +219,8 @@ def test_raw_empty_value_is_rejected():
 def test_every_reason_is_a_known_one():
     reasons = {reason for _, cases in CASES.values() for _, reason in cases}
     assert reasons <= set(REASONS)
-    assert set(REASONS) - reasons == {"bad_label"}  # covered by the label rule tests below
+    # bad_label: the label rule tests below; decoder_crash: tests/test_quarantine.py
+    assert set(REASONS) - reasons == {"bad_label", "decoder_crash"}
 
 
 def test_blank_record_next_to_a_two_object_record_is_not_mixed_up():

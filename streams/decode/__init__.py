@@ -8,22 +8,30 @@ parse, the batch is bisected so good records keep the fast path and only the bad
 are looked at one by one; a JSON batch with a bad record is parsed record by record.
 
 Records that cannot be used are returned as :class:`Reject` with a reason from
-:data:`REASONS`; the caller counts them and sends them to the dead-letter topic.
+:data:`REASONS`; the caller counts them and sends them to the dead-letter topic.  A
+decoder turns one record's bytes into a row only through :func:`each_record`, the
+per-record boundary: whatever a record holds, it can only ever fail itself.  A new
+decoder (a format of its own) keeps that by doing the same.
 """
 
 from __future__ import annotations
 
 from streamtrain.streams.decode.arrow import ArrowDecoder
-from streamtrain.streams.decode.common import REASONS, Decoded, Decoder, LabelRule, Reject
+from streamtrain.streams.decode.common import REASONS, Decoded, Decoder, LabelRule, Reject, each_record
 from streamtrain.streams.decode.csv import CsvDecoder
 from streamtrain.streams.decode.json import JsonDecoder
 from streamtrain.streams.decode.raw import RawDecoder
+from streamtrain.streams.failpoints import wrap_decoder
 
-__all__ = ["REASONS", "Decoded", "Decoder", "LabelRule", "Reject", "make_decoder"]
+__all__ = ["REASONS", "Decoded", "Decoder", "LabelRule", "Reject", "each_record", "make_decoder"]
 
 
 def make_decoder(data: object, rule: LabelRule) -> Decoder:
     """The decoder for a :class:`streamtrain.streams.config.DataConfig`-shaped object."""
+    return wrap_decoder(_decoder(data, rule))
+
+
+def _decoder(data: object, rule: LabelRule) -> Decoder:
     fmt = data.format
     if fmt == "raw":
         return RawDecoder(data.width, rule, data.max_record_bytes)

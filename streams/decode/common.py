@@ -1,14 +1,17 @@
 """What every format shares: the result types, the label rule and the row checks.
 
-Also the up-front screen (nulls, empties, oversized records) and the batch logic of the
-line formats, json and csv: fast path, bisect on failure, one record at a time at the leaves.
+Also the up-front screen (nulls, empties, oversized records), the per-record boundary
+every decoder goes through (:func:`each_record`: a record can only ever fail itself), and
+the batch logic of the line formats, json and csv: fast path, bisect on failure, one
+record at a time at the leaves.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +19,8 @@ import pyarrow.compute as pc
 
 from streamtrain.streams.errors import DecodeError
 
-REASONS = ("undecodable", "oversized", "wrong_shape", "missing_label", "non_finite", "bad_label")
+T = TypeVar("T")
+REASONS = ("undecodable", "oversized", "wrong_shape", "missing_label", "non_finite", "bad_label", "decoder_crash")
 
 _LEAF = 8  # below this many records a failing chunk is decoded one record at a time
 _MAX_CUTS = 16  # records a parser's error may name in one chunk before the rest is bisected (each cut copies the rest)
@@ -30,6 +34,7 @@ class Reject:
     reason: str  # one of REASONS
     error: str  # what exactly was wrong, for the dead-letter headers and logs
     rows: tuple[int, ...] = ()  # arrow: the bad rows inside the message; empty = the whole record
+    exception: str = ""  # the class of an exception no decoder expected (a bug, or a parser's limit), else ""
 
 
 @dataclass
@@ -68,6 +73,34 @@ class Decoder(Protocol):
     width: int
 
     def decode(self, values: list[bytes | None]) -> Decoded: ...
+
+
+def unexpected(index: int, exc: BaseException, reason: str = "undecodable") -> Reject:
+    """The reject for an exception no decoder raised on purpose: its class and message, for the headers."""
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return Reject(index, reason, f"{type(exc).__name__}: {text}" if text else type(exc).__name__, exception=type(exc).__name__)
+
+
+def each_record(
+    one: Callable[[bytes], T], values: Sequence[bytes | None], indices: Iterable[int], rejects: list[Reject]
+) -> Iterator[tuple[int, T]]:
+    """The per-record boundary: ``(i, one(values[i]))`` for each record that decodes; the rest become rejects.
+
+    Every decoder turns one record's bytes into a row through here (its slow path, the
+    fallback when a batch path fails), so a record can only ever fail itself: a
+    :class:`DecodeError` is a reject with its reason, and any other exception (a parser's
+    recursion limit, an index error in code that met an input nobody thought of) is a
+    reject naming the exception, never an error of the batch.
+    """
+    for i in indices:
+        try:
+            out = one(values[i])
+        except DecodeError as exc:
+            rejects.append(Reject(i, exc.reason, exc.message))
+        except Exception as exc:  # the boundary: whatever one record's bytes do, they fail only that record
+            rejects.append(unexpected(i, exc))
+        else:
+            yield i, out
 
 
 def _finish(
@@ -183,7 +216,7 @@ class _BisectingDecoder:
             chunk = values if len(idx) == len(values) else [values[i] for i in idx]
             try:
                 x, y, skipped = self._fast(chunk)
-            except (pa.ArrowException, ValueError, DecodeError) as exc:
+            except Exception as exc:  # some record in the chunk: find it (the records themselves go through each_record)
                 row = self._failed_row(exc, len(idx)) if cuts < _MAX_CUTS else None
                 if row is not None:
                     # the parser named the record: the ones before it, that one alone, then on after it
@@ -217,12 +250,7 @@ class _BisectingDecoder:
 
     def _leaf(self, values: list, idx: list[int], parts: list, rejects: list[Reject]) -> None:
         xs, ys, ok = [], [], []
-        for i in idx:
-            try:
-                fx, fy = self._one(values[i])
-            except DecodeError as exc:
-                rejects.append(Reject(i, exc.reason, exc.message))
-                continue
+        for i, (fx, fy) in each_record(self._one, values, idx, rejects):
             xs.append(fx)
             ys.append(fy)
             ok.append(i)

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from streamtrain.streams.decode.common import LabelRule, _BisectingDecoder, _check_finite, _column, _stack
@@ -47,8 +48,15 @@ class CsvDecoder(_BisectingDecoder):
         skipped = [n - 1 for n in self._invalid]  # one line per record: line n is record n - 1
         if table.num_rows != len(chunk) - len(skipped) or not all(0 <= i < len(chunk) for i in skipped):
             raise DecodeError("wrong_shape", "row count mismatch")
-        if any(table.column(f).null_count for f in self.features):
-            raise DecodeError("wrong_shape", "empty feature")
+        empty = None
+        for f in self.features:
+            if table.column(f).null_count:
+                nulls = pc.is_null(table.column(f)).to_numpy(zero_copy_only=False)
+                empty = nulls if empty is None else empty | nulls
+        if empty is not None:  # a blank line, an empty cell: those records are decoded alone, for their reason
+            kept = np.delete(np.arange(len(chunk)), skipped)
+            skipped = sorted([*skipped, *kept[empty].tolist()])
+            table = table.filter(pa.array(~empty))
         x = _stack(table, self.features, table.num_rows)
         return x, _column(table, self.label), skipped
 
@@ -62,6 +70,10 @@ class CsvDecoder(_BisectingDecoder):
             text = str(exc)
             reason = "wrong_shape" if "columns" in text or "conversion" in text.lower() else "undecodable"
             raise DecodeError(reason, text.splitlines()[0][:300]) from None
+        if table.num_rows != 1:
+            raise DecodeError(
+                "undecodable", "a CSV record must be one line of values, got a blank line" if not line.strip() else "not one CSV row"
+            )
         if any(table.column(f).null_count for f in self.features):
             raise DecodeError("wrong_shape", "a feature column is empty")
         if table.column(self.label).null_count:

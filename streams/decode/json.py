@@ -1,10 +1,11 @@
 """JSON: one object per record, named feature fields or one vector field, plus a label.
 
 Each record is parsed on its own by msgspec into a typed row (a float per feature, or a
-list of exactly ``width`` floats, and a float label; other fields skipped unparsed), so a
-bad record can only ever fail itself.  A batch whose every record fits the type is
-decoded in one C loop; when one does not, that batch is decoded record by record and
-each failing record is looked at again with Python's ``json`` to name its reason.
+list of exactly ``width`` floats, and a float label; other fields skipped unparsed).  A
+batch whose every record fits the type is decoded in one C loop; when one does not, that
+batch is decoded record by record through :func:`~streamtrain.streams.decode.common.each_record`
+(so a bad record can only ever fail itself) and each failing record is looked at again
+with Python's ``json`` to name its reason.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Annotated
 import msgspec
 import numpy as np
 
-from streamtrain.streams.decode.common import Decoded, LabelRule, Reject, _check_finite, _finish, _screen
+from streamtrain.streams.decode.common import Decoded, LabelRule, _check_finite, _finish, _screen, each_record
 from streamtrain.streams.errors import DecodeError
 
 
@@ -50,26 +51,23 @@ class JsonDecoder:
         try:
             rows = list(map(self._row, chunk))
             idx = np.arange(len(values), dtype=np.int64) if chunk is values else np.asarray(good, np.int64)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            rows, idx = self._one_by_one(values, good, rejects)
+        except Exception:  # some record does not fit the type (or trips the parser): each on its own
+            rows, ok = [], []
+            for i, row in each_record(self._record, values, good, rejects):
+                rows.append(row)
+                ok.append(i)
+            idx = np.asarray(ok, np.int64)
             rejects.sort(key=lambda r: r.index)
         x, y = self._arrays(rows)
         return _finish(x, y, idx, self.rule, rejects, nbytes=nbytes)
 
-    def _one_by_one(self, values: list, good: range | list[int], rejects: list[Reject]) -> tuple[list, np.ndarray]:
-        rows, ok = [], []
-        for i in good:
-            try:
-                rows.append(self._row(values[i]))
-            except (msgspec.DecodeError, UnicodeDecodeError):
-                try:
-                    fx, fy = self._one(values[i])  # the reason; or a record only Python's json reads (a huge integer)
-                except DecodeError as exc:
-                    rejects.append(Reject(i, exc.reason, exc.message))
-                    continue
-                rows.append(self._make(fx, fy) if self.feature_field else self._make(*fx, fy))
-            ok.append(i)
-        return rows, np.asarray(ok, np.int64)
+    def _record(self, value: bytes) -> object:
+        """One record's typed row; when msgspec refuses it, Python's json names the reason (or reads it: a huge integer)."""
+        try:
+            return self._row(value)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            fx, fy = self._one(value)
+            return self._make(fx, fy) if self.feature_field else self._make(*fx, fy)
 
     @np.errstate(over="ignore")  # a value beyond float32 becomes inf, rejected as non_finite by _finish
     def _arrays(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +83,8 @@ class JsonDecoder:
             record = json.loads(value)
         except (ValueError, UnicodeDecodeError) as exc:
             raise DecodeError("undecodable", f"not valid JSON: {exc}") from None
+        except RecursionError:
+            raise DecodeError("undecodable", "JSON nested too deeply (past Python's recursion limit)") from None
         if not isinstance(record, dict):
             raise DecodeError("wrong_shape", f"expected a JSON object, got {type(record).__name__}")
         if self.feature_field:
