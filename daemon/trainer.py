@@ -19,6 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from streamtrain.streams.dataset import KafkaIterableDataset
 from streamtrain.streams.decode import LabelRule
 from streamtrain.streams.errors import DeadLetterError
 from streamtrain.streams.offsets import OffsetTracker, describe_positions, positions_from_rows, positions_to_rows
+from streamtrain.streams.quarantine import DECODER_MARKERS
 from streamtrain.streams.ring import Batch, Position
 from streamtrain.streams.ring import TopicPartition as TP
 from streamtrain.streams.split import Share, owner
@@ -112,6 +114,7 @@ class Trainer:
             yield_empty=True,
             client_id=f"streamtrain-{world.rank}" if world.ranked else "streamtrain",
             share=Share(rank=world.rank, world=world.size),
+            markers=str(Path(cfg.snapshot.dir) / DECODER_MARKERS),
         )
         self.offsets = self.dataset.offsets
         restored = None

@@ -65,6 +65,7 @@ class KafkaIterableDataset(IterableDataset):
         idle_timeout_s: float | None = None,
         client_id: str = "streamtrain",
         share: Share = EVERYTHING,
+        markers: str | None = None,
     ) -> None:
         super().__init__()
         self.kafka = kafka
@@ -77,6 +78,7 @@ class KafkaIterableDataset(IterableDataset):
         self.idle_timeout_s = idle_timeout_s
         self.client_id = client_id
         self.share = share  # this rank's partitions, when training on several (streams/split.py)
+        self.markers = markers  # where decoder-crash markers are kept (streams/quarantine.py); None: not kept
         self.offsets = OffsetTracker()  # read (here), trained and durable (the daemon's trainer), committed
         self.ring: SlotConsumer | None = None
         self.source: KafkaSource | SourceMirror | MultiMirror | None = None
@@ -85,7 +87,7 @@ class KafkaIterableDataset(IterableDataset):
         self._copying: deque[Batch] = deque()  # released, but an asynchronous copy out of the slot may still run
         self._stats = IngestStats()  # cumulative over restarts of the stream
         self._dlq: DeadLetterQueue | None = None
-        self._dl_counts = [0, 0]  # process mode: [sent, failed attempts], over the dataset's life
+        self._dl_counts = [0, 0, 0, 0]  # process mode: DeadLetterQueue.counts(), over the dataset's life
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], **kwargs: Any) -> KafkaIterableDataset:
@@ -141,7 +143,7 @@ class KafkaIterableDataset(IterableDataset):
             def worker(ring: SharedRing, share: Share = self.share, lock: threading.Lock | None = None) -> IngestProcess:
                 positions = dict(self.offsets.read)
                 args = (self.kafka, self.data, rc, self.dead_letter_config, self.label_rule, ring, positions, self._stats)
-                return IngestProcess(*args, self._dl_counts, self.client_id, share=share, lock=lock)
+                return IngestProcess(*args, self._dl_counts, self.client_id, share=share, lock=lock, markers=self.markers)
 
             if workers == 1:
                 self.ring = ring(rc.slots)
@@ -158,7 +160,7 @@ class KafkaIterableDataset(IterableDataset):
         dlq = self._dlq
         dlq.stop = threading.Event()
         self.ingest = Ingest.from_config(
-            self.source, dlq, self.ring, self.kafka, self.data, rc, self.label_rule, dict(self.offsets.read), self._stats
+            self.source, dlq, self.ring, self.kafka, self.data, rc, self.label_rule, dict(self.offsets.read), self._stats, self.markers
         )
         self.ingest.start()
 
@@ -261,11 +263,11 @@ class KafkaIterableDataset(IterableDataset):
             self.ingest.pump()
 
     @property
-    def dead_letter_counts(self) -> tuple[int, int]:
-        """(records written to the dead-letter topic, failed attempts), over the dataset's life."""
+    def dead_letter_counts(self) -> tuple[int, int, int, int]:
+        """:meth:`DeadLetterQueue.counts` (written, failed attempts, cut to fit, refused for good), over the dataset's life."""
         if self._dlq is not None:
-            return (self._dlq.sent, self._dlq.failures)
-        return (self._dl_counts[0], self._dl_counts[1])
+            return self._dlq.counts()
+        return tuple(self._dl_counts)
 
     @property
     def connected(self) -> bool:

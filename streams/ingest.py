@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
+from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Message
@@ -34,6 +35,7 @@ from streamtrain.streams.deadletter import DeadLetter, DeadLetterQueue, Ticket
 from streamtrain.streams.decode import Decoder, LabelRule, make_decoder
 from streamtrain.streams.errors import DeadLetterError, KafkaSourceError
 from streamtrain.streams.filler import Pending, SlotFiller
+from streamtrain.streams.quarantine import Quarantine
 from streamtrain.streams.slots import Position, RingClosed, SlotProducer
 from streamtrain.streams.slots import TopicPartition as TP
 from streamtrain.streams.source import KafkaSource
@@ -76,11 +78,17 @@ class Ingest:
         label_rule: LabelRule,
         positions: dict[TP, Position] | None = None,
         stats: IngestStats | None = None,
+        markers: str | Path | None = None,
     ) -> Ingest:
-        """The ingest loop as the configuration sets it up (the same in a thread and in the ingest process)."""
+        """The ingest loop as the configuration sets it up (the same in a thread and in the ingest process).
+
+        ``markers``: the directory of the decoder-crash markers (``streams/quarantine.py``); None: none kept.
+        """
+        thread = ring_config.ingest == "thread"
+        quarantine = Quarantine(make_decoder(data, label_rule), data, label_rule, markers, source.share, trust_own_marker=thread)
         return cls(
             source,
-            make_decoder(data, label_rule),
+            quarantine,
             dead_letter,
             ring,
             max_batch_wait_s=ring_config.max_batch_wait_ms / 1000.0,
@@ -96,7 +104,7 @@ class Ingest:
     def __init__(
         self,
         source: KafkaSource,
-        decoder: Decoder,
+        decoder: Decoder | Quarantine,
         dead_letter: DeadLetterQueue,
         ring: SlotProducer,
         *,
@@ -112,7 +120,8 @@ class Ingest:
         self.source = source
         self._topics = tuple(source.kafka.topics)  # assigned, not subscribed: no message comes from another topic
         self.on_out_of_range = on_out_of_range
-        self.decoder = decoder
+        # every decode goes through the quarantine: a record that crashes the decoder is rejected, not fatal
+        self.quarantine = decoder if isinstance(decoder, Quarantine) else Quarantine(decoder, None, LabelRule())
         self.dead_letter = dead_letter
         self.ring = ring
         self.max_messages = max_messages
@@ -158,6 +167,7 @@ class Ingest:
         self.stop()
         self.dead_letter.close()
         self.source.close()
+        self.quarantine.close()
 
     def pump(self) -> None:
         """Nothing to take in: a thread shares its state (the ingest process's handle reads its status)."""
@@ -286,12 +296,12 @@ class Ingest:
         self.source.note_fetched()
         n = len(good)
         self.stats.messages += n
-        t0 = time.perf_counter()
-        decoded = self.decoder.decode(values)
-        self.stats.decode_seconds += time.perf_counter() - t0
-        self.stats.bytes += decoded.nbytes
         part = np.asarray(parts, np.int32)
         offset = np.asarray(offsets, np.int64)
+        t0 = time.perf_counter()
+        decoded = self.quarantine.decode(values, part, offset, self._tps, lambda i: _where(good[i]))
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.bytes += decoded.nbytes
         ts = np.asarray(stamps, np.float64) / 1000.0
         ts[ts <= 0] = np.nan
         x, y, msg_of_row = decoded.x, decoded.y, decoded.msg_index
@@ -413,3 +423,7 @@ class Ingest:
             offset = self.source.assigned.get(tp, -1)
             if tp not in self.filler.positions and offset >= 0:
                 self.filler.set_position(tp, (offset, 0))
+
+
+def _where(m: Message) -> str:
+    return f"{m.topic()}[{m.partition()}]@{m.offset()}"

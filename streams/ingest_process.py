@@ -34,6 +34,7 @@ from typing import Any
 from streamtrain.streams.config import DataConfig, DeadLetterConfig, KafkaConfig, RingConfig
 from streamtrain.streams.decode import LabelRule
 from streamtrain.streams.ingest import IngestStats
+from streamtrain.streams.quarantine import keep_crashed_marker
 from streamtrain.streams.shared_ring import SharedRing
 from streamtrain.streams.slots import Position
 from streamtrain.streams.slots import TopicPartition as TP
@@ -100,13 +101,14 @@ class IngestProcess:
         client_id: str = "streamtrain",
         share: Share = EVERYTHING,
         lock: threading.Lock | None = None,
+        markers: str | None = None,
     ) -> None:
         self.ring = ring
         self.source = SourceMirror(kafka, client_id)
         self.stats = stats
         self.opened = threading.Event()
-        self._dl_counts = dead_letter_counts  # [sent, failures], cumulative over restarts (the dataset's)
-        self._last_child: dict[str, Any] = {"stats": asdict(IngestStats()), "dead_letter": [0, 0]}
+        self._dl_counts = dead_letter_counts  # DeadLetterQueue.counts(), cumulative over restarts (the dataset's)
+        self._last_child: dict[str, Any] = {"stats": asdict(IngestStats()), "dead_letter": [0, 0, 0, 0]}
         self._lock = lock or threading.Lock()  # shared by the workers folding into the same counters
         self._params = {
             "kafka": kafka,
@@ -117,6 +119,7 @@ class IngestProcess:
             "positions": dict(positions),
             "client_id": client_id,
             "share": share,
+            "markers": markers,
             "geometry": (ring.slots, ring.batch_size, ring.width),
             "log": (logging.getLogger("streamtrain").getEffectiveLevel(), os.environ.get("STREAMTRAIN_LOG_FORMAT", "text")),
         }
@@ -162,8 +165,8 @@ class IngestProcess:
                         total[k] = total.get(k, 0) + v - old.get(k, 0)
                 else:
                     setattr(self.stats, f.name, getattr(self.stats, f.name) + new - old)
-            for i in (0, 1):
-                self._dl_counts[i] += s["dead_letter"][i] - prev["dead_letter"][i]
+            for i, (new, old) in enumerate(zip(s["dead_letter"], prev["dead_letter"])):
+                self._dl_counts[i] += new - old
             self._last_child = s
         self.source.update(s["source"])
         if s["opened"]:
@@ -180,6 +183,8 @@ class IngestProcess:
             code = proc.wait(10)
         except subprocess.TimeoutExpired:
             code = "still running"
+        if code != 0:  # a crash while decoding: the next start checks those records first (streams/quarantine.py)
+            keep_crashed_marker(self._params["markers"], self._params["share"], f"exit code {code}")
         return StreamtrainError(f"the ingest process exited unexpectedly (exit code {code}); see the log above")
 
     @property
@@ -244,7 +249,7 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     kafka, rc = p["kafka"], p["ring_config"]
     source = KafkaSource(kafka, p["client_id"], share=p["share"])
     dlq = DeadLetterQueue(kafka, p["dead_letter"])
-    ingest = Ingest.from_config(source, dlq, ring, kafka, p["data"], rc, p["label_rule"], p["positions"])
+    ingest = Ingest.from_config(source, dlq, ring, kafka, p["data"], rc, p["label_rule"], p["positions"], markers=p["markers"])
     # Say "open, assigned" before the first batch: the trainer may train records the moment
     # they come, and /readyz must not answer "connecting" meanwhile (seen in CI).
     ingest.on_opened = lambda: ring.send(("status", _status(ingest, source, dlq)))
@@ -266,7 +271,7 @@ def _status(ingest: Any, source: KafkaSource, dlq: Any) -> dict[str, Any]:
     ok_age = time.monotonic() - source._last_ok if source._last_ok else None
     return {
         "stats": asdict(ingest.stats),
-        "dead_letter": [dlq.sent, dlq.failures],
+        "dead_letter": list(dlq.counts()),
         "opened": ingest.opened.is_set(),
         "source": {
             "assigned": [[t, p, o] for (t, p), o in source.assigned.items()],
