@@ -151,7 +151,7 @@ class ScrapeSources:
     """Callables read at scrape time; each returns plain data (no metric objects on the hot path)."""
 
     ingest_stats: Callable[[], Any] | None = None
-    dead_letter: Callable[[], tuple[int, int]] | None = None  # (sent, failed attempts)
+    dead_letter: Callable[[], tuple[int, int, int, int]] | None = None  # DeadLetterQueue.counts()
     lag: Callable[[], dict[tuple[str, int], int]] | None = None
     trained_positions: Callable[[], dict[tuple[str, int], tuple[int, int]]] | None = None
     ring: Callable[[], tuple[int, int]] | None = None  # (filled, capacity)
@@ -234,10 +234,22 @@ class ScrapeCollector:
             yield CounterMetricFamily("streamtrain_batches_formed", "Batches published to the ring.", value=st.batches)
             yield CounterMetricFamily("streamtrain_decode_seconds", "Time spent decoding consumed batches.", value=st.decode_seconds)
         if s.dead_letter is not None:
-            sent, failed = s.dead_letter()
+            sent, failed, truncated, dropped = s.dead_letter()
             yield CounterMetricFamily("streamtrain_dead_letter_records", "Records written to the dead-letter topic.", value=sent)
             yield CounterMetricFamily(
                 "streamtrain_dead_letter_failures", "Failed attempts to write to the dead-letter topic (retried).", value=failed
+            )
+            yield CounterMetricFamily(
+                "streamtrain_dead_letter_truncated",
+                "Dead letters written with their value cut to fit the topic (dead_letter.max_value_bytes; headers give the "
+                "original size and sha256).",
+                value=truncated,
+            )
+            yield CounterMetricFamily(
+                "streamtrain_dead_letter_dropped",
+                "Dead letters the topic refused for good (an invalid record): logged as errors with the record's coordinates, "
+                "not retried.",
+                value=dropped,
             )
         if s.lag is not None:
             lag = GaugeMetricFamily(

@@ -126,6 +126,11 @@ class DeadLetterConfig:
     on_failure: str = opt("block", "When the dead-letter topic cannot be written: block (retry until it can) or stop (exit with an error).")
     timeout_s: float = opt(30.0, "How long one delivery attempt may take; with on_failure=stop, how long before giving up.")
     bootstrap_servers: str | None = opt(None, "Kafka cluster of the dead-letter topic, host:port[,...]; default: kafka.bootstrap_servers.")
+    max_value_bytes: int = opt(
+        524288,
+        "A rejected record's value longer than this goes to the dead-letter topic cut to this length, with headers giving "
+        "its size and sha256 (under the usual 1 MB limit of a Kafka message, headers and key included).",
+    )
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -135,7 +140,7 @@ class DeadLetterConfig:
             problems.append(("topic", f"must be a topic name without spaces, got {self.topic!r}"))
         if self.on_failure not in ("block", "stop"):
             problems.append(("on_failure", f"must be block or stop, got {self.on_failure!r}"))
-        return problems + positive(self, "timeout_s")
+        return problems + positive(self, "timeout_s", "max_value_bytes")
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,11 @@ class DataConfig:
     label: str = opt("y", "Label field name (json, csv, arrow).")
     num_features: int = opt(0, "Features per sample; required for raw (and with feature_field), else the length of data.features.")
     max_record_bytes: int = opt(1048576, "Records larger than this are rejected as oversized.")
+    on_decoder_crash: str = opt(
+        "dead_letter",
+        "A record that crashes the decoder (an exception no decoder expected, or the ingest process dying on it: a bug): "
+        "dead_letter (reason decoder_crash, logged as an error; training goes on) | stop (exit 1 naming the record).",
+    )
     csv: CsvConfig = section(CsvConfig, "CSV specifics.")
 
     @property
@@ -190,6 +200,8 @@ class DataConfig:
             missing = [c for c in (*self.features, self.label) if c not in self.csv.columns]
             if missing:
                 problems.append(("csv.columns", f"must contain every feature and the label; missing {missing}"))
+        if self.on_decoder_crash not in ("dead_letter", "stop"):
+            problems.append(("on_decoder_crash", f"must be dead_letter or stop, got {self.on_decoder_crash!r}"))
         return problems + positive(self, "max_record_bytes")
 
 

@@ -11,12 +11,26 @@ failed letters are produced again: forever with ``on_failure=block`` (training s
 advancing past the record, which shows in the metrics and logs), or until ``timeout_s``
 with ``on_failure=stop``, then :class:`DeadLetterError` is raised.
 
+Some refusals no retry can fix, and they are not retried.  A record too large for the
+dead-letter topic (the source topic may allow more than the producer's or the broker's
+limit) goes with its value cut to ``dead_letter.max_value_bytes`` and, if the broker
+still refuses the size, cut by half again until it fits; headers give the original size,
+its sha256 and ``truncated: true``.  A letter the broker refuses for itself (an invalid
+record) is dropped, counted and logged as an error with the record's coordinates: the
+record is not trained, and waiting would stop training for good.  A refusal that is the
+deployment's (no authorization on the topic, an invalid topic name) is a
+:class:`DeadLetterError` at once, whatever ``on_failure`` says: it names what to fix.
+``on_failure`` (block or stop) is for the refusals that may pass: the broker unreachable,
+a leader moving, a timeout.
+
 Delivery is at least once: a record rejected again after a crash and replay is sent
 again.  Headers name the source topic, partition, offset, the error class and message.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -33,6 +47,30 @@ from streamtrain.streams.source import CONSUMER_ONLY, make_client
 log = logging.getLogger("streamtrain.deadletter")
 
 HEADER_PREFIX = "streamtrain."
+MAX_KEY_BYTES = 4096  # a key longer than this is cut too (it only spreads letters over partitions)
+
+# Refusals a retry cannot fix (librdkafka's codes; the broker's and its own local checks alike).
+TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+LETTER_REFUSED = frozenset(
+    {
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_TIMESTAMP,
+        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+        KafkaError._INVALID_ARG,
+    }
+)
+DEPLOYMENT_REFUSED = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError._AUTHENTICATION,
+        KafkaError._FATAL,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +85,7 @@ class DeadLetter:
     value: bytes | None
     reject: Reject
     extra: tuple[tuple[str, bytes], ...] = ()  # more headers (a skipped step's source ranges)
+    cut: tuple[tuple[str, bytes], ...] = ()  # what was cut to fit: original sizes and digests
 
     def headers(self) -> list[tuple[str, bytes]]:
         h = [
@@ -57,9 +96,30 @@ class DeadLetter:
             (HEADER_PREFIX + "error.class", self.reject.reason.encode()),
             (HEADER_PREFIX + "error.message", self.reject.error.encode("utf-8", "replace")[:4096]),
         ]
+        if self.reject.exception:
+            h.append((HEADER_PREFIX + "error.exception", self.reject.exception.encode()))
         if self.reject.rows:
             h.append((HEADER_PREFIX + "error.rows", ",".join(map(str, self.reject.rows)).encode()))
-        return h + list(self.extra)
+        return h + list(self.cut) + list(self.extra)
+
+    def fitted(self, max_value: int) -> DeadLetter:
+        """This letter with its value cut to ``max_value`` bytes (and a long key cut), the originals described in headers."""
+        letter = self
+        for field, limit in (("value", max_value), ("key", MAX_KEY_BYTES)):
+            data = getattr(letter, field)
+            if data is None or len(data) <= limit:
+                continue
+            cut = dict(letter.cut)
+            described = HEADER_PREFIX + f"{field}.truncated" in cut
+            if not described:  # the first cut: the original's size and digest (a later, smaller cut keeps them)
+                cut[HEADER_PREFIX + f"{field}.truncated"] = b"true"
+                cut[HEADER_PREFIX + f"{field}.bytes"] = str(len(data)).encode()
+                cut[HEADER_PREFIX + f"{field}.sha256"] = hashlib.sha256(data).hexdigest().encode()
+            letter = dataclasses.replace(letter, **{field: data[:limit]}, cut=tuple(cut.items()))
+        return letter
+
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
 def producer_settings(kafka: KafkaConfig, dl: DeadLetterConfig) -> dict[str, Any]:
@@ -82,6 +142,7 @@ class Ticket:
         self.letters = letters
         self.outstanding = 0  # produced, no delivery report yet
         self.failed: list[tuple[DeadLetter, KafkaError]] = []
+        self.dropped = 0  # letters refused for good: done, but not written
         self.started = time.monotonic()
         self.attempt = 0
         self.retry_at = 0.0
@@ -101,8 +162,14 @@ class DeadLetterQueue:
         self.producer: Producer | None = None
         self.sent = 0
         self.failures = 0  # failed delivery attempts (each was retried)
+        self.truncated = 0  # letters sent with their value cut to fit
+        self.dropped = 0  # letters the broker refused for good (logged with the record's coordinates)
         self.blocked_since: float | None = None  # monotonic time the current outage began
         self._open: list[Ticket] = []  # submitted, not yet done
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """(letters written, failed attempts, letters cut to fit, letters refused for good)."""
+        return (self.sent, self.failures, self.truncated, self.dropped)
 
     def submit(self, letters: list[DeadLetter]) -> Ticket:
         """Produce ``letters`` without waiting; :meth:`service` (or :meth:`wait`) moves the ticket on."""
@@ -111,7 +178,7 @@ class DeadLetterQueue:
             if self.producer is None:
                 self.producer = make_client(Producer, producer_settings(self.kafka, self.dl), "kafka.settings", logger=log)
             for letter in letters:
-                self._produce(ticket, letter)
+                self._produce(ticket, self._fit(letter, self.dl.max_value_bytes))
             self._open.append(ticket)
         return ticket
 
@@ -144,7 +211,7 @@ class DeadLetterQueue:
         still = []
         for t in self._open:
             if t.done:
-                self.sent += len(t.letters)
+                self.sent += len(t.letters) - t.dropped
                 if t.attempt and self.blocked_since is not None and not any(o.failed for o in self._open if o is not t):
                     log.info("dead-letter topic %s writable again after %.1f s", self.dl.topic, now - self.blocked_since)
                     self.blocked_since = None
@@ -154,7 +221,56 @@ class DeadLetterQueue:
                 self._retry(t, now)
         self._open = still
 
+    def _fit(self, letter: DeadLetter, limit: int) -> DeadLetter:
+        fitted = letter.fitted(limit)
+        if fitted.value is not letter.value and not any(k == HEADER_PREFIX + "value.truncated" for k, _ in letter.cut):
+            self.truncated += 1
+        return fitted
+
+    def _settle_permanent(self, t: Ticket) -> None:
+        """Refusals no retry fixes: cut the too large letters again, drop the refused ones, stop on the deployment's."""
+        transient = []
+        for letter, err in t.failed:
+            code = err.code()
+            if code in DEPLOYMENT_REFUSED:
+                raise DeadLetterError(
+                    f"dead-letter topic {self.dl.topic!r} refuses writes ({err.str()}): a retry cannot fix that. Grant this "
+                    "client write access to the topic (or set dead_letter.topic to one it may write); the rejected records "
+                    "are not lost: their offsets are not committed and they are read again after a restart"
+                )
+            if code in TOO_LARGE:
+                size = len(letter.value or b"")
+                if size > 0:
+                    smaller = self._fit(letter, size // 2)
+                    log.warning(
+                        "dead letter for %s is too large for the topic (%s) with a %d-byte value; sending it cut to %d bytes",
+                        letter.where(),
+                        err.str(),
+                        size,
+                        len(smaller.value or b""),
+                    )
+                    self._produce(t, smaller)
+                    continue
+            if code in TOO_LARGE or code in LETTER_REFUSED:
+                self.dropped += 1
+                t.dropped += 1
+                log.error(
+                    "dead-letter topic %r refused the letter for %s for good (%s); it is dropped, not retried (the record "
+                    "is not trained: %s)",
+                    self.dl.topic,
+                    letter.where(),
+                    err.str(),
+                    letter.reject.error,
+                )
+                continue
+            transient.append((letter, err))
+        t.failed = transient
+
     def _retry(self, t: Ticket, now: float) -> None:
+        if t.retry_at == 0.0:
+            self._settle_permanent(t)
+            if not t.failed:  # each was cut and produced again, or dropped: nothing waits for a back-off
+                return
         if t.retry_at == 0.0:  # the failure was just reported: count it, decide, schedule the retry
             self.failures += 1
             if self.blocked_since is None:
