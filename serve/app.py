@@ -153,6 +153,8 @@ def _predict(m: ServedModel, raw: bytes, max_instances: int) -> tuple[bytes, int
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"body: not valid JSON ({exc})") from exc
+    except RecursionError as exc:  # found by trying: deep brackets answered 500 with a traceback
+        raise InputError("body: JSON nested too deeply") from exc
     x = parse_instances(doc, m, max_instances)
     predictions = m.predict(x)
     try:

@@ -437,3 +437,106 @@ def test_an_ingest_worker_that_dies_ends_the_stream_with_an_error(make_topic, da
     with pytest.raises(StreamtrainError, match="exited unexpectedly"):
         while time.monotonic() < deadline:
             ds.next_batch(timeout=0.2)
+
+
+# ----------------------------------------------------------------------------- records that only fail themselves
+
+
+@pytest.mark.parametrize("max_value_bytes", [None, 4 << 20], ids=["default", "over-the-producer-limit"])
+def test_a_record_too_large_for_the_dead_letter_topic_goes_cut_to_fit(bootstrap, make_topic, producer, max_value_bytes):
+    """Found by trying: a 2 MiB record's letter was refused (Message size too large) and retried forever; training stopped.
+
+    With a limit over the producer's own (1,000,000 bytes), the refusal is permanent and the letter is cut again by half
+    until it fits, instead of being retried as it is.
+    """
+    import hashlib
+
+    from confluent_kafka import Producer
+
+    topic, dlq = make_topic(1), make_topic(1, prefix="dead-letter")
+    big = b'{"seq": 5, "f": 1, "y": 0, "pad": "' + b"x" * (2 << 20) + b'"}'
+    p = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 8 << 20})
+    for i in range(10):
+        p.produce(topic, value=big if i == 5 else record(i), partition=0)
+    assert p.flush(30) == 0
+    raw = {
+        "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": unique_name("st-group")},
+        "data": JSON,
+        "ring": {"batch_size": 4},
+        "dead_letter": {"topic": dlq, "timeout_s": 10, **({"max_value_bytes": max_value_bytes} if max_value_bytes else {})},
+    }
+    ds = KafkaIterableDataset.from_dict(raw, idle_timeout_s=IDLE)
+    try:
+        seen = within(lambda: [s for batch in DataLoader(ds, batch_size=None) for s in seqs(batch)])
+        assert_once(seen, set(range(10)) - {5})
+        assert offsets(ds.positions) == {(topic, 0): 10}, "training went past it"
+        assert ds.stats.rejected == {"oversized": 1}
+        sent, _failures, truncated, dropped = ds.dead_letter_counts
+        assert (sent, truncated, dropped) == (1, 1, 0)
+    finally:
+        ds.close()
+    (letter,) = read_topic(bootstrap, dlq, 1)
+    h = {k: v.decode() for k, v in letter.headers()}
+    assert h["streamtrain.error.class"] == "oversized" and h["streamtrain.value.truncated"] == "true"
+    assert int(h["streamtrain.value.bytes"]) == len(big) and h["streamtrain.value.sha256"] == hashlib.sha256(big).hexdigest()
+    assert big.startswith(letter.value()) and len(letter.value()) <= min(max_value_bytes or 524288, 1_000_000)
+
+
+@pytest.mark.parametrize("ingest", INGEST_MODES)
+def test_a_record_that_raises_out_of_the_decoder_is_dead_lettered_and_the_rest_read_once(
+    bootstrap, make_topic, dataset, producer, ingest, monkeypatch
+):
+    monkeypatch.setenv("STREAMTRAIN_FAILPOINTS", "decode=raise:POISON")
+    topic = make_topic(4)
+    n, poison = 1000, {17, 500, 501}
+    values = [b'{"seq": %d, "f": 1, "y": 0, "POISON": 1}' % i if i in poison else record(i) for i in range(n)]
+    produce(producer, topic, values, partitions=4)
+    ds = dataset([topic], ring={"ingest": ingest})
+    seen = within(lambda: [s for batch in DataLoader(ds, batch_size=None) for s in seqs(batch)])
+    assert_once(seen, set(range(n)) - poison)
+    assert offsets(ds.positions) == producer.end and ds.stats.rejected == {"decoder_crash": 3}
+    letters = read_topic(bootstrap, ds.dead_letter_config.topic, len(poison))
+    assert sorted(m.value() for m in letters) == sorted(values[i] for i in poison)
+    for m in letters:
+        h = {k: v.decode() for k, v in m.headers()}
+        assert h["streamtrain.error.class"] == "decoder_crash" and h["streamtrain.error.exception"] == "RuntimeError"
+
+
+def test_a_record_that_crashes_the_ingest_process_is_found_at_the_next_start(tmp_path, bootstrap, make_topic, producer, monkeypatch):
+    """A segfault while decoding ends the stream; the next start finds the record in a child process and dead-letters it."""
+    monkeypatch.setenv("STREAMTRAIN_FAILPOINTS", "decode=segv:POISON")
+    topic, dlq = make_topic(2), make_topic(1, prefix="dead-letter")
+    n, poison = 600, 301
+    values = [b'{"seq": %d, "f": 1, "y": 0, "POISON": 1}' % i if i == poison else record(i) for i in range(n)]
+    produce(producer, topic, values, partitions=2)
+    raw = {
+        "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": unique_name("st-group")},
+        "data": JSON,
+        "ring": {"batch_size": 16},
+        "dead_letter": {"topic": dlq, "timeout_s": 10},
+    }
+    first = KafkaIterableDataset.from_dict(raw, idle_timeout_s=IDLE, markers=str(tmp_path))
+    seen: list[int] = []
+    with pytest.raises(StreamtrainError, match="exited unexpectedly"):
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            batch = first.next_batch(0.2)
+            if batch is not None:
+                seen += seqs(batch)
+    state = first.state_dict()  # what was handed out: as if trained and snapshotted
+    first.close()
+    assert list(tmp_path.glob("*.crashed")), "the parent kept the crashed batch's marker"
+    again = KafkaIterableDataset.from_dict(raw, markers=str(tmp_path))
+    again.load_state_dict(state)
+    try:
+        seen += take(again, n - 1 - len(seen))
+        assert_nothing_more(again)
+        assert_once(seen, set(range(n)) - {poison})
+        assert again.stats.rejected == {"decoder_crash": 1}
+    finally:
+        again.close()
+    (letter,) = read_topic(bootstrap, dlq, 1)
+    h = {k: v.decode() for k, v in letter.headers()}
+    assert (
+        letter.value() == values[poison] and h["streamtrain.error.class"] == "decoder_crash" and "SIGSEGV" in h["streamtrain.error.message"]
+    )

@@ -137,6 +137,8 @@ def test_bad_input_is_a_422_naming_the_field_never_a_500(tmp_path, serve):
         (b'{"instances": [[1' + b"0" * 400 + b", 0, 0]]}", "instances[0]: a value is out of range"),
         (b"{not json", "body: not valid JSON"),
         (b"\xff\xfe", "body: not valid JSON"),
+        (b"[" * 1900 + b"]" * 1900, "body: JSON nested too deeply"),  # found by trying: a 500 and a traceback
+        (b'{"instances": ' + b"[" * 1900 + b"]" * 1900 + b"}", "body: JSON nested too deeply"),
     ]:
         code, doc = client.post(PREDICT, raw=raw)
         assert code == 422 and doc["error"].startswith(error), (raw[:40], doc)
@@ -147,7 +149,7 @@ def test_bad_input_is_a_422_naming_the_field_never_a_500(tmp_path, serve):
     code, doc = client.post(PREDICT, {"instances": [ok, [100.0, -5.0, 1.5]]})
     assert code == 200 and doc["predictions"][0] == doc["predictions"][1], "and the server still answers"
     m = parse_metrics(client.get("/metrics")[1])
-    assert m['streamtrain_serve_requests_total{code="422",handler="predict"}'] == len(cases) + 6
+    assert m['streamtrain_serve_requests_total{code="422",handler="predict"}'] == len(cases) + 8
     assert not any('code="500"' in k for k in m), "no 500"
 
 
