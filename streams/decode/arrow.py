@@ -63,15 +63,19 @@ class ArrowDecoder:
 
     @staticmethod
     def _read(value: bytes) -> pa.Table:
+        reader = pa.BufferReader(pa.py_buffer(value))
         try:
-            table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
+            table = pa.ipc.open_stream(reader).read_all()
             # a stream's buffers are not checked as it is read: offsets or lengths out of bounds in a
             # corrupt record would be followed later, outside any exception's reach
             table.validate(full=True)
         except (pa.ArrowException, OSError) as exc:
             raise DecodeError("undecodable", f"not an Arrow IPC stream: {exc}") from None
+        if reader.tell() != len(value):  # a second stream, or garbage, after the end: not one record's rows
+            raise DecodeError("undecodable", f"{len(value) - reader.tell()} byte(s) after the end of the Arrow IPC stream")
         return table
 
+    @np.errstate(over="ignore")  # a value beyond float32 becomes inf, rejected as non_finite by _finish
     def _columns(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         names = set(table.column_names)
         wanted = [self.feature_field] if self.feature_field else list(self.features)

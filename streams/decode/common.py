@@ -103,6 +103,7 @@ def each_record(
             yield i, out
 
 
+@np.errstate(over="ignore")  # a value beyond float32 becomes inf, rejected below as non_finite
 def _finish(
     x: np.ndarray,
     y: np.ndarray,
@@ -265,6 +266,7 @@ class _BisectingDecoder:
         raise NotImplementedError
 
 
+@np.errstate(over="ignore")
 def _column(table: pa.Table, name: str) -> np.ndarray:
     """A float64 column as numpy, nulls marked with the missing-label NaN payload."""
     col = table.column(name)
@@ -275,6 +277,7 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
     return arr
 
 
+@np.errstate(over="ignore")  # beyond float32: inf, rejected as non_finite by _finish
 def _stack(table: pa.Table, names: tuple[str, ...], rows: int) -> np.ndarray:
     """Numeric columns side by side as one float32 (rows, len(names)) array: one copy, no float64 detour."""
     x = np.empty((rows, len(names)), np.float32)
