@@ -210,6 +210,8 @@ class DeadLetterQueue:
         now = time.monotonic()
         still = []
         for t in self._open:
+            if t.failed and t.outstanding == 0 and now >= t.retry_at:
+                self._retry(t, now)  # may settle it: each letter cut and produced again, or dropped
             if t.done:
                 self.sent += len(t.letters) - t.dropped
                 if t.attempt and self.blocked_since is not None and not any(o.failed for o in self._open if o is not t):
@@ -217,8 +219,6 @@ class DeadLetterQueue:
                     self.blocked_since = None
                 continue
             still.append(t)
-            if t.failed and t.outstanding == 0 and now >= t.retry_at:
-                self._retry(t, now)
         self._open = still
 
     def _fit(self, letter: DeadLetter, limit: int) -> DeadLetter:

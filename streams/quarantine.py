@@ -72,8 +72,9 @@ def keep_crashed_marker(directory: str | Path | None, share: Share, why: str) ->
         return
     path = marker_path(directory, share)
     try:
-        if path.stat().st_size == 0:
-            return  # it was not decoding: the crash was elsewhere
+        with open(path, "rb") as f:
+            if f.read(1) in (b"", b"\n"):
+                return  # it was not decoding: the crash was elsewhere
         os.replace(path, path.with_suffix(".crashed"))
     except OSError:
         return
@@ -105,7 +106,7 @@ class Quarantine:
         self.crashed = 0  # records rejected as decoder_crash by this loop
         self._suspects: dict[TP, dict[int, str]] = {}  # offsets to check before decoding, by what the marker said
         self._fd: int | None = None
-        self._tps_written: list[TP] | None = None
+        self._tps_json = (0, b"[]")  # the partitions list as last written (the loop's list only grows)
         if directory is not None:
             self._load(Path(directory), trust_own_marker)
             os.makedirs(directory, exist_ok=True)
@@ -348,21 +349,24 @@ class Quarantine:
         """What is about to be decoded: a header line, then the partition indices and offsets as binary."""
         if self._fd is None:
             return
-        unresolved = [(tp, o, m) for tp, offs in self._suspects.items() for o, m in offs.items()]
-        head = {"mode": mode, "tps": [list(tp) for tp in tps], "n": len(part), "unresolved": unresolved}
+        if self._tps_json[0] != len(tps):
+            self._tps_json = (len(tps), json.dumps([list(tp) for tp in tps]).encode())
+        unresolved = json.dumps([(tp, o, m) for tp, offs in self._suspects.items() for o, m in offs.items()]).encode()
+        head = b'{"mode": "%s", "n": %d, "tps": %s, "unresolved": %s}\n' % (mode.encode(), len(part), self._tps_json[1], unresolved)
         body = np.ascontiguousarray(part, np.int32).tobytes() + np.ascontiguousarray(offset, np.int64).tobytes()
-        os.pwrite(self._fd, json.dumps(head).encode() + b"\n" + body, 0)
+        os.pwrite(self._fd, head + body, 0)
 
     def _clear(self) -> None:
+        """Nothing being decoded: an empty first line (what follows is stale; truncating costs a re-allocation per batch)."""
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, b"\n", 0)
 
 
 def _read_marker(blob: bytes) -> list[tuple[TP, int, str]]:
     """A marker's (partition, offset, mode) entries: the batch it names, and the suspects it still carried."""
-    if not blob:
-        return []
     head_line, _, body = blob.partition(b"\n")
+    if not head_line:  # cleared: nothing was being decoded
+        return []
     head = json.loads(head_line)
     n, tps, mode = int(head["n"]), [(str(t), int(p)) for t, p in head["tps"]], str(head["mode"])
     part = np.frombuffer(body[: 4 * n], np.int32)
