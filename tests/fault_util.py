@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from confluent_kafka import Producer
 
@@ -21,14 +22,25 @@ LEDGER = "tests.ledger_model:Ledger"
 RESULTS: list[dict[str, Any]] = []  # one row per fault test, printed at the end of the session
 
 
-def ledger_config(tmp_path: Path, bootstrap: str, topic: str, partitions: int = 4, **sections: dict[str, Any]) -> dict[str, Any]:
-    """A daemon config training the ledger model on raw (partition, sequence, f) records."""
+LEDGER_DATA = {  # the ledger's (partition, sequence, f) as features a, b, c (bench/hostile.py's names) in each format
+    "raw": {"format": "raw", "num_features": 3, "features": []},
+    "json": {"format": "json", "features": ["a", "b", "c"], "label": "y"},
+    "csv": {"format": "csv", "features": ["a", "b", "c"], "label": "y"},
+    "arrow": {"format": "arrow", "features": ["a", "b", "c"], "label": "y"},
+}
+TOMBSTONE = b"<tombstone>"  # what a value() hook returns for a record with a null value
+
+
+def ledger_config(
+    tmp_path: Path, bootstrap: str, topic: str, partitions: int = 4, fmt: str = "raw", **sections: dict[str, Any]
+) -> dict[str, Any]:
+    """A daemon config training the ledger model on (partition, sequence, f) records (raw by default)."""
     model = {"name": LEDGER, "params": {"partitions": partitions, **sections.pop("ledger", {})}}
     cfg = daemon_config(
         tmp_path,
         bootstrap,
         [topic],
-        data={"format": "raw", "num_features": 3, "features": []},
+        data=dict(LEDGER_DATA[fmt]),
         model=model,
         trainer={"standardize": False, "lr": 0.01, "optimizer": "sgd"},
         ring={"batch_size": 64, "slots": 4, "max_batch_wait_ms": 20},
@@ -40,20 +52,31 @@ def ledger_config(tmp_path: Path, bootstrap: str, topic: str, partitions: int = 
     return cfg
 
 
-def ledger_record(partition: int, seq: int, rng: random.Random) -> bytes:
-    f = rng.uniform(-1, 1)
-    return np.array([partition, seq, f, 2 * f + 1], dtype="<f4").tobytes()
+def ledger_record(partition: int, seq: int, rng: random.Random, fmt: str = "raw") -> bytes:
+    f = float(np.float32(rng.uniform(-1, 1)))
+    if fmt == "raw":
+        return np.array([partition, seq, f, 2 * f + 1], dtype="<f4").tobytes()
+    if fmt == "json":
+        return json.dumps({"a": partition, "b": seq, "c": f, "y": 2 * f + 1}).encode()
+    if fmt == "csv":
+        return f"{partition},{seq},{f!r},{2 * f + 1!r}".encode()
+    from bench.hostile import ipc
+
+    return ipc(pa.table({"a": [float(partition)], "b": [float(seq)], "c": [f], "y": [2 * f + 1]}))
 
 
 class LedgerProducer:
     """Writes (partition, sequence) records; knows exactly what was delivered, per partition."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int = 4, silent: tuple[int, ...] = ()) -> None:
-        """``silent``: partitions of the topic that get no record."""
+    def __init__(
+        self, bootstrap: str, topic: str, partitions: int = 4, silent: tuple[int, ...] = (), fmt: str = "raw", **settings: Any
+    ) -> None:
+        """``silent``: partitions of the topic that get no record; ``fmt``: the records' format; ``settings``: the producer's."""
         self.topic = topic
         self.partitions = partitions
+        self.fmt = fmt
         self.targets = [p for p in range(partitions) if p not in silent]
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "message.timeout.ms": 120_000})
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "message.timeout.ms": 120_000, **settings})
         self.next_seq = [1] * partitions
         self.count = [0] * partitions
         self.seqsum = [0] * partitions
@@ -82,13 +105,14 @@ class LedgerProducer:
             seq = self.next_seq[p]
             self.next_seq[p] += 1
             body = value(p, seq) if value else None
-            self._produce(p, seq, body if body is not None else ledger_record(p, seq, self.rng))
+            body = body if body is not None else ledger_record(p, seq, self.rng, self.fmt)
+            self._produce(p, seq, None if body is TOMBSTONE else body)
             sent.append((p, seq))
             if i % 1000 == 0:
                 self.producer.poll(0)
         return sent
 
-    def _produce(self, p: int, seq: int, body: bytes) -> None:
+    def _produce(self, p: int, seq: int, body: bytes | None) -> None:
         def delivered(err, msg) -> None:
             self._delivered(err, msg, seq)
 

@@ -498,54 +498,7 @@ def test_stalled_trainer_fast_producer_memory_bounded(tmp_path, bootstrap, make_
 
 
 # ---------------------------------------------------------------------------- 5. poison records
-def test_poison_records_all_dead_lettered(tmp_path, bootstrap, make_topic):
-    topic = make_topic(4)
-    cfg = ledger_config(tmp_path, bootstrap, topic, data={"max_record_bytes": 256})
-    producer = LedgerProducer(bootstrap, topic)
-    kinds = {
-        "undecodable": lambda p, s: b"",
-        "wrong_shape": lambda p, s: np.array([p, s, 0.5], "<f4").tobytes(),
-        "non_finite": lambda p, s: np.array([p, s, np.nan, np.inf], "<f4").tobytes(),
-        "oversized": lambda p, s: b"\x00" * 1000,
-    }
-    bad: dict[tuple[int, int], str] = {}
-
-    def value(p: int, s: int) -> bytes | None:
-        if s % 100 == 7:  # 1 % of all records, the four kinds taking turns
-            kind = list(kinds)[(s // 100) % 4]
-            bad[(p, s)] = kind
-            return kinds[kind](p, s)
-        return None
-
-    producer.send(20_000, value)
-    producer.stop()
-    produced_all = producer.total
-    d = drain(tmp_path, cfg, producer)
-    m_bad = {k: sum(1 for v in bad.values() if v == k) for k in kinds}
-    good = {"count": [0] * 4, "seqsum": [0] * 4}
-    for p, s in bad:
-        good["count"][p] += 1
-        good["seqsum"][p] += s
-    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer, excluded=good)
-    letters = read_topic(bootstrap, f"{topic}.dlq", len(bad), timeout=30)
-    seen = {}
-    for msg in letters:
-        h = {k: v.decode() for k, v in msg.headers()}
-        assert h["streamtrain.source.topic"] == topic
-        seen[(int(h["streamtrain.source.partition"]), int(h["streamtrain.source.offset"]))] = h["streamtrain.error.class"]
-    assert len(seen) == len(bad) and sorted(seen.values()) == sorted(bad.values()), "every poison record is in the dead-letter topic"
-    assert "Traceback" not in d.log()
-    record(
-        "poison records (1 %: empty, wrong shape, NaN/Inf, oversized)",
-        trials=1,
-        produced=produced_all,
-        lost=lost,
-        duplicated=dup,
-        recovery="-",
-        notes=f"{len(bad)} rejected ({', '.join(f'{k} {v}' for k, v in m_bad.items())}), 100 % in the dead-letter topic; 0 crashes",
-    )
-
-
+# (every kind of hostile record, in every format, is tests/test_hostile.py)
 def test_poison_records_under_kill_9_are_dead_lettered_and_the_rest_trained_once(tmp_path, bootstrap, make_topic):
     """Rejects are written without stopping the loop; a position passes one only after its ack, so kill -9 loses none."""
     topic = make_topic(4)

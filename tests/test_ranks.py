@@ -79,11 +79,11 @@ def test_a_step_over_two_ranks_is_one_step_over_the_union_of_their_batches(ranke
 # ----------------------------------------------------------------------------- the daemon on several ranks
 
 
-def launch_ranks(tmp_path: Path, cfg: dict, name: str, ranks: int, max_restarts: int = 0) -> Daemon:
+def launch_ranks(tmp_path: Path, cfg: dict, name: str, ranks: int, max_restarts: int = 0, env: dict | None = None) -> Daemon:
     path = write_config(tmp_path / f"{name}.yaml", cfg)
     if ranks == 1:
-        return Daemon(path, tmp_path / f"{name}.log")
-    return Daemon(path, tmp_path / f"{name}.log", ranks=ranks, max_restarts=max_restarts)
+        return Daemon(path, tmp_path / f"{name}.log", env=env)
+    return Daemon(path, tmp_path / f"{name}.log", ranks=ranks, max_restarts=max_restarts, env=env)
 
 
 def merged(d: Daemon) -> dict[str, float]:
@@ -209,30 +209,51 @@ def test_kill_9_of_a_random_rank_then_one_rank_then_three_exactly_once(tmp_path,
 
 @pytest.mark.integration
 @pytest.mark.fault
-def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path, bootstrap, make_topic):
+def test_a_non_finite_step_or_a_decoder_crash_on_one_rank_stops_no_rank(tmp_path, bootstrap, make_topic):
+    """Non-finite losses on either rank skip the step on both; records that crash one rank's decoder are dead-lettered
+    by that rank alone, in-process, while the other goes on: nobody waits in a collective for a rank that is gone."""
     topic = make_topic(4)
     cfg = ledger_config(tmp_path, bootstrap, topic, ledger={"poison_rate": 0.02})
     producer = LedgerProducer(bootstrap, topic)
-    producer.send(6000)
+    crashing = [p for p in range(4) if owner((topic, p), 2) == 1]  # the partitions of rank 1
+    poison: set[tuple[int, int]] = set()
+
+    def value(p: int, s: int) -> bytes | None:
+        if p in crashing and s % 500 == 250:
+            poison.add((p, s))
+            return b"POISON-POISON-PO"  # a raw record's 16 bytes: decoded, it would train
+        return None
+
+    producer.send(6000, value)
     producer.producer.flush(30)
-    d = launch_ranks(tmp_path, cfg, "poisoned", 2)
+    started = time.monotonic()
+    d = launch_ranks(tmp_path, cfg, "poisoned", 2, env={"STREAMTRAIN_FAILPOINTS": "decode=raise:POISON"})
     wait_drained(d, topic, producer)
+    took = time.monotonic() - started
     m = d.rank_metrics()
     skipped = [sum(v for k, v in r.items() if k.startswith("streamtrain_steps_skipped_total")) for r in m]
     assert skipped[0] == skipped[1] > 0, skipped  # the same steps skipped on both ranks (each poisons its own)
     assert m[0]["streamtrain_steps_total"] == m[1]["streamtrain_steps_total"]
+    crashes = [r.get('streamtrain_records_rejected_total{reason="decoder_crash"}', 0) for r in m]
+    assert crashes == [0, len(poison)], crashes
+    assert took < 60, f"drained in {took:.0f} s: a rank waited for the collective timeout (rank_timeout_s, 120 s)"
     stop_ranks(d, 2)
     ledger = read_ledger(tmp_path / "snapshots")
-    lost, dup = assert_exact(ledger, producer)  # trained + skipped (dead-lettered) == produced
+    excluded = {"count": [0] * 4, "seqsum": [0] * 4}
+    for p, s in poison:
+        excluded["count"][p] += 1
+        excluded["seqsum"][p] += s
+    lost, dup = assert_exact(ledger, producer, excluded)  # trained + skipped (dead-lettered) == produced - crashers
     assert ledger["skipped_steps"] == skipped[0]
+    assert d.log().count("crashed the decoder") == len(poison)
     record(
-        "non-finite loss on one rank of 2",
-        trials=int(skipped[0]),
+        "non-finite loss on one rank of 2, decoder crashes on the other",
+        trials=int(skipped[0]) + len(poison),
         produced=producer.total,
         lost=lost,
         duplicated=dup,
         recovery="-",
-        notes="every rank skipped the same steps; their records dead-lettered by the rank that read them",
+        notes=f"every rank skipped the same steps; {len(poison)} decoder_crash records dead-lettered by rank 1 alone",
     )
 
 
