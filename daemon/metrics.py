@@ -247,8 +247,7 @@ class ScrapeCollector:
             )
             yield CounterMetricFamily(
                 "streamtrain_dead_letter_dropped",
-                "Dead letters the topic refused for good (an invalid record): logged as errors with the record's coordinates, "
-                "not retried.",
+                "Dead letters the topic refused for good (an invalid record): logged as errors with the record's coordinates, not retried.",
                 value=dropped,
             )
         if s.lag is not None:
