@@ -36,3 +36,7 @@ class DecodeError(StreamtrainError):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+
+class DecoderCrashError(StreamtrainError):
+    """A record crashed the decoder and ``data.on_decoder_crash`` is ``stop`` (streams/quarantine.py)."""

@@ -46,7 +46,7 @@ import numpy as np
 
 from streamtrain.streams.decode import Decoded, Decoder, LabelRule, Reject, make_decoder
 from streamtrain.streams.decode.common import unexpected
-from streamtrain.streams.errors import StreamtrainError
+from streamtrain.streams.errors import DecoderCrashError
 from streamtrain.streams.slots import TopicPartition as TP
 from streamtrain.streams.split import EVERYTHING, Share
 
@@ -55,10 +55,6 @@ log = logging.getLogger("streamtrain.ingest")
 DECODER_MARKERS = "decoder-markers"  # the markers' folder inside snapshot.dir
 PROBE_TIMEOUT_S = 60.0  # a probe that runs longer counts as a crash (a decoder that hangs on the record)
 _BATCH, _PROBED, _ALONE = "batch", "probed", "alone"  # what the marker says was being decoded
-
-
-class DecoderCrashError(StreamtrainError):
-    """A record crashed the decoder and ``data.on_decoder_crash`` is ``stop``."""
 
 
 def marker_path(directory: str | Path, share: Share = EVERYTHING) -> Path:
