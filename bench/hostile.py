@@ -118,6 +118,7 @@ def _csv_kinds() -> dict[str, bytes]:
         "two lines": b"1,2,3,1\n4,5,6,0",
         "a quoted newline": b'"1\n",2,3,1',
         "an unclosed quote": b'"1,2,3,1',
+        "a bare CR and an open quote": b'1,2,3,\r"\n',  # found by fuzzing: it ran into the next record
         "NUL": b"1,2\x00,3,1",
         "a BOM": b"\xef\xbb\xbf1,2,3,1",
         "nan / inf": b"nan,inf,-inf,1",
@@ -177,7 +178,7 @@ def kinds(fmt: str) -> dict[str, bytes | None]:
 
 # ----------------------------------------------------------------------------- mutation operators
 
-OPERATORS = ("cut", "flip", "set_byte", "insert", "delete", "splice", "nest", "repeat", "huge_number", "nul", "bom", "crlf", "blank")
+OPERATORS = ("cut", "flip", "set_byte", "insert", "delete", "splice", "nest", "repeat", "huge_number", "nul", "bom", "crlf", "blank", "cr", "quote")
 
 
 def mutate(value: bytes, op: str, pos: int, byte: int, other: bytes = b"") -> bytes:
@@ -212,6 +213,10 @@ def mutate(value: bytes, op: str, pos: int, byte: int, other: bytes = b"") -> by
         return value + b"\r\n"
     if op == "blank":
         return b"\n" * (1 + byte % 3)
+    if op == "cr":
+        return value[:i] + b"\r" + value[i:]
+    if op == "quote":
+        return value[:i] + b'"' + value[i:]
     raise ValueError(op)
 
 

@@ -211,6 +211,19 @@ def test_json_nested_past_the_recursion_limit_fails_only_itself(data, value):
         assert rejected(out) == [(bad, "undecodable")] and "nested too deeply" in out.rejects[0].error
 
 
+@pytest.mark.parametrize("bad", [b'1,2,3,\r"\n', b'"1,2,3,1', b"1,2\r,3,1", b'1,"2\r",3,1', b'"1",2,3,1'])
+def test_csv_records_with_a_bare_cr_or_an_open_quote_decode_as_they_do_alone(bad):
+    """Found by fuzzing (bench.fuzz, csv, 55 s): a CR ends a line for the parser and an open quote runs into the next
+    record, so the record after ``1,2,3,\r"`` decoded differently in a batch than alone."""
+    from bench.hostile import check_batch
+    from bench.hostile import decoder as hostile_decoder
+    from bench.hostile import good as hostile_good
+
+    values = [hostile_good("csv", 1), bad, hostile_good("csv", 2), bad, hostile_good("csv", 3)]
+    out = check_batch("csv", hostile_decoder("csv"), values)
+    assert {0, 2, 4} <= set(out.msg_index.tolist())
+
+
 def test_raw_empty_value_is_rejected():
     out = decoder(RAW).decode([raw(1, 2, 3, 0), b""])
     assert [r.index for r in out.rejects] == [1] and out.rejects[0].reason in ("undecodable", "wrong_shape")

@@ -38,25 +38,38 @@ class CsvDecoder(_BisectingDecoder):
         return "skip"
 
     def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        joined = b"\n".join(v.rstrip(b"\r\n") for v in chunk)
-        if joined.count(b"\n") != len(chunk) - 1:
+        lines = [v.rstrip(b"\r\n") for v in chunk]
+        joined = b"\n".join(lines)
+        alone: list[int] = []
+        parsed = range(len(lines))  # chunk position of each line parsed
+        if b"\r" in joined or b'"' in joined:
+            # found by fuzzing: a bare CR ends a line for the parser, and an open quote runs on into the next
+            # record, so such records would not decode as they do alone: they are decoded alone
+            alone = [i for i, line in enumerate(lines) if b"\r" in line or line.count(b'"') % 2]
+            if alone:
+                parsed = [i for i in range(len(lines)) if i not in set(alone)]
+                joined = b"\n".join(lines[i] for i in parsed)
+        if joined.count(b"\n") != len(parsed) - 1:
             raise DecodeError("wrong_shape", "a record holds more than one line")
+        if not parsed:
+            return np.empty((0, self.width), np.float32), np.empty(0, np.float32), alone
         self._invalid = []
         # pyarrow hands the handler a line as text: one that is not UTF-8 would fail inside the callback
         parse = self._parse_batch if joined.isascii() or _is_utf8(joined) else self._parse
         table = pa_csv.read_csv(io.BytesIO(joined + b"\n"), self._read, parse, self._convert)
-        skipped = [n - 1 for n in self._invalid]  # one line per record: line n is record n - 1
-        if table.num_rows != len(chunk) - len(skipped) or not all(0 <= i < len(chunk) for i in skipped):
+        invalid = [n - 1 for n in self._invalid]  # one line per record: line n is the record parsed n - 1th
+        if table.num_rows != len(parsed) - len(invalid) or not all(0 <= i < len(parsed) for i in invalid):
             raise DecodeError("wrong_shape", "row count mismatch")
+        rows = np.delete(np.asarray(parsed, np.int64), invalid)  # chunk position of each row of the table
         empty = None
         for f in self.features:
             if table.column(f).null_count:
                 nulls = pc.is_null(table.column(f)).to_numpy(zero_copy_only=False)
                 empty = nulls if empty is None else empty | nulls
         if empty is not None:  # a blank line, an empty cell: those records are decoded alone, for their reason
-            kept = np.delete(np.arange(len(chunk)), skipped)
-            skipped = sorted([*skipped, *kept[empty].tolist()])
+            alone += rows[empty].tolist()
             table = table.filter(pa.array(~empty))
+        skipped = sorted(alone + [parsed[i] for i in invalid])
         x = _stack(table, self.features, table.num_rows)
         return x, _column(table, self.label), skipped
 
