@@ -247,7 +247,10 @@ def check_batch(fmt: str, dec, values: list[bytes | None]):
     n = len(values)
     assert out.x.dtype == np.float32 and out.y.dtype == np.float32 and out.msg_index.dtype == np.int64
     assert out.x.shape == (len(out.y), dec.width) and out.msg_index.shape == out.y.shape
-    assert np.isfinite(out.x).all() and np.isfinite(out.y).all(), "a non-finite value got through"
+    assert out.ids.dtype == np.int64 and out.ids.shape[0] == len(out.y)
+    from streamtrain.streams.features import is_missing
+
+    assert (np.isfinite(out.x) | is_missing(out.x)).all() and np.isfinite(out.y).all(), "a non-finite value got through"
     assert (np.diff(out.msg_index) >= 0).all(), "rows out of message order"
     assert out.nbytes == sum(len(v) for v in values if v is not None)
     rows = np.bincount(out.msg_index, minlength=n) if len(out.msg_index) else np.zeros(n, np.int64)
@@ -266,6 +269,7 @@ def check_batch(fmt: str, dec, values: list[bytes | None]):
         mine = out.msg_index == i
         np.testing.assert_array_equal(out.x[mine], alone.x, err_msg=f"record {i} decodes differently in the batch")
         np.testing.assert_array_equal(out.y[mine], alone.y)
+        np.testing.assert_array_equal(out.ids[mine], alone.ids)
         assert sorted((r.reason, r.rows) for r in out.rejects if r.index == i) == sorted((r.reason, r.rows) for r in alone.rejects)
     return out
 

@@ -75,11 +75,20 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class TrainerConfig:
     task: str = opt("regression", "regression | binary | multiclass.")
-    num_classes: int = opt(0, "multiclass: number of classes (labels 0..num_classes-1).")
+    num_classes: int = opt(0, "multiclass: number of classes (labels 0..num_classes-1); follows trainer.classes when that is given.")
+    classes: tuple[str, ...] = opt(
+        (),
+        "Class names in order (multiclass, or binary: [negative, positive]): labels may be these names (or their index); "
+        "a record with another class is dead-lettered as unknown_class. Predictions are served by name.",
+    )
     loss: str = opt("auto", "auto (by task) | mse | huber | bce | cross_entropy.")
     huber_delta: float = opt(1.0, "huber: the delta.")
     optimizer: str = opt("auto", "auto (by model: see docs/LEARNING.md) | sgd | adam | adamw.")
     lr: float | None = opt(None, "Learning rate; null = the default of the optimizer auto picks (docs/LEARNING.md).")
+    sparse_optimizer: str = opt(
+        "auto", "The categorical tables' optimizer (only the rows a batch holds): auto (adagrad) | adagrad | sparse_adam | sgd."
+    )
+    sparse_lr: float | None = opt(None, "The categorical tables' learning rate; null = by model (docs/LEARNING.md, Categorical features).")
     weight_decay: float = opt(0.0, "Weight decay.")
     momentum: float = opt(0.0, "sgd: momentum.")
     betas: tuple[float, float] = opt((0.9, 0.999), "adam/adamw: betas.")
@@ -104,13 +113,26 @@ class TrainerConfig:
     max_rollbacks: int = opt(3, "Roll-backs in a row without a new snapshot before giving up (training diverges again and again).")
     ewma_alpha: float = opt(0.05, "Smoothing of the loss/metric gauges (exponentially weighted, per step).")
 
+    def __post_init__(self) -> None:
+        if self.classes and not self.num_classes and self.task == "multiclass":
+            object.__setattr__(self, "num_classes", len(self.classes))  # one place for the number of classes
+
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
         tasks = ("regression", "binary", "multiclass")
         if self.task not in tasks:
             problems.append(("task", f"must be one of {', '.join(tasks)}, got {self.task!r}"))
         if self.task == "multiclass" and self.num_classes < 2:
-            problems.append(("num_classes", f"must be >= 2 for task multiclass, got {self.num_classes}"))
+            problems.append(("num_classes", f"must be >= 2 for task multiclass (or list trainer.classes), got {self.num_classes}"))
+        if self.classes:
+            if len(set(self.classes)) != len(self.classes):
+                problems.append(("classes", "must not name a class twice"))
+            if self.task == "regression":
+                problems.append(("classes", "is for classification (task binary or multiclass)"))
+            elif self.task == "binary" and len(self.classes) != 2:
+                problems.append(("classes", f"binary takes two names, [negative, positive], got {list(self.classes)}"))
+            elif self.task == "multiclass" and self.num_classes != len(self.classes):
+                problems.append(("num_classes", f"must equal the number of trainer.classes ({len(self.classes)}), got {self.num_classes}"))
         losses = {"regression": ("auto", "mse", "huber"), "binary": ("auto", "bce"), "multiclass": ("auto", "cross_entropy")}
         allowed = losses.get(self.task, ("auto",))
         if self.loss not in allowed:
@@ -119,6 +141,10 @@ class TrainerConfig:
             problems.append(("optimizer", f"must be auto, sgd, adam or adamw, got {self.optimizer!r}"))
         if self.lr is not None and not self.lr > 0:
             problems.append(("lr", f"must be > 0, got {self.lr}"))
+        if self.sparse_optimizer not in ("auto", "adagrad", "sparse_adam", "sgd"):
+            problems.append(("sparse_optimizer", f"must be auto, adagrad, sparse_adam or sgd, got {self.sparse_optimizer!r}"))
+        if self.sparse_lr is not None and not self.sparse_lr > 0:
+            problems.append(("sparse_lr", f"must be > 0, got {self.sparse_lr}"))
         if not all(0 <= b < 1 for b in self.betas):
             problems.append(("betas", f"must be two numbers in [0, 1), got {list(self.betas)}"))
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):

@@ -159,7 +159,19 @@ class DataConfig:
     format: str = opt(
         "json", "Record format: json | csv | arrow (IPC stream, many rows per message) | raw (little-endian float32, label last)."
     )
-    features: tuple[str, ...] = opt((), "Feature field names (json, csv, arrow).")
+    features: tuple[str, ...] = opt((), "Numeric feature field names (json, csv, arrow); true/false read as 1/0.")
+    categorical: tuple[str, ...] = opt(
+        (),
+        "Categorical fields (json, csv, arrow): strings, integers (an id is a category, not a magnitude) or booleans; each "
+        "value becomes a row of one hashed table the fields share (docs/LEARNING.md, Categorical features).",
+    )
+    hash_buckets: int = opt(1048576, "Rows of the table the categorical fields share (each field's name salts the hash): 2^20.")
+    max_category_bytes: int = opt(256, "A categorical value longer than this (UTF-8 bytes) is rejected (wrong_shape), never cut.")
+    missing: str = opt(
+        "impute",
+        "A missing number (null, an absent key, an empty CSV cell, an Arrow null): impute (its running mean, with a 0/1 "
+        "'was missing' input beside it; counted per feature) | reject (dead-letter the record). A missing category is a value of its own.",
+    )
     feature_field: str | None = opt(None, "json/arrow: one field holding the whole feature vector, instead of data.features.")
     label: str = opt("y", "Label field name (json, csv, arrow).")
     num_features: int = opt(0, "Features per sample; required for raw (and with feature_field), else the length of data.features.")
@@ -173,8 +185,13 @@ class DataConfig:
 
     @property
     def width(self) -> int:
-        """Features per sample."""
+        """Numbers per sample (the categorical fields travel apart, as table rows)."""
         return self.num_features or len(self.features)
+
+    @property
+    def indicators(self) -> bool:
+        """Missing numbers are imputed, with a "was missing" input each: named numeric features of json, csv or arrow."""
+        return self.missing == "impute" and bool(self.features) and self.format in ("json", "csv", "arrow")
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -182,8 +199,20 @@ class DataConfig:
         if self.format not in formats:
             problems.append(("format", f"must be one of {', '.join(formats)}, got {self.format!r}"))
         named = self.format in ("json", "csv", "arrow")
-        if named and not self.features and not self.feature_field:
+        if named and not self.features and not self.feature_field and not self.categorical:
             problems.append(("features", f"must list the feature fields for format {self.format}, e.g. [f0, f1]"))
+        if self.categorical and self.format == "raw":
+            problems.append(("categorical", "raw records carry float32 numbers only; use json, csv or arrow for categorical fields"))
+        if len(set(self.categorical)) != len(self.categorical):
+            problems.append(("categorical", "must not name a field twice"))
+        both = sorted(set(self.categorical) & set(self.features))
+        if both:
+            problems.append(("categorical", f"a field is numeric (data.features) or categorical, not both: {both}"))
+        if self.label in self.categorical:
+            problems.append(("label", f"must not also be a categorical feature, got {self.label!r}"))
+        if self.missing not in ("impute", "reject"):
+            problems.append(("missing", f"must be impute or reject, got {self.missing!r}"))
+        problems += positive(self, "hash_buckets", "max_category_bytes")
         if self.features and self.feature_field:
             problems.append(("feature_field", "set either data.features or data.feature_field, not both"))
         if self.feature_field and self.format == "csv":
@@ -197,7 +226,7 @@ class DataConfig:
         if self.label in self.features:
             problems.append(("label", f"must not also be a feature, got {self.label!r}"))
         if self.format == "csv" and self.csv.columns:
-            missing = [c for c in (*self.features, self.label) if c not in self.csv.columns]
+            missing = [c for c in (*self.features, *self.categorical, self.label) if c not in self.csv.columns]
             if missing:
                 problems.append(("csv.columns", f"must contain every feature and the label; missing {missing}"))
         if self.on_decoder_crash not in ("dead_letter", "stop"):

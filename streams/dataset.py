@@ -138,7 +138,7 @@ class KafkaIterableDataset(IterableDataset):
             workers = rc.ingest_workers or default_workers()
 
             def ring(slots: int) -> SharedRing:
-                return SharedRing(slots, rc.batch_size, self.data.width, pin_memory=pin)
+                return SharedRing(slots, rc.batch_size, self.data.width, pin_memory=pin, fields=len(self.data.categorical))
 
             def worker(ring: SharedRing, share: Share = self.share, lock: threading.Lock | None = None) -> IngestProcess:
                 positions = dict(self.offsets.read)
@@ -153,7 +153,7 @@ class KafkaIterableDataset(IterableDataset):
                 self.ring, self.ingest, self.source = build_workers(workers, lambda: ring(max(2, rc.slots // workers)), worker, self.share)
             self.ingest.start()
             return
-        self.ring = Ring(rc.slots, rc.batch_size, self.data.width, pin_memory=pin)
+        self.ring = Ring(rc.slots, rc.batch_size, self.data.width, pin_memory=pin, fields=len(self.data.categorical))
         self.source = KafkaSource(self.kafka, self.client_id, self.share)
         if self._dlq is None:  # one for the dataset's life, so its counters survive restarts
             self._dlq = DeadLetterQueue(self.kafka, self.dead_letter_config)

@@ -28,6 +28,7 @@ class Pending:
 
     x: np.ndarray
     y: np.ndarray
+    ids: np.ndarray  # (rows, categorical fields) int64
     part: np.ndarray  # per message: index into tps
     offset: np.ndarray  # per message
     ts: np.ndarray  # per message: record timestamp, unix seconds (nan if none)
@@ -77,6 +78,8 @@ class SlotFiller:
                 s, f, r = self._slot, self._fill, p.row
                 self.ring.x_np[s, f : f + k] = p.x[r : r + k]
                 self.ring.y_np[s, f : f + k] = p.y[r : r + k]
+                if p.ids.shape[1]:
+                    self.ring.ids_np[s, f : f + k] = p.ids[r : r + k]
                 if p.has_ts:
                     oldest = np.nanmin(p.ts[p.msg_of_row[r : r + k]])
                     if not math.isnan(oldest):

@@ -34,6 +34,7 @@ from streamtrain.streams.config import DataConfig, KafkaConfig, RingConfig
 from streamtrain.streams.deadletter import DeadLetter, DeadLetterQueue, Ticket
 from streamtrain.streams.decode import Decoder, LabelRule, make_decoder
 from streamtrain.streams.errors import DeadLetterError, KafkaSourceError
+from streamtrain.streams.features import is_missing
 from streamtrain.streams.filler import Pending, SlotFiller
 from streamtrain.streams.quarantine import Quarantine
 from streamtrain.streams.slots import Position, RingClosed, SlotProducer
@@ -60,6 +61,7 @@ class IngestStats:
     consume_calls: int = 0
     consumer_errors: int = 0
     out_of_range: dict[str, int] = field(default_factory=dict)  # "topic|partition" -> times a position was out of range
+    missing: dict[str, int] = field(default_factory=dict)  # feature -> numbers read as missing (imputed by the trainer)
     skipped_out_of_range: dict[str, int] = field(default_factory=dict)  # "topic|partition" -> records known to be skipped
 
 
@@ -86,7 +88,7 @@ class Ingest:
         """
         thread = ring_config.ingest == "thread"
         quarantine = Quarantine(make_decoder(data, label_rule), data, label_rule, markers, source.share, trust_own_marker=thread)
-        return cls(
+        ingest = cls(
             source,
             quarantine,
             dead_letter,
@@ -100,6 +102,8 @@ class Ingest:
             stats=stats,
             on_out_of_range=kafka.on_out_of_range,
         )
+        ingest.missing_names = tuple(data.features) if data.indicators else ()
+        return ingest
 
     def __init__(
         self,
@@ -122,6 +126,7 @@ class Ingest:
         self.on_out_of_range = on_out_of_range
         # every decode goes through the quarantine: a record that crashes the decoder is rejected, not fatal
         self.quarantine = decoder if isinstance(decoder, Quarantine) else Quarantine(decoder, None, LabelRule())
+        self.missing_names: tuple[str, ...] = ()  # the numeric features, when missing ones are counted (data.missing: impute)
         self.dead_letter = dead_letter
         self.ring = ring
         self.max_messages = max_messages
@@ -302,20 +307,31 @@ class Ingest:
         decoded = self.quarantine.decode(values, part, offset, self._tps, lambda i: _where(good[i]))
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.bytes += decoded.nbytes
+        if self.missing_names and decoded.x.size:
+            self._count_missing(decoded.x)
         ts = np.asarray(stamps, np.float64) / 1000.0
         ts[ts <= 0] = np.nan
-        x, y, msg_of_row = decoded.x, decoded.y, decoded.msg_index
+        x, y, ids, msg_of_row = decoded.x, decoded.y, decoded.ids, decoded.msg_index
         row_base = np.zeros(n, np.int64)
         if self._skip:
-            x, y, msg_of_row = self._skip_trained_rows(part, offset, x, y, msg_of_row, row_base)
+            x, y, ids, msg_of_row = self._skip_trained_rows(part, offset, x, y, ids, msg_of_row, row_base)
         ticket = self._reject(decoded.rejects, good) if decoded.rejects else None
         counts = np.bincount(msg_of_row, minlength=n) if len(msg_of_row) else np.zeros(n, np.int64)
         row_end = np.cumsum(counts)
         self.stats.rows += len(y)
         self._rows_per_msg = 0.8 * self._rows_per_msg + 0.2 * (len(y) / n)
         has_ts = not np.isnan(ts).all()
-        self._waiting.append(Pending(x, y, part, offset, ts, row_end - counts, row_end, row_base, msg_of_row, self._tps, has_ts, ticket))
+        self._waiting.append(
+            Pending(x, y, ids, part, offset, ts, row_end - counts, row_end, row_base, msg_of_row, self._tps, has_ts, ticket)
+        )
         self._advance()
+
+    def _count_missing(self, x: np.ndarray) -> None:
+        counts = is_missing(x).sum(axis=0)
+        if counts.any():
+            for name, n in zip(self.missing_names, counts.tolist()):
+                if n:
+                    self.stats.missing[name] = self.stats.missing.get(name, 0) + n
 
     def _partition_indices(self, msgs: list) -> np.ndarray:
         """Each message's index into ``self._tps`` (partitions get an index when first seen)."""
@@ -338,7 +354,7 @@ class Ingest:
             self._tps.append(tp)
         return i
 
-    def _skip_trained_rows(self, part, offset, x, y, msg_of_row, row_base):
+    def _skip_trained_rows(self, part, offset, x, y, ids, msg_of_row, row_base):
         """Drop the rows of a record that the snapshot says were already trained."""
         keep = np.ones(len(y), bool)
         for tp, (off, rows) in list(self._skip.items()):
@@ -352,7 +368,7 @@ class Ingest:
                 del self._skip[tp]
             elif i is not None and (part == i).any():
                 del self._skip[tp]  # the record is gone (retention); nothing to skip
-        return x[keep], y[keep], msg_of_row[keep]
+        return x[keep], y[keep], ids[keep], msg_of_row[keep]
 
     def _reject(self, rejects: list, msgs: list) -> Ticket:
         letters = []

@@ -120,7 +120,7 @@ class IngestProcess:
             "client_id": client_id,
             "share": share,
             "markers": markers,
-            "geometry": (ring.slots, ring.batch_size, ring.width),
+            "geometry": (ring.slots, ring.batch_size, ring.width, ring.fields),
             "log": (logging.getLogger("streamtrain").getEffectiveLevel(), os.environ.get("STREAMTRAIN_LOG_FORMAT", "text")),
         }
         self.proc: subprocess.Popen | None = None
@@ -244,8 +244,8 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     from streamtrain.streams.ingest import Ingest
     from streamtrain.streams.shared_ring import ChildRing
 
-    slots, batch_size, width = p["geometry"]
-    ring = ChildRing(ring_fd, slots, batch_size, width, ann_fd, give_fd)
+    slots, batch_size, width, fields = p["geometry"]
+    ring = ChildRing(ring_fd, slots, batch_size, width, ann_fd, give_fd, fields)
     kafka, rc = p["kafka"], p["ring_config"]
     source = KafkaSource(kafka, p["client_id"], share=p["share"])
     dlq = DeadLetterQueue(kafka, p["dead_letter"])

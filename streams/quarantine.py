@@ -383,14 +383,14 @@ def _without(values: list[bytes | None], crashers: dict[int, Reject]) -> list[by
 def _concat(parts: list[Decoded], width: int) -> Decoded:
     if not parts:
         return Decoded.empty(width)
-    out = Decoded(
+    return Decoded(
         np.concatenate([p.x for p in parts]),
         np.concatenate([p.y for p in parts]),
         np.concatenate([p.msg_index for p in parts]),
         [r for p in parts for r in p.rejects],
         sum(p.nbytes for p in parts),
+        np.concatenate([p.ids for p in parts]),
     )
-    return out
 
 
 def _probe() -> int:

@@ -40,12 +40,13 @@ class Batch:
     only once the event has completed.
     """
 
-    x: torch.Tensor  # (n, width) float32
+    x: torch.Tensor  # (n, width) float32; NaN where a number was missing (data.missing: impute)
     y: torch.Tensor  # (n,) float32
     positions: dict[TopicPartition, Position] = field(default_factory=dict)
     oldest_timestamp: float = math.nan  # unix seconds of the oldest record inside
     slot: int = -1
     copy_done: Any = None
+    ids: torch.Tensor | None = None  # (n, categorical fields) int64: rows of the hashed table; None: no categorical field
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -54,22 +55,26 @@ class Batch:
         """Lets ``DataLoader(pin_memory=True)`` pin a batch (slots are already pinned on CUDA)."""
         if self.x.is_pinned():
             return self
-        return Batch(self.x.pin_memory(), self.y.pin_memory(), dict(self.positions), self.oldest_timestamp, -1)
+        ids = self.ids.pin_memory() if self.ids is not None else None
+        return Batch(self.x.pin_memory(), self.y.pin_memory(), dict(self.positions), self.oldest_timestamp, -1, ids=ids)
 
 
 class Ring:
-    """``slots`` preallocated slots of ``batch_size`` x ``width`` float32 features and labels."""
+    """``slots`` preallocated slots of ``batch_size`` x ``width`` float32 features, labels and ``fields`` int64 table rows."""
 
-    def __init__(self, slots: int, batch_size: int, width: int, pin_memory: bool = False) -> None:
+    def __init__(self, slots: int, batch_size: int, width: int, pin_memory: bool = False, fields: int = 0) -> None:
         self.slots = slots
         self.batch_size = batch_size
         self.width = width
+        self.fields = fields
         self.x = torch.empty((slots, batch_size, width), dtype=torch.float32, pin_memory=pin_memory)
         self.y = torch.empty((slots, batch_size), dtype=torch.float32, pin_memory=pin_memory)
+        self.ids = torch.empty((slots, batch_size, fields), dtype=torch.int64, pin_memory=pin_memory and fields > 0)
         # numpy views of the same memory: the producer writes through these
         self.x_np = self.x.numpy()
         self.y_np = self.y.numpy()
-        self.views = slot_views(self.x, self.y)
+        self.ids_np = self.ids.numpy()
+        self.views = slot_views(self.x, self.y, self.ids if fields else None)
         self._free: deque[int] = deque(range(slots))
         self._ready: deque[tuple[int, int, dict, float]] = deque()
         self._cond = threading.Condition()
@@ -78,7 +83,7 @@ class Ring:
 
     @property
     def nbytes(self) -> int:
-        return self.x.numel() * 4 + self.y.numel() * 4
+        return self.x.numel() * 4 + self.y.numel() * 4 + self.ids.numel() * 8
 
     def fill(self) -> int:
         """Slots published and not yet taken by the consumer."""
@@ -135,19 +140,21 @@ class Ring:
             return self._cond.wait_for(lambda: self._free or self._closed, max(0.0, deadline - time.monotonic()))
 
 
-def slot_views(x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Each slot's (x, y) as ready-made views: a full batch is handed out without indexing (2.2 -> 0.4 us, bench.frames)."""
-    return x.unbind(0), y.unbind(0)
+def slot_views(x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """Each slot's (x, y[, ids]) as ready-made views: a full batch is handed out without indexing (2.2 -> 0.4 us, bench.frames)."""
+    return (x.unbind(0), y.unbind(0)) if ids is None else (x.unbind(0), y.unbind(0), ids.unbind(0))
 
 
-def next_ready(ready: deque, views: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], closed: bool) -> Batch | None:
+def next_ready(ready: deque, views: tuple[tuple[torch.Tensor, ...], ...], closed: bool) -> Batch | None:
     """The oldest announced batch as views of its slot; None if there is none; RingClosed once closed and drained."""
     if ready:
         slot, n, positions, ts = ready.popleft()
         x, y = views[0][slot], views[1][slot]
+        ids = views[2][slot] if len(views) > 2 else None
         if n != len(y):
             x, y = x[:n], y[:n]
-        return Batch(x, y, positions, ts, slot)
+            ids = ids[:n] if ids is not None else None
+        return Batch(x, y, positions, ts, slot, ids=ids)
     if closed:
         raise RingClosed
     return None

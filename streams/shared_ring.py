@@ -34,16 +34,21 @@ import numpy as np
 from streamtrain.streams.slots import Position, RingClosed, TopicPartition
 
 
-def ring_bytes(slots: int, batch_size: int, width: int) -> int:
-    return slots * batch_size * (width + 1) * 4
+def ring_bytes(slots: int, batch_size: int, width: int, fields: int = 0) -> int:
+    return slots * batch_size * (fields * 8 + (width + 1) * 4)
 
 
-def map_slots(fd: int, slots: int, batch_size: int, width: int) -> tuple[mmap.mmap, np.ndarray, np.ndarray]:
-    """Map the shared file: (mapping, x (slots, batch, width), y (slots, batch)) float32 views."""
-    mm = mmap.mmap(fd, ring_bytes(slots, batch_size, width))
-    flat = np.frombuffer(mm, dtype=np.float32)
+def map_slots(fd: int, slots: int, batch_size: int, width: int, fields: int = 0) -> tuple[mmap.mmap, np.ndarray, np.ndarray, np.ndarray]:
+    """Map the shared file: (mapping, x (slots, batch, width) float32, y (slots, batch) float32, ids (slots, batch, fields) int64).
+
+    The int64 table rows come first, where the mapping's page alignment aligns them too.
+    """
+    mm = mmap.mmap(fd, ring_bytes(slots, batch_size, width, fields))
+    ni = slots * batch_size * fields
+    ids = np.frombuffer(mm, dtype=np.int64, count=ni).reshape(slots, batch_size, fields)
+    flat = np.frombuffer(mm, dtype=np.float32, offset=ni * 8)
     nx = slots * batch_size * width
-    return mm, flat[:nx].reshape(slots, batch_size, width), flat[nx:].reshape(slots, batch_size)
+    return mm, flat[:nx].reshape(slots, batch_size, width), flat[nx:].reshape(slots, batch_size), ids
 
 
 def shared_file(size: int) -> int:
@@ -115,7 +120,7 @@ class FrameReader:
 class SharedRing:
     """The trainer's side: the same ``get``/``release``/``close``/``fill`` as :class:`streams.ring.Ring`."""
 
-    def __init__(self, slots: int, batch_size: int, width: int, pin_memory: bool = False) -> None:
+    def __init__(self, slots: int, batch_size: int, width: int, pin_memory: bool = False, fields: int = 0) -> None:
         import torch
 
         from streamtrain.streams.ring import next_ready, slot_views
@@ -123,14 +128,16 @@ class SharedRing:
         self.slots = slots
         self.batch_size = batch_size
         self.width = width
-        self.fd = shared_file(ring_bytes(slots, batch_size, width))
-        self._mm, self.x_np, self.y_np = map_slots(self.fd, slots, batch_size, width)
+        self.fields = fields
+        self.fd = shared_file(ring_bytes(slots, batch_size, width, fields))
+        self._mm, self.x_np, self.y_np, self.ids_np = map_slots(self.fd, slots, batch_size, width, fields)
         self.x = torch.from_numpy(self.x_np)
         self.y = torch.from_numpy(self.y_np)
-        self.views = slot_views(self.x, self.y)
+        self.ids = torch.from_numpy(self.ids_np)
+        self.views = slot_views(self.x, self.y, self.ids if fields else None)
         self._next_ready = next_ready  # streams.ring imports torch: not at module level (the child imports this module)
         if pin_memory:
-            _pin(self.x_np, self.y_np)
+            _pin(self.x_np, self.y_np, *((self.ids_np,) if fields else ()))
         self._ready: deque[tuple[int, int, dict, float]] = deque()
         self._lock = threading.Lock()  # one reader of the announcements at a time (trainer or scrape)
         self._frames: FrameReader | None = None
@@ -146,7 +153,7 @@ class SharedRing:
 
     @property
     def nbytes(self) -> int:
-        return ring_bytes(self.slots, self.batch_size, self.width)
+        return ring_bytes(self.slots, self.batch_size, self.width, self.fields)
 
     def connect(self, announcements_fd: int, give_back_fd: int) -> None:
         self._frames = FrameReader(announcements_fd)
@@ -272,10 +279,10 @@ def _pin(*arrays: np.ndarray) -> None:
 class ChildRing:
     """The ingest process's side: the producer interface of :class:`streams.slots.SlotProducer`."""
 
-    def __init__(self, fd: int, slots: int, batch_size: int, width: int, announcements_fd: int, give_back_fd: int) -> None:
+    def __init__(self, fd: int, slots: int, batch_size: int, width: int, announcements_fd: int, give_back_fd: int, fields: int = 0) -> None:
         self.slots = slots
         self.batch_size = batch_size
-        self._mm, self.x_np, self.y_np = map_slots(fd, slots, batch_size, width)
+        self._mm, self.x_np, self.y_np, self.ids_np = map_slots(fd, slots, batch_size, width, fields)
         os.close(fd)
         self._announce = announcements_fd
         self._give_back = give_back_fd

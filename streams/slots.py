@@ -35,6 +35,7 @@ class SlotProducer(Protocol):
     batch_size: int
     x_np: np.ndarray  # (slots, batch_size, width) float32, written in place
     y_np: np.ndarray  # (slots, batch_size) float32
+    ids_np: np.ndarray  # (slots, batch_size, fields) int64: rows of the hashed table
 
     def acquire(self, timeout: float | None) -> int | None: ...
 

@@ -73,7 +73,7 @@ class MultiRing:
                 continue
             if b is not None:
                 self._next = (i + 1) % n
-                return self._batch(b.x, b.y, b.positions, b.oldest_timestamp, self._base[i] + b.slot)
+                return self._batch(b.x, b.y, b.positions, b.oldest_timestamp, self._base[i] + b.slot, ids=b.ids)
         if drained == n:
             raise RingClosed
         return None

@@ -162,7 +162,7 @@ def test_garbage_goes_to_the_dead_letter_topic(bootstrap, make_topic, dataset, p
         "undecodable": lambda i: b"\xffgarbage %d" % i,
         "missing_label": lambda i: json.dumps({"seq": i, "f": 1}).encode(),
         "non_finite": lambda i: b'{"seq": %d, "f": NaN, "y": 1}' % i,
-        "wrong_shape": lambda i: json.dumps({"seq": i, "y": 1}).encode(),
+        "wrong_shape": lambda i: json.dumps({"seq": i, "f": "x", "y": 1}).encode(),  # (an absent f: missing, imputed)
     }
     values = [garbage[bad[i]](i) if i in bad else record(i) for i in range(n)]
     produce(producer, topic, values, partitions=4)

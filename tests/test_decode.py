@@ -11,11 +11,13 @@ import pytest
 from streamtrain.streams.config import DataConfig, parse
 from streamtrain.streams.decode import REASONS, Decoded, LabelRule, make_decoder
 
-NAMED = {"format": "json", "features": ["a", "b"], "label": "y"}
+# data.missing: reject keeps the contract these cases check (an absent or null number is wrong_shape);
+# missing values imputed, categorical fields, booleans and class names: tests/test_features.py
+NAMED = {"format": "json", "features": ["a", "b"], "label": "y", "missing": "reject"}
 VECTOR = {"format": "json", "feature_field": "v", "num_features": 3, "label": "y"}
-CSV = {"format": "csv", "features": ["a", "b"], "label": "y"}
+CSV = {"format": "csv", "features": ["a", "b"], "label": "y", "missing": "reject"}
 RAW = {"format": "raw", "num_features": 3}
-ARROW = {"format": "arrow", "features": ["a", "b"], "label": "y"}
+ARROW = {"format": "arrow", "features": ["a", "b"], "label": "y", "missing": "reject"}
 SMALL = 64  # max_record_bytes in the oversized cases
 
 
@@ -232,8 +234,8 @@ def test_raw_empty_value_is_rejected():
 def test_every_reason_is_a_known_one():
     reasons = {reason for _, cases in CASES.values() for _, reason in cases}
     assert reasons <= set(REASONS)
-    # bad_label: the label rule tests below; decoder_crash: tests/test_quarantine.py
-    assert set(REASONS) - reasons == {"bad_label", "decoder_crash"}
+    # bad_label: the label rule tests below; decoder_crash: tests/test_quarantine.py; unknown_class: tests/test_features.py
+    assert set(REASONS) - reasons == {"bad_label", "decoder_crash", "unknown_class"}
 
 
 def test_blank_record_next_to_a_two_object_record_is_not_mixed_up():

@@ -22,6 +22,7 @@ from streamtrain.streams.decode.csv import CsvDecoder
 from streamtrain.streams.decode.json import JsonDecoder
 from streamtrain.streams.decode.raw import RawDecoder
 from streamtrain.streams.failpoints import wrap_decoder
+from streamtrain.streams.features import FeatureSpec
 
 __all__ = ["REASONS", "Decoded", "Decoder", "LabelRule", "Reject", "each_record", "make_decoder"]
 
@@ -35,11 +36,12 @@ def _decoder(data: object, rule: LabelRule) -> Decoder:
     fmt = data.format
     if fmt == "raw":
         return RawDecoder(data.width, rule, data.max_record_bytes)
+    spec = FeatureSpec.from_data(data)
     if fmt == "json":
-        return JsonDecoder(tuple(data.features), data.label, data.feature_field, data.width, rule, data.max_record_bytes)
+        return JsonDecoder(tuple(data.features), data.label, data.feature_field, data.width, rule, data.max_record_bytes, spec)
     if fmt == "csv":
-        columns = tuple(data.csv.columns) or (*data.features, data.label)
-        return CsvDecoder(columns, tuple(data.features), data.label, data.csv.delimiter, rule, data.max_record_bytes)
+        columns = tuple(data.csv.columns) or (*data.features, *spec.categorical, data.label)
+        return CsvDecoder(columns, tuple(data.features), data.label, data.csv.delimiter, rule, data.max_record_bytes, spec)
     if fmt == "arrow":
-        return ArrowDecoder(tuple(data.features), data.label, data.feature_field, data.width, rule, data.max_record_bytes)
+        return ArrowDecoder(tuple(data.features), data.label, data.feature_field, data.width, rule, data.max_record_bytes, spec)
     raise ValueError(f"unknown data.format {fmt!r}")

@@ -18,9 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streamtrain.streams.errors import DecodeError
+from streamtrain.streams.features.spec import MISSING_NUMBER
 
 T = TypeVar("T")
-REASONS = ("undecodable", "oversized", "wrong_shape", "missing_label", "non_finite", "bad_label", "decoder_crash")
+REASONS = ("undecodable", "oversized", "wrong_shape", "missing_label", "non_finite", "bad_label", "unknown_class", "decoder_crash")
 
 _LEAF = 8  # below this many records a failing chunk is decoded one record at a time
 _MAX_CUTS = 16  # records a parser's error may name in one chunk before the rest is bisected (each cut copies the rest)
@@ -41,23 +42,54 @@ class Reject:
 class Decoded:
     """Rows decoded from a batch, in message order."""
 
-    x: np.ndarray  # (rows, width) float32
+    x: np.ndarray  # (rows, width) float32; a missing number is MISSING_NUMBER (data.missing: impute)
     y: np.ndarray  # (rows,) float32
     msg_index: np.ndarray  # (rows,) int64: the message each row came from
     rejects: list[Reject] = field(default_factory=list)
     nbytes: int = 0  # bytes of the record values (nulls count 0): the decoders measure lengths anyway
+    ids: np.ndarray | None = None  # (rows, categorical fields) int64: rows of the hashed table; None: (rows, 0)
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            self.ids = np.empty((len(self.y), 0), np.int64)
 
     @classmethod
-    def empty(cls, width: int) -> Decoded:
-        return cls(np.empty((0, width), np.float32), np.empty(0, np.float32), np.empty(0, np.int64))
+    def empty(cls, width: int, fields: int = 0) -> Decoded:
+        return cls(np.empty((0, width), np.float32), np.empty(0, np.float32), np.empty(0, np.int64), ids=np.empty((0, fields), np.int64))
+
+
+# A label that names no class of trainer.classes is marked with this NaN payload (rejected as unknown_class).
+UNKNOWN_CLASS = np.array([0x7FC0BEEF], dtype=np.uint32).view(np.float32)[0]
 
 
 @dataclass(frozen=True)
 class LabelRule:
-    """Which labels a task accepts: any finite number, {0, 1}, or integers 0..C-1."""
+    """Which labels a task accepts: any finite number, {0, 1}, or integers 0..C-1; class names by ``classes``."""
 
     task: str = "regression"
     num_classes: int = 0
+    classes: tuple[str, ...] = ()  # names in order: a label may be one of these (its index), else unknown_class
+
+    @classmethod
+    def of(cls, trainer: object) -> LabelRule:
+        """The rule of a ``trainer`` config section (task, num_classes, classes)."""
+        return cls(trainer.task, trainer.num_classes, tuple(getattr(trainer, "classes", ()) or ()))
+
+    def index(self, label: object) -> float:
+        """A label as the number trained on: a class name its index (UNKNOWN_CLASS if none), a boolean 1/0, a number itself."""
+        if isinstance(label, str):
+            if not self.classes:
+                return float(UNKNOWN_CLASS)
+            return float(self._names.get(label, UNKNOWN_CLASS))
+        return float(label)
+
+    @property
+    def _names(self) -> dict[str, int]:
+        names = self.__dict__.get("_names_cache")
+        if names is None:
+            names = {c: i for i, c in enumerate(self.classes)}
+            object.__setattr__(self, "_names_cache", names)
+        return names
 
     def check(self, y: np.ndarray) -> tuple[np.ndarray, str]:
         """Mask of acceptable labels (finite ones only are passed in) and the rule in words."""
@@ -112,8 +144,10 @@ def _finish(
     rejects: list[Reject],
     row: np.ndarray | None = None,
     nbytes: int = 0,
+    ids: np.ndarray | None = None,
+    impute: bool = False,
 ) -> Decoded:
-    """Common row checks (finite features, label present/finite/valid), vectorized.
+    """Common row checks (finite or, with ``impute``, missing features; label present/finite/valid), vectorized.
 
     ``row`` (Arrow) is each row's number inside its message, named in the rejects.
     """
@@ -123,10 +157,19 @@ def _finish(
     checks = []
     missing = np.isnan(y) & _null_marker(y)
     checks.append((missing, "missing_label", "label is missing"))
-    x_ok = np.isfinite(x).all(axis=1) if x.size else np.ones(len(y), bool)
+    unknown = np.isnan(y) & (y.view(np.uint32) == np.uint32(0x7FC0BEEF))
+    if unknown.any():
+        checks.append((unknown, "unknown_class", f"the label names no class of trainer.classes {list(rule.classes)[:10]}"))
+    if x.size:
+        finite = np.isfinite(x)
+        if impute and not finite.all():
+            finite |= _null_marker(x)
+        x_ok = finite.all(axis=1)
+    else:
+        x_ok = np.ones(len(y), bool)
     checks.append((~x_ok, "non_finite", "features contain NaN or Inf"))
     y_fin = np.isfinite(y)
-    checks.append((~y_fin & ~missing, "non_finite", "label is NaN or Inf"))
+    checks.append((~y_fin & ~missing & ~unknown, "non_finite", "label is NaN or Inf"))
     ok_label, rule_text = rule.check(np.where(y_fin, y, 0))
     checks.append((y_fin & ~ok_label, "bad_label", rule_text))
     for mask, reason, text in checks:
@@ -134,14 +177,16 @@ def _finish(
         if mask.any():
             rejects.extend(_row_rejects(idx, mask, reason, text, y, row))
             bad |= mask
+    if ids is None:
+        ids = np.empty((len(y), 0), np.int64)
     if bad.any():
         keep = ~bad
-        x, y, idx = x[keep], y[keep], idx[keep]
-    return Decoded(x, y, idx, rejects, nbytes)
+        x, y, idx, ids = x[keep], y[keep], idx[keep], ids[keep]
+    return Decoded(x, y, idx, rejects, nbytes, np.ascontiguousarray(ids, np.int64))
 
 
-# A label read as missing is marked with this NaN payload so it can be told from a real NaN.
-_MISSING = np.array([0x7FC0DEAD], dtype=np.uint32).view(np.float32)[0]
+# A number (or label) read as missing is marked with this NaN payload so it can be told from a real NaN.
+_MISSING = MISSING_NUMBER
 
 
 def _null_marker(y: np.ndarray) -> np.ndarray:
@@ -185,9 +230,16 @@ def _screen(values: list[bytes | None], max_bytes: int) -> tuple[range | list[in
 
 
 class _BisectingDecoder:
-    """Shared batch logic for the line formats: fast path, bisect on failure, leaf per record."""
+    """Batch logic of a line format (CSV): fast path, bisect on failure, leaf per record.
+
+    A subclass gives ``_fast(chunk) -> (x, y, ids, skipped)`` (the chunk decoded at once; rows
+    for every record but the ``skipped`` positions) and ``_one(value) -> (x, y, ids)`` (one
+    record's row, or a :class:`DecodeError` with its reason).
+    """
 
     width: int
+    fields = 0  # categorical fields
+    impute = False
 
     def __init__(self, width: int, rule: LabelRule, max_bytes: int) -> None:
         self.width = width
@@ -196,19 +248,18 @@ class _BisectingDecoder:
 
     def decode(self, values: list[bytes | None]) -> Decoded:
         good, rejects, nbytes = _screen(values, self.max_bytes)
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         if good:
             self._decode_range(values, good, parts, rejects)
         if not parts:
-            return _finish(np.empty((0, self.width)), np.empty(0), np.empty(0, np.int64), self.rule, rejects, nbytes=nbytes)
-        x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        y = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        idx = np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+            empty = Decoded.empty(self.width, self.fields)
+            return _finish(empty.x, empty.y, empty.msg_index, self.rule, rejects, nbytes=nbytes, ids=empty.ids)
+        x, y, ids, idx = (np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in range(4))
         if len(idx) > 1 and (np.diff(idx) < 0).any():  # a record the parser skipped decoded on its own
             order = np.argsort(idx, kind="stable")
-            x, y, idx = x[order], y[order], idx[order]
+            x, y, ids, idx = x[order], y[order], ids[order], idx[order]
         rejects.sort(key=lambda r: r.index)
-        return _finish(x, y, idx, self.rule, rejects, nbytes=nbytes)
+        return _finish(x, y, idx, self.rule, rejects, nbytes=nbytes, ids=ids, impute=self.impute)
 
     def _decode_range(self, values: list, idx: range | list[int], parts: list, rejects: list[Reject]) -> None:
         cuts = 0
@@ -216,7 +267,7 @@ class _BisectingDecoder:
             # idx is sorted and unique: as long as values, it is all of them (the common case, no copy)
             chunk = values if len(idx) == len(values) else [values[i] for i in idx]
             try:
-                x, y, skipped = self._fast(chunk)
+                x, y, ids, skipped = self._fast(chunk)
             except Exception as exc:  # some record in the chunk: find it (the records themselves go through each_record)
                 row = self._failed_row(exc, len(idx)) if cuts < _MAX_CUTS else None
                 if row is not None:
@@ -236,13 +287,13 @@ class _BisectingDecoder:
                 self._decode_range(values, idx[:half], parts, rejects)
                 self._decode_range(values, idx[half:], parts, rejects)
                 return
-            ids = np.arange(idx.start, idx.stop, dtype=np.int64) if isinstance(idx, range) else np.asarray(idx, np.int64)
+            positions = np.arange(idx.start, idx.stop, dtype=np.int64) if isinstance(idx, range) else np.asarray(idx, np.int64)
             if skipped:  # rows the parser left out (and said which): each decoded alone, for its reason
-                keep = np.ones(len(ids), bool)
+                keep = np.ones(len(positions), bool)
                 keep[skipped] = False
-                self._leaf(values, ids[~keep].tolist(), parts, rejects)
-                ids = ids[keep]
-            parts.append((x, y, ids))
+                self._leaf(values, positions[~keep].tolist(), parts, rejects)
+                positions = positions[keep]
+            parts.append((x, y, ids, positions))
             return
 
     def _failed_row(self, exc: Exception, n: int) -> int | None:
@@ -250,23 +301,21 @@ class _BisectingDecoder:
         return None
 
     def _leaf(self, values: list, idx: list[int], parts: list, rejects: list[Reject]) -> None:
-        xs, ys, ok = [], [], []
-        for i, (fx, fy) in each_record(self._one, values, idx, rejects):
-            xs.append(fx)
-            ys.append(fy)
+        rows, ok = [], []
+        for i, row in each_record(self._one, values, idx, rejects):
+            rows.append(row)
             ok.append(i)
         if ok:
-            parts.append((np.asarray(xs, np.float64).reshape(len(ok), self.width), np.asarray(ys, np.float64), np.asarray(ok, np.int64)))
+            x, y, ids = (np.concatenate([r[k] for r in rows]) for k in range(3))
+            parts.append((x.astype(np.float32), y.astype(np.float32), ids, np.asarray(ok, np.int64)))
 
-    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """Decode a whole chunk at once: x, y and the chunk positions it left out (rows of x are the rest)."""
+    def _fast(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
         raise NotImplementedError
 
-    def _one(self, value: bytes) -> tuple[list[float], float]:
+    def _one(self, value: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
 
-@np.errstate(over="ignore")
 def _column(table: pa.Table, name: str) -> np.ndarray:
     """A float64 column as numpy, nulls marked with the missing-label NaN payload."""
     col = table.column(name)
@@ -279,10 +328,15 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
 
 @np.errstate(over="ignore")  # beyond float32: inf, rejected as non_finite by _finish
 def _stack(table: pa.Table, names: tuple[str, ...], rows: int) -> np.ndarray:
-    """Numeric columns side by side as one float32 (rows, len(names)) array: one copy, no float64 detour."""
+    """Numeric columns side by side as one float32 (rows, len(names)) array, nulls as the missing mark."""
     x = np.empty((rows, len(names)), np.float32)
     for j, name in enumerate(names):
-        x[:, j] = table.column(name).to_numpy()
+        col = table.column(name)
+        if col.null_count:
+            x[:, j] = pc.fill_null(col, 0.0).to_numpy()
+            x[pc.is_null(col).to_numpy(zero_copy_only=False), j] = _MISSING
+        else:
+            x[:, j] = col.to_numpy()
     return x
 
 

@@ -1,11 +1,15 @@
-"""JSON: one object per record, named feature fields or one vector field, plus a label.
+"""JSON: one object per record: numeric fields (or one vector field), categorical fields, and a label.
 
-Each record is parsed on its own by msgspec into a typed row (a float per feature, or a
-list of exactly ``width`` floats, and a float label; other fields skipped unparsed).  A
-batch whose every record fits the type is decoded in one C loop; when one does not, that
-batch is decoded record by record through :func:`~streamtrain.streams.decode.common.each_record`
-(so a bad record can only ever fail itself) and each failing record is looked at again
-with Python's ``json`` to name its reason.
+Each record is parsed on its own by msgspec into a typed row: a number per numeric
+feature (true/false read as 1/0; ``null`` or an absent key is the missing mark when
+``data.missing`` is impute), a string, integer or boolean per categorical field (``null``
+or absent: the field's missing value), a number or boolean label (or a class name, with
+``trainer.classes``); other fields are skipped unparsed.  A batch whose every record fits
+the type is decoded in one C loop; when one does not, that batch is decoded record by
+record through :func:`~streamtrain.streams.decode.common.each_record` (so a bad record can
+only ever fail itself) and each failing record is looked at again with Python's ``json``
+to name its reason.  The categorical values of the batch are hashed column by column
+(:mod:`streamtrain.streams.features.hashing`).
 """
 
 from __future__ import annotations
@@ -20,13 +24,25 @@ import numpy as np
 
 from streamtrain.streams.decode.common import Decoded, LabelRule, _check_finite, _finish, _screen, each_record
 from streamtrain.streams.errors import DecodeError
+from streamtrain.streams.features.hashing import canonical
+from streamtrain.streams.features.spec import MISSING_NUMBER, FeatureSpec
+
+_NUMBER = float | bool  # msgspec: a JSON number, or true/false (read as 1/0)
+_CATEGORY = str | int | bool | None
 
 
 class JsonDecoder:
-    """One JSON object per record: named feature fields, or one vector field, plus a label."""
+    """One JSON object per record: named numeric fields or one vector field, categorical fields, a label."""
 
     def __init__(
-        self, features: tuple[str, ...], label: str, feature_field: str | None, width: int, rule: LabelRule, max_bytes: int
+        self,
+        features: tuple[str, ...],
+        label: str,
+        feature_field: str | None,
+        width: int,
+        rule: LabelRule,
+        max_bytes: int,
+        spec: FeatureSpec | None = None,
     ) -> None:
         self.width = width
         self.rule = rule
@@ -34,15 +50,23 @@ class JsonDecoder:
         self.features = features
         self.label = label
         self.feature_field = feature_field
-        # attributes a0.. stand for the JSON names (which need not be identifiers); bools, strings and nulls
-        # are not floats to msgspec, so the type alone rejects what the trainer cannot take
+        self.spec = spec or FeatureSpec(numbers=features)
+        self.impute = self.spec.impute and not feature_field
+        cats = self.spec.categorical
+        # attributes a0.., c0.. stand for the JSON names (which need not be identifiers); the type alone rejects
+        # what the trainer cannot take (a string for a number, a list for a category)
         names = [feature_field] if feature_field else list(features)
         vector = Annotated[list[float], msgspec.Meta(min_length=width, max_length=width)]
-        fields = [(f"a{i}", vector if feature_field else float) for i in range(len(names))] + [("label", float)]
-        row = msgspec.defstruct("Row", fields, rename={**{f"a{i}": n for i, n in enumerate(names)}, "label": label}, gc=False)
+        number = (_NUMBER | None, None) if self.impute else (_NUMBER,)
+        label_type = float | bool | str if rule.classes else float | bool
+        fields = [(f"a{i}", vector) if feature_field else (f"a{i}", *number) for i in range(len(names))]
+        fields += [(f"c{j}", _CATEGORY, None) for j in range(len(cats))] + [("label", label_type)]
+        rename = {**{f"a{i}": n for i, n in enumerate(names)}, **{f"c{j}": c for j, c in enumerate(cats)}, "label": label}
+        row = msgspec.defstruct("Row", fields, rename=rename, gc=False, kw_only=True)
         self._make = row
         self._row = msgspec.json.Decoder(row).decode
-        self._vector = attrgetter("a0")
+        self._numbers = attrgetter(*[f"a{i}" for i in range(len(names))]) if names else None
+        self._categories = [attrgetter(f"c{j}") for j in range(len(cats))]
         self._label = attrgetter("label")
 
     def decode(self, values: list[bytes | None]) -> Decoded:
@@ -51,34 +75,53 @@ class JsonDecoder:
         try:
             rows = list(map(self._row, chunk))
             idx = np.arange(len(values), dtype=np.int64) if chunk is values else np.asarray(good, np.int64)
-        except Exception:  # some record does not fit the type (or trips the parser): each on its own
+            x, y, ids = self._arrays(rows)
+        except Exception:  # some record does not fit the type (or trips the parser, or has a category too long): each alone
             rows, ok = [], []
             for i, row in each_record(self._record, values, good, rejects):
                 rows.append(row)
                 ok.append(i)
             idx = np.asarray(ok, np.int64)
             rejects.sort(key=lambda r: r.index)
-        x, y = self._arrays(rows)
-        return _finish(x, y, idx, self.rule, rejects, nbytes=nbytes)
+            x, y, ids = self._arrays(rows)
+        return _finish(x, y, idx, self.rule, rejects, nbytes=nbytes, ids=ids, impute=self.impute)
 
     def _record(self, value: bytes) -> object:
         """One record's typed row; when msgspec refuses it, Python's json names the reason (or reads it: a huge integer)."""
         try:
-            return self._row(value)
+            row = self._row(value)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-            fx, fy = self._one(value)
-            return self._make(fx, fy) if self.feature_field else self._make(*fx, fy)
+            row = self._one(value)
+        self._arrays([row])  # its categories' lengths, its label's class: what fails it fails it here, alone
+        return row
 
     @np.errstate(over="ignore")  # a value beyond float32 becomes inf, rejected as non_finite by _finish
-    def _arrays(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
+    def _arrays(self, rows: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n, w = len(rows), self.width
         if self.feature_field:
-            x = np.fromiter(chain.from_iterable(map(self._vector, rows)), np.float32, n * w).reshape(n, w)
-            return x, np.fromiter(map(self._label, rows), np.float32, n)
-        table = np.fromiter(chain.from_iterable(map(msgspec.structs.astuple, rows)), np.float32, n * (w + 1)).reshape(n, w + 1)
-        return table[:, :w], table[:, w]
+            x = np.fromiter(chain.from_iterable(map(attrgetter("a0"), rows)), np.float32, n * w).reshape(n, w)
+        elif w:
+            numbers = map(self._numbers, rows) if w > 1 else zip(map(self._numbers, rows))
+            flat = list(chain.from_iterable(numbers))
+            try:
+                x = np.fromiter(flat, np.float32, n * w)
+            except TypeError:  # a missing number (None) among them
+                x = np.fromiter((MISSING_NUMBER if v is None else v for v in flat), np.float32, n * w)
+            x = x.reshape(n, w)
+        else:
+            x = np.empty((n, 0), np.float32)
+        labels = list(map(self._label, rows))
+        try:
+            y = np.fromiter(labels, np.float32, n)
+        except (TypeError, ValueError):  # class names: their index
+            y = np.fromiter(map(self.rule.index, labels), np.float32, n)
+        ids = np.empty((n, len(self._categories)), np.int64)
+        for j, get in enumerate(self._categories):
+            ids[:, j] = self.spec.rows(j, list(map(get, rows)))
+        return x, y, ids
 
-    def _one(self, value: bytes) -> tuple[list[float], float]:
+    def _one(self, value: bytes) -> object:
+        """The record as a typed row, read with Python's json: the reason it cannot be one, or a value msgspec would not read."""
         try:
             record = json.loads(value)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -92,30 +135,46 @@ class JsonDecoder:
             if not isinstance(vec, list) or len(vec) != self.width:
                 got = f"{len(vec)} values" if isinstance(vec, list) else repr(vec)
                 raise DecodeError("wrong_shape", f"field {self.feature_field!r} must be a list of {self.width} numbers, got {got}")
-            fx = vec
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vec):
+                raise DecodeError("wrong_shape", "every feature must be a number")
+            numbers = [_float(v, "a feature") for v in vec]
         else:
-            missing = [f for f in self.features if record.get(f) is None]
-            if missing:
-                raise DecodeError("wrong_shape", f"missing feature field(s) {missing[:5]}")
-            fx = [record[f] for f in self.features]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fx):
-            raise DecodeError("wrong_shape", "every feature must be a number")
-        fy = _label_value(record, self.label)
-        try:
-            fx = [float(v) for v in fx]
-        except OverflowError:
-            raise DecodeError("non_finite", "a feature is an integer too large for a float") from None
-        _check_finite(fx, fy)
-        return fx, fy
+            absent = [f for f in self.features if record.get(f) is None]
+            if absent and not self.impute:
+                raise DecodeError("wrong_shape", f"missing feature field(s) {absent[:5]} (data.missing: reject)")
+            raw = [record.get(f) for f in self.features]
+            if not all(v is None or isinstance(v, (int, float)) for v in raw):
+                raise DecodeError("wrong_shape", "every feature must be a number (or true/false)")
+            numbers = [None if v is None else _float(v, "a feature") for v in raw]
+        cats = []
+        for name in self.spec.categorical:
+            v = record.get(name)
+            if v is not None:
+                try:
+                    canonical(v)
+                except TypeError as exc:
+                    raise DecodeError("wrong_shape", f"field {name!r}: {exc}") from None
+            cats.append(v)
+        fy = _label_value(record, self.label, bool(self.rule.classes))
+        _check_finite([v for v in numbers if v is not None], fy if isinstance(fy, float) else 0.0)
+        if self.feature_field:
+            return self._make(a0=numbers, **{f"c{j}": v for j, v in enumerate(cats)}, label=fy)
+        return self._make(**{f"a{i}": v for i, v in enumerate(numbers)}, **{f"c{j}": v for j, v in enumerate(cats)}, label=fy)
 
 
-def _label_value(record: dict, label: str) -> float:
-    if label not in record or record[label] is None:
-        raise DecodeError("missing_label", f"field {label!r} is missing")
-    v = record[label]
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise DecodeError("missing_label", f"field {label!r} must be a number, got {v!r}")
+def _float(v: int | float, what: str) -> float:
     try:
         return float(v)
     except OverflowError:
-        raise DecodeError("non_finite", "the label is an integer too large for a float") from None
+        raise DecodeError("non_finite", f"{what} is an integer too large for a float") from None
+
+
+def _label_value(record: dict, label: str, names: bool) -> float | str:
+    if label not in record or record[label] is None:
+        raise DecodeError("missing_label", f"field {label!r} is missing")
+    v = record[label]
+    if isinstance(v, str) and names:
+        return v
+    if not isinstance(v, (int, float)):  # bool is an int: true/false is 1/0
+        raise DecodeError("missing_label", f"field {label!r} must be a number{' or a class name' if names else ''}, got {v!r}")
+    return _float(v, "the label")
