@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     print_machine(machine())
     cfg = daemon_config("127.0.0.1:1", "unused", args.format, MODELS["mlp"], "unused")
-    decoder = make_decoder(cfg.data, LabelRule(cfg.trainer.task, cfg.trainer.num_classes))
+    decoder = make_decoder(cfg.data, LabelRule.of(cfg.trainer))
     with Broker(args.bootstrap) as broker:
         topic = unique("bench-fields")
         fill_topic(broker.bootstrap, topic, records(args.format, args.samples))

@@ -55,7 +55,7 @@ def with_bad(values: list[bytes], fmt: str, fraction: float) -> tuple[list[bytes
 
 def ingest_only(cfg, rows: int, warmup: int, timeout: float = 300.0) -> dict[str, float]:
     """Read ``warmup + rows`` rows through the data path, releasing each batch at once."""
-    ds = KafkaIterableDataset(cfg.kafka, cfg.data, cfg.ring, cfg.dead_letter, LabelRule(cfg.trainer.task, cfg.trainer.num_classes))
+    ds = KafkaIterableDataset(cfg.kafka, cfg.data, cfg.ring, cfg.dead_letter, LabelRule.of(cfg.trainer))
     got = taken = 0
     t0 = s0 = None
     cpu = CpuMeter()
@@ -99,7 +99,7 @@ def decode_only(formats: list[str], fractions: list[float], n: int, repeat: int)
     rows_out = []
     for fmt in formats:
         cfg = daemon_config("127.0.0.1:1", "unused", fmt, spec, "unused")
-        decoder = make_decoder(cfg.data, LabelRule(cfg.trainer.task, cfg.trainer.num_classes))
+        decoder = make_decoder(cfg.data, LabelRule.of(cfg.trainer))
         batch = cfg.kafka.consume_batch
         base = records(fmt, n)
         for frac in fractions:

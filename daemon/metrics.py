@@ -68,6 +68,12 @@ class Metrics:
             "streamtrain_prequential_metric", "Exponentially weighted prequential metric (accuracy or mae).", ["metric"], registry=r
         )
         self.learning_rate = Gauge("streamtrain_learning_rate", "Current learning rate.", registry=r)
+        self.embedding_rows = Gauge(
+            "streamtrain_embedding_rows", "Rows of the model's categorical tables (data.hash_buckets per table).", registry=r
+        )
+        self.embedding_bytes = Gauge(
+            "streamtrain_embedding_bytes", "Bytes of the model's categorical tables and their optimizer state.", registry=r
+        )
         self.grad_norm = Gauge("streamtrain_grad_norm", "Global gradient norm of the last step, before clipping.", registry=r)
         self.data_wait = Histogram(
             "streamtrain_data_wait_seconds",
@@ -215,6 +221,14 @@ class ScrapeCollector:
             for reason in REASONS:
                 rej.add_metric([reason], st.rejected.get(reason, 0))
             yield rej
+            missing = CounterMetricFamily(
+                "streamtrain_missing_values",
+                "Numbers read as missing (null, absent, an empty cell, an Arrow null) and imputed, by feature (data.missing: impute).",
+                labels=["feature"],
+            )
+            for feature, n in sorted(st.missing.items()):
+                missing.add_metric([feature], n)
+            yield missing
             oor = CounterMetricFamily(
                 "streamtrain_offset_out_of_range",
                 "Times a partition's position was outside its offsets (kafka.on_out_of_range decides what follows).",

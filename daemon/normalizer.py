@@ -14,6 +14,12 @@ constant so far) the feature is only centred, which maps it to 0, as River's
 
 Statistics are kept in float64 (Chan et al.'s parallel update) and are part of the
 training state, so a restart standardizes exactly as the run it resumes.
+
+With missing numbers (``missing=True``: ``data.missing: impute``) a missing value is a NaN:
+each column keeps its own count and folds in only its present values, and the model is
+given the running mean in its place (0 once standardized) with a "was missing" mark
+beside it (:meth:`inputs`).  The same operations run on every batch, with or without a
+NaN: no branch on the data, so no device wait on a GPU.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ REL_TOL = 1e-9
 class RunningStandardizer:
     """Per-column running mean/variance; ``transform`` is ``(x - mean) / std``, centring only where std is not meaningful."""
 
-    def __init__(self, width: int, device: torch.device | str = "cpu", enabled: bool = True) -> None:
+    def __init__(self, width: int, device: torch.device | str = "cpu", enabled: bool = True, missing: bool = False) -> None:
         self.enabled = enabled
+        self.missing = missing  # a NaN is a missing value: per-column counts, and the marks beside the inputs
         self.n = 0  # samples folded in (a Python int: the per-batch arithmetic on it costs no tensor op)
+        self.counts = torch.zeros(width, dtype=torch.float64, device=device)  # missing: values folded in per column
         self.mean = torch.zeros(width, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(width, dtype=torch.float64, device=device)
         self.shift = torch.zeros(width, dtype=torch.float32, device=device)  # float32 copies used on every batch
@@ -45,11 +53,18 @@ class RunningStandardizer:
             return x
         return (x - self.shift) * self.scale
 
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model takes for raw rows ``x``: standardized, and with ``missing`` each NaN as the mean plus its 0/1 mark."""
+        return model_inputs(x, self.shift, self.scale, self.enabled, self.missing)
+
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Fold the rows of ``x`` (B, width) into the statistics."""
         n_b = x.shape[0]
         if not self.enabled or n_b == 0:
+            return
+        if self.missing:
+            self._update_present(x)
             return
         xb = x.to(torch.float64)
         if n_b > 1:
@@ -65,10 +80,38 @@ class RunningStandardizer:
         self.n = total
         self._refresh()
 
+    def _update_present(self, x: torch.Tensor) -> None:
+        """Fold in the present values of each column (NaN: missing), Chan's update per column."""
+        xb = x.to(torch.float64)
+        present = ~torch.isnan(xb)
+        n_b = present.sum(0, dtype=torch.float64)
+        mean_b = torch.where(present, xb, 0.0).sum(0) / n_b.clamp(min=1.0)
+        m2_b = torch.where(present, xb - mean_b, 0.0).square().sum(0)
+        self._merge_columns(n_b, mean_b, m2_b)
+        self.n += x.shape[0]
+
+    def _merge_columns(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        n_a = self.counts
+        total = n_a + n_b
+        delta = mean_b - self.mean
+        share = torch.where(total > 0, n_b / total.clamp(min=1.0), 0.0)
+        self.mean.addcmul_(delta, share)
+        self.m2.add_(m2_b + delta.square() * n_a * share)
+        self.counts = total
+        self._refresh()
+
     @torch.no_grad()
-    def merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        """Fold in a batch known by its count, mean and sum of squared deviations (the batch of every rank)."""
+    def merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, counts_b: torch.Tensor | None = None) -> None:
+        """Fold in a batch known by its count, mean and sum of squared deviations (the batch of every rank).
+
+        ``counts_b``: with missing values, the present values per column (``mean_b`` and ``m2_b`` are theirs).
+        """
         if not self.enabled or n_b == 0:
+            return
+        if self.missing:
+            counts = counts_b.to(self.counts) if counts_b is not None else torch.full_like(self.counts, float(n_b))
+            self._merge_columns(counts, mean_b.to(self.mean), m2_b.to(self.m2))
+            self.n += n_b
             return
         n_a, total = self.n, self.n + n_b
         delta = mean_b.to(self.mean) - self.mean
@@ -79,7 +122,7 @@ class RunningStandardizer:
         self._refresh()
 
     def _refresh(self) -> None:
-        var = self.m2 / max(self.n, 1)
+        var = self.m2 / (self.counts.clamp(min=1.0) if self.missing else max(self.n, 1))
         # where the variance is within round-off of the mean (or zero), centre only
         std = torch.where(var > self.mean.square().mul_(REL_TOL**2), var.sqrt(), 1.0)
         self.shift = self.mean.to(torch.float32)
@@ -87,11 +130,30 @@ class RunningStandardizer:
         self.scale = self.std.reciprocal()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count, "mean": self.mean.clone(), "m2": self.m2.clone()}
+        state = {"count": self.count, "mean": self.mean.clone(), "m2": self.m2.clone()}
+        if self.missing:
+            state["counts"] = self.counts.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         device = self.mean.device
         self.n = int(state["count"])
         self.mean = state["mean"].to(device, torch.float64)
         self.m2 = state["m2"].to(device, torch.float64)
+        counts = state.get("counts")  # written with missing values imputed; before that, every column saw every sample
+        self.counts = counts.to(device, torch.float64) if counts is not None else torch.full_like(self.mean, float(self.n))
         self._refresh()
+
+
+def model_inputs(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, standardize: bool = True, missing: bool = False
+) -> torch.Tensor:
+    """Raw rows as the model takes them: ``(x - shift) * scale``; with ``missing``, NaN -> 0 (the mean) and the 0/1 marks after.
+
+    The trainer, the exported program and the server all go through here: one definition.
+    """
+    xn = (x - shift) * scale if standardize else x
+    if not missing:
+        return xn
+    absent = torch.isnan(x)
+    return torch.cat([torch.where(absent, torch.zeros_like(xn), xn), absent.to(xn.dtype)], dim=1)

@@ -117,6 +117,23 @@ class Collectives:
             self.broken = True
             raise
 
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's 1-D ``t`` (of any length), in rank order, on every rank: sizes first, then the padded tensors."""
+        try:
+            local = t.to(self.device)
+            size = torch.tensor([local.numel()], dtype=torch.int64, device=self.device)
+            sizes = [torch.zeros_like(size) for _ in range(self.world.size)]
+            self.dist.all_gather(sizes, size)
+            longest = max(int(s) for s in sizes)
+            padded = torch.zeros(longest, dtype=local.dtype, device=self.device)
+            padded[: local.numel()] = local
+            out = [torch.empty_like(padded) for _ in range(self.world.size)]
+            self.dist.all_gather(out, padded)
+        except Exception:
+            self.broken = True
+            raise
+        return [o[: int(s)].to(t.device) for o, s in zip(out, sizes)]
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (on every rank)."""
         out: list[Any] = [None] * self.world.size

@@ -22,6 +22,7 @@ optimizer's step counts live on the CPU.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 import math
 import os
@@ -37,7 +38,9 @@ from streamtrain.daemon.errors import ConfigError
 from streamtrain.daemon.normalizer import RunningStandardizer
 from streamtrain.daemon.prequential import Prequential
 from streamtrain.daemon.ranks import ALONE, Collectives, Turn, World
-from streamtrain.models.registry import build_model
+from streamtrain.daemon.sparse import Optimizers, clip_all, make_sparse_optimizer, sparse_defaults, sparse_parameters
+from streamtrain.daemon.sparse import sum_over_ranks as sparse_sum_over_ranks
+from streamtrain.models.registry import Inputs, build_model
 from streamtrain.streams.ring import Batch
 
 log = logging.getLogger("streamtrain.trainer")
@@ -99,6 +102,19 @@ def optimizer_defaults(model: str, optimizer: str, lr: float | None, clip: float
     return name, lr, auto_clip if clip is None else clip
 
 
+def model_inputs_of(cfg: Config) -> Inputs:
+    """What the stream gives the model: numbers (and their "was missing" marks), categorical fields, the task's classes."""
+    data, tc = cfg.data, cfg.trainer
+    marks = data.width if data.indicators else 0
+    return Inputs(
+        in_features=data.width + marks,
+        categorical=len(data.categorical),
+        buckets=data.hash_buckets,
+        indicators=marks,
+        classes=tc.num_classes if tc.task == "multiclass" else 0,
+    )
+
+
 class Learner:
     """Model, optimizer and everything else a step updates; built from the config, restored from a snapshot."""
 
@@ -114,18 +130,31 @@ class Learner:
         self.threads = tc.num_threads or max(1, ((os.cpu_count() or 2) - world.local_size) // world.local_size)
         torch.set_num_threads(self.threads)
 
-        self.model = build_model(cfg.model.name, dict(cfg.model.params), cfg.data.width).to(self.device)
+        self.inputs = model_inputs_of(cfg)
+        self.takes_ids = self.inputs.categorical > 0
+        self.model = build_model(cfg.model.name, dict(cfg.model.params), self.inputs).to(self.device)
         self._check_output_size()
         if cfg.model.init_weights:
             self._warm_start(cfg.model.init_weights)
         self._freeze(cfg.model.freeze)
-        self.trained_params = [p for p in self.model.parameters() if p.requires_grad]  # what the optimizer updates and the step clips
+        self.trained_params = [p for p in self.model.parameters() if p.requires_grad]  # what the optimizers update and the step clips
+        self.sparse_params = sparse_parameters(self.model)  # the hashed tables: rows updated only where a batch has ids
+        sparse_ids = {id(p) for p in self.sparse_params}
+        self.dense_params = [p for p in self.trained_params if id(p) not in sparse_ids]
+        if not self.dense_params:
+            raise ConfigError(["model.freeze: only the categorical tables are left to train; leave a dense parameter (a bias) unfrozen"])
         name, lr, clip = optimizer_defaults(cfg.model.name, tc.optimizer, tc.lr, tc.grad_clip_norm)
         self.clip_norm = clip or math.inf
         self.optimizer = self._make_optimizer(name, lr)
+        self.sparse_optimizer = None
+        if self.sparse_params:
+            torch.sparse.check_sparse_tensor_invariants.disable()  # said explicitly: the checks cost every step
+            sparse_name, sparse_lr = sparse_defaults(cfg.model.name, tc.sparse_optimizer, tc.sparse_lr)
+            self.sparse_optimizer = make_sparse_optimizer(sparse_name, self.sparse_params, sparse_lr)
+        self._drift_target = self.optimizer if self.sparse_optimizer is None else Optimizers(self.optimizer, self.sparse_optimizer)
         self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.normalizer = RunningStandardizer(cfg.data.width, self.device, enabled=tc.standardize)
+        self.normalizer = RunningStandardizer(cfg.data.width, self.device, enabled=tc.standardize, missing=cfg.data.indicators)
         self.target = RunningStandardizer(1, self.device, enabled=tc.task == "regression" and tc.standardize_target)
         self.prequential = Prequential()
         self.drift = DriftMonitor(cfg.drift)
@@ -147,7 +176,24 @@ class Learner:
         n_params = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.trained_params)
         amp = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off"
-        return f"{n_params:,} parameters ({n_train:,} trained) on {self.device}, amp {amp}, {self.threads} torch thread(s)"
+        tables = ""
+        if self.sparse_params:
+            rows, mib = self.embedding_rows(), self.embedding_bytes() / 2**20
+            tables = f"; categorical tables: {rows:,} rows, {mib:,.1f} MiB with their optimizer state"
+        return f"{n_params:,} parameters ({n_train:,} trained) on {self.device}, amp {amp}, {self.threads} torch thread(s){tables}"
+
+    def embedding_rows(self) -> int:
+        """Rows of the model's sparse tables (every table counted)."""
+        return sum(p.shape[0] for p in self.sparse_params)
+
+    def embedding_bytes(self) -> int:
+        """Bytes of the sparse tables and of their optimizer's state."""
+        tables = sum(p.numel() * p.element_size() for p in self.sparse_params)
+        state = 0
+        if self.sparse_optimizer is not None:
+            for st in self.sparse_optimizer.state.values():
+                state += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+        return tables + state
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: Batch, ranked: tuple[Turn, Collectives] | None = None) -> StepResult:
@@ -169,6 +215,7 @@ class Learner:
         tc = self.cfg.trainer
         x = batch.x.to(self.device, non_blocking=True)
         y = batch.y.to(self.device, non_blocking=True)
+        ids = batch.ids.to(self.device, non_blocking=True) if self.takes_ids else None
         if self.device.type == "cuda":  # the ring gets the slot back once this copy is done, whatever the host waits for
             batch.copy_done = torch.cuda.Event()
             batch.copy_done.record(torch.cuda.current_stream(self.device))
@@ -181,16 +228,20 @@ class Learner:
             n = turn.samples
             self._fold(self.normalizer, turn.moments[: 2 * x.shape[1]], n, x, coll)
             fold_labels = lambda y2: self._fold(self.target, turn.moments[2 * x.shape[1] :], n, y2, coll)  # noqa: E731
-        xn = self.normalizer.transform(x)
+        xn = self.normalizer.inputs(x)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            out = self.model(xn)
+            out = self.model(xn, ids) if self.takes_ids else self.model(xn)
         loss, stats = self._loss(out.float(), y, None if ranked is None else n, fold_labels)
         self.scaler.scale(loss).backward()
         sums = torch.stack([loss.detach(), *stats])
         if ranked is not None:
             sums = self._sum_over_ranks(sums, ranked[1])
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.trained_params, self.clip_norm)
+        if self.sparse_optimizer is None:
+            norm = torch.nn.utils.clip_grad_norm_(self.trained_params, self.clip_norm)
+        else:
+            self.scaler.unscale_(self.sparse_optimizer)
+            norm = clip_all(self.dense_params, self.sparse_params, self.clip_norm)
         # the step's one device sync: the training loss, the prequential sums, the gradient norm
         loss_value, loss_sum, hits_or_abs, sq, scaled_abs, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()
         metric = hits_or_abs / n
@@ -204,12 +255,16 @@ class Learner:
                 result.skipped = "amp_overflow" if self.scaler.is_enabled() else "grad_nonfinite"
                 self.scaler.update()  # fp16: lowers the loss scale; no optimizer step
             else:
-                boosted = self.drift.boost(self.optimizer)
+                boosted = self.drift.boost(self._drift_target)
                 self.optimizer.step()  # the gradients are finite (unscaled already): what scaler.step would do
-                self.drift.unboost(self.optimizer, boosted)
+                if self.sparse_optimizer is not None:
+                    self.sparse_optimizer.step()  # the rows this batch holds
+                self.drift.unboost(self._drift_target, boosted)
                 self.scaler.update()
                 self._schedule(loss_value)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.zero_grad(set_to_none=True)
         if result.skipped:
             return result
         self.step_count += 1
@@ -220,7 +275,7 @@ class Learner:
         else:
             self.prequential.add(n, loss_sum, correct=round(hits_or_abs))
             error = 1.0 - metric
-        result.drift = self.drift.observe(error, n, self.optimizer)
+        result.drift = self.drift.observe(error, n, self._drift_target)
         a = tc.ewma_alpha
         self.loss_ewma = result.loss if math.isnan(self.loss_ewma) else (1 - a) * self.loss_ewma + a * result.loss
         self.metric_ewma = result.metric if math.isnan(self.metric_ewma) else (1 - a) * self.metric_ewma + a * result.metric
@@ -258,8 +313,10 @@ class Learner:
         norm.merge(n, mean_b, m2_b)
 
     def _sum_over_ranks(self, sums: torch.Tensor, coll: Collectives) -> torch.Tensor:
-        """Sum the gradients (zeros where this rank has none) and ``sums`` over the ranks: one all-reduce."""
-        params = self.trained_params
+        """Sum the gradients (zeros where this rank has none) and ``sums`` over the ranks: one all-reduce (and the sparse rows)."""
+        if self.sparse_params:
+            sparse_sum_over_ranks(self.sparse_params, coll)
+        params = self.dense_params
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [sums.to(torch.float32)])
         coll.all_reduce(flat)
@@ -335,6 +392,7 @@ class Learner:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            **({"sparse_optimizer": self.sparse_optimizer.state_dict()} if self.sparse_optimizer is not None else {}),
             "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "normalizer": self.normalizer.state_dict(),
@@ -365,6 +423,8 @@ class Learner:
                 ]
             ) from exc
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.sparse_optimizer is not None and state.get("sparse_optimizer"):
+            self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
         self._step_counts_on_host()
         if state["scaler"]:  # empty when written without a loss scaler (amp off or bf16): a fresh one starts
             self.scaler.load_state_dict(state["scaler"])
@@ -402,12 +462,24 @@ class Learner:
         """Probe the model with a zero batch: it must take the data width and give the task's outputs."""
         tc = self.cfg.trainer
         want = {"regression": 1, "binary": 1, "multiclass": tc.num_classes}[tc.task]
+        width, fields = self.inputs.in_features, self.inputs.categorical
+        if fields and len(inspect.signature(self.model.forward).parameters) < 2:
+            raise ConfigError(
+                [
+                    f"data.categorical: model {self.cfg.model.name} takes no categorical input (its forward has no ids argument); "
+                    "use linear, logistic, mlp, transformer or fm, or give your model forward(x, ids)"
+                ]
+            )
         self.model.eval()
         try:
             with torch.no_grad():
-                out = self.model(torch.zeros(2, self.cfg.data.width, device=self.device))
+                x = torch.zeros(2, width, device=self.device)
+                out = self.model(x, torch.zeros(2, fields, dtype=torch.int64, device=self.device)) if fields else self.model(x)
         except Exception as exc:
-            raise ConfigError([f"model.name: {self.cfg.model.name} cannot take a batch of {self.cfg.data.width} features: {exc}"]) from exc
+            marks = self.inputs.indicators
+            what = f"{width - marks} features" + (f" ({width} inputs: each with its 'was missing' mark)" if marks else "")
+            what += f" and {fields} categorical fields" if fields else ""
+            raise ConfigError([f"model.name: {self.cfg.model.name} cannot take a batch of {what}: {exc}"]) from exc
         finally:
             self.model.train()
         got = 1 if out.dim() == 1 else out.shape[-1]
@@ -454,7 +526,7 @@ class Learner:
             raise ConfigError(["model.freeze: every parameter is frozen; nothing would train"])
 
     def _make_optimizer(self, name: str, lr: float) -> torch.optim.Optimizer:
-        tc, params = self.cfg.trainer, self.trained_params
+        tc, params = self.cfg.trainer, self.dense_params
         if name == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW

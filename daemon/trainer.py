@@ -109,7 +109,7 @@ class Trainer:
             cfg.data,
             cfg.ring,
             cfg.dead_letter,
-            LabelRule(tc.task, tc.num_classes),
+            LabelRule.of(tc),
             pin_memory=self.learner.device.type == "cuda",
             yield_empty=True,
             client_id=f"streamtrain-{world.rank}" if world.ranked else "streamtrain",
@@ -145,6 +145,8 @@ class Trainer:
         self.metrics.info.labels(VERSION, cfg.model.name, str(self.learner.device), amp, cfg.data.format).set(1)
         self.metrics.rank_info.labels(str(world.rank), str(world.size), str(world.local_rank)).set(1)
         self.metrics.learning_rate.set(self.learner.lr)
+        self.metrics.embedding_rows.set(self.learner.embedding_rows())
+        self.metrics.embedding_bytes.set(self.learner.embedding_bytes())
         self.ready = True
 
     def _load_latest(self) -> tuple[SnapshotInfo, dict[str, Any]] | None:

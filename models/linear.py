@@ -1,6 +1,8 @@
 """Linear regression: the simplest online learner and the baseline to beat.
 
-A single affine layer from the flat feature vector to ``out_features`` raw outputs.
+A single affine layer from the flat feature vector to ``out_features`` raw outputs, plus,
+with categorical fields, one learned weight per row of the hashed table for each output
+(Vowpal Wabbit's model: the rows of a record's ids are summed).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from streamtrain.models.categorical import bag, blank_linear, check
+
 
 @dataclass(frozen=True)
 class LinearConfig:
@@ -18,11 +22,13 @@ class LinearConfig:
     in_features: int = 0
     out_features: int = 1
     bias: bool = True
+    categorical: int = 0  # categorical fields (filled from data.categorical)
+    buckets: int = 0  # rows of the hashed table (filled from data.hash_buckets)
 
     def validate(self) -> list[str]:
         """Every problem with this config, as ``field: must be ..., got X``."""
-        problems = []
-        if not isinstance(self.in_features, int) or self.in_features <= 0:
+        problems = check(self.categorical, self.buckets)
+        if not isinstance(self.in_features, int) or self.in_features < 0 or (self.in_features == 0 and not self.categorical):
             problems.append(f"in_features: must be > 0, got {self.in_features!r}")
         if not isinstance(self.out_features, int) or self.out_features <= 0:
             problems.append(f"out_features: must be > 0, got {self.out_features!r}")
@@ -40,12 +46,20 @@ class Linear(nn.Module):
         if problems:
             raise ValueError(f"invalid LinearConfig: {'; '.join(problems)}")
         self.config = config
-        self.linear = nn.Linear(config.in_features, config.out_features, bias=config.bias)
+        self.linear = (
+            nn.Linear(config.in_features, config.out_features, bias=config.bias)
+            if config.in_features
+            else blank_linear(0, config.out_features, config.bias)
+        )
         # zeros, as River's linear models start: a convex model needs no random start, and an
         # untrained one then predicts the mean (regression) or 0.5 (classification)
         nn.init.zeros_(self.linear.weight)
         if self.linear.bias is not None:
             nn.init.zeros_(self.linear.bias)
+        self.table = bag(config.buckets, config.out_features) if config.categorical else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.linear(x)
+        if self.table is not None:
+            out = out + self.table(ids)
+        return out

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from streamtrain.models.categorical import bag, blank_linear, check
+
 
 @dataclass(frozen=True)
 class LogisticConfig:
@@ -19,6 +21,8 @@ class LogisticConfig:
 
     in_features: int = 0
     num_classes: int = 2
+    categorical: int = 0  # categorical fields (filled from data.categorical): one learned weight per table row and logit
+    buckets: int = 0  # rows of the hashed table (filled from data.hash_buckets)
 
     @property
     def out_features(self) -> int:
@@ -27,8 +31,8 @@ class LogisticConfig:
 
     def validate(self) -> list[str]:
         """Every problem with this config, as ``field: must be ..., got X``."""
-        problems = []
-        if not isinstance(self.in_features, int) or self.in_features <= 0:
+        problems = check(self.categorical, self.buckets)
+        if not isinstance(self.in_features, int) or self.in_features < 0 or (self.in_features == 0 and not self.categorical):
             problems.append(f"in_features: must be > 0, got {self.in_features!r}")
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             problems.append(f"num_classes: must be >= 2, got {self.num_classes!r}")
@@ -44,12 +48,16 @@ class Logistic(nn.Module):
         if problems:
             raise ValueError(f"invalid LogisticConfig: {'; '.join(problems)}")
         self.config = config
-        self.linear = nn.Linear(config.in_features, config.out_features)
+        self.linear = nn.Linear(config.in_features, config.out_features) if config.in_features else blank_linear(0, config.out_features)
         # zeros, as River's linear models start: a convex model needs no random start, and an
         # untrained one then predicts the mean (regression) or 0.5 (classification)
         nn.init.zeros_(self.linear.weight)
         if self.linear.bias is not None:
             nn.init.zeros_(self.linear.bias)
+        self.table = bag(config.buckets, config.out_features) if config.categorical else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.linear(x)
+        if self.table is not None:
+            out = out + self.table(ids)
+        return out

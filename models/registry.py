@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from streamtrain.models.fm import FM, FMConfig
 from streamtrain.models.linear import Linear, LinearConfig
 from streamtrain.models.logistic import Logistic, LogisticConfig
 from streamtrain.models.mlp import MLP, MLPConfig
@@ -27,6 +28,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "logistic": (LogisticConfig, Logistic),
     "mlp": (MLPConfig, MLP),
     "transformer": (TransformerRegressorConfig, TransformerRegressor),
+    "fm": (FMConfig, FM),
 }
 
 
@@ -78,13 +80,39 @@ def resolve(name: str) -> tuple[type | None, type]:
     return config_cls, obj
 
 
-def make_config(name: str, params: dict, in_features: int) -> object:
-    """The config for model ``name`` built from ``params``, with ``in_features`` filled in.
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What the stream gives a model, filled into its config where it has the field and ``model.params`` does not say.
+
+    ``in_features``: numbers (and their "was missing" marks, the last ``indicators`` of
+    them); ``categorical``: fields, each a row of a shared table of ``buckets`` rows;
+    ``outputs``: what the task needs (1 for regression and binary, the classes for
+    multiclass), filled into ``num_classes`` or ``out_features``.
+    """
+
+    in_features: int
+    categorical: int = 0
+    buckets: int = 0
+    indicators: int = 0
+    classes: int = 0  # multiclass: the number of classes; 0 otherwise
+
+    def fills(self) -> dict[str, int]:
+        out = {"in_features": self.in_features, "indicators": self.indicators}
+        if self.categorical:
+            out.update(categorical=self.categorical, buckets=self.buckets)
+        if self.classes:
+            out.update(num_classes=self.classes, out_features=self.classes)
+        return out
+
+
+def make_config(name: str, params: dict, inputs: int | Inputs) -> object:
+    """The config for model ``name`` built from ``params``, with what the stream gives filled in (:class:`Inputs`).
 
     Returns the config dataclass, or for a user class without ``Config`` the keyword
     arguments for its constructor. Raises :class:`ModelConfigError` listing every
     unknown key, wrongly typed value and failed validation.
     """
+    inputs = inputs if isinstance(inputs, Inputs) else Inputs(int(inputs))
     config_cls, module_cls = resolve(name)
     if params is None:
         params = {}
@@ -92,7 +120,7 @@ def make_config(name: str, params: dict, in_features: int) -> object:
         raise ModelConfigError([f"model.params: must be a mapping, got {params!r}"])
     params = dict(params)
     if config_cls is None:
-        return _make_kwargs(module_cls, params, in_features)
+        return _make_kwargs(module_cls, params, inputs)
 
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     try:
@@ -113,8 +141,12 @@ def make_config(name: str, params: dict, in_features: int) -> object:
             buildable = False
         else:
             kwargs[key] = converted
-    if "in_features" in fields and not kwargs.get("in_features"):
-        kwargs["in_features"] = in_features
+    for key, value in inputs.fills().items():
+        unset = key not in params or (key == "in_features" and not params[key])  # in_features 0: from the stream
+        if key in fields and unset and (value or key == "in_features"):
+            kwargs[key] = value
+    if "num_classes" in kwargs and "out_features" in kwargs and "out_features" not in params:
+        kwargs.pop("out_features")  # out_features follows num_classes (the logistic model's own rule)
     for key, field in fields.items():
         no_default = field.default is dataclasses.MISSING
         given = key in params or key in kwargs
@@ -136,9 +168,9 @@ def make_config(name: str, params: dict, in_features: int) -> object:
     return config
 
 
-def build_model(name: str, params: dict, in_features: int) -> nn.Module:
-    """The module for ``model.name`` / ``model.params`` taking ``in_features`` inputs."""
-    config = make_config(name, params, in_features)
+def build_model(name: str, params: dict, inputs: int | Inputs) -> nn.Module:
+    """The module for ``model.name`` / ``model.params`` taking what ``inputs`` says the stream gives."""
+    config = make_config(name, params, inputs)
     _, module_cls = resolve(name)
     if isinstance(config, dict):
         try:
@@ -161,7 +193,7 @@ def output_size(model_config: object) -> int:
     return size
 
 
-def _make_kwargs(module_cls: type, params: dict, in_features: int) -> dict:
+def _make_kwargs(module_cls: type, params: dict, inputs: Inputs) -> dict:
     """Keyword arguments for a user class without ``Config``, checked against its signature."""
     signature = inspect.signature(module_cls)
     accepted = signature.parameters
@@ -170,8 +202,10 @@ def _make_kwargs(module_cls: type, params: dict, in_features: int) -> dict:
     if not takes_any:
         known = ", ".join(accepted)
         problems += [f"model.params.{key}: unknown parameter; known: {known}" for key in params if key not in accepted]
-    if "in_features" in accepted and not params.get("in_features"):
-        params["in_features"] = in_features
+    for key, value in inputs.fills().items():
+        unset = key not in params or (key == "in_features" and not params[key])
+        if key in accepted and unset and (value or key == "in_features"):
+            params[key] = value
     problems += [
         f"model.params.{key}: required parameter is missing"
         for key, p in accepted.items()

@@ -6,6 +6,11 @@ unflattens it, projects each step to ``d_model``, adds a fixed sinusoidal positi
 encoding, runs a ``TransformerEncoder`` and maps every step's output, flattened,
 to ``out_features`` raw outputs. The position encoding is recomputed from the
 config, so it is kept out of the ``state_dict``.
+
+Categorical fields are tokens of their own: each field's row of the shared hashed
+table (``embedding_dim`` wide) is projected to ``d_model`` and gets a learned field
+embedding, and they are encoded with the steps.  With missing numbers imputed, each
+step's "was missing" marks join its values in the input projection (from zero).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from streamtrain.models.categorical import check, table, widen
 
 
 @dataclass(frozen=True)
@@ -35,30 +42,39 @@ class TransformerRegressorConfig:
     dropout: float = 0.1
     out_features: int = 1
     in_features: int = 0
+    categorical: int = 0  # categorical fields (filled from data.categorical): a token each
+    buckets: int = 0  # rows of the hashed table (filled from data.hash_buckets)
+    embedding_dim: int = 16  # width of a field's row, projected to d_model
+    embedding_std: float = 0.05
+    indicators: int = 0  # the last inputs that are 0/1 "was missing" marks of the steps' values (0 or seq_len * d_in)
 
     def __post_init__(self) -> None:
-        if not all(isinstance(v, int) for v in (self.seq_len, self.d_in, self.in_features)):
+        if not all(isinstance(v, int) for v in (self.seq_len, self.d_in, self.in_features, self.indicators)):
             return  # validate() reports the wrong type
-        if self.seq_len == 0 and self.in_features > 0 and self.d_in > 0:
-            object.__setattr__(self, "seq_len", self.in_features // self.d_in)
+        numbers = self.in_features - self.indicators
+        if self.seq_len == 0 and numbers > 0 and self.d_in > 0:
+            object.__setattr__(self, "seq_len", numbers // self.d_in)
         elif self.in_features == 0 and self.seq_len > 0 and self.d_in > 0:
-            object.__setattr__(self, "in_features", self.seq_len * self.d_in)
+            object.__setattr__(self, "in_features", self.seq_len * self.d_in + self.indicators)
 
     def validate(self) -> list[str]:
         """Every problem with this config, as ``field: must be ..., got X``."""
-        problems = []
+        problems = check(self.categorical, self.buckets, self.embedding_dim, self.indicators, self.in_features)
+        if not problems and self.indicators and self.indicators != self.in_features - self.indicators:
+            problems.append(f"indicators: must mark every step value ({self.in_features - self.indicators}) or none, got {self.indicators}")
         for name in ("d_in", "d_model", "nhead", "num_layers", "dim_feedforward", "out_features"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 problems.append(f"{name}: must be > 0, got {value!r}")
-        if not isinstance(self.seq_len, int) or self.seq_len <= 0:
+        if not isinstance(self.seq_len, int) or self.seq_len < 0 or (self.seq_len == 0 and not self.categorical):
             problems.append(f"seq_len: must be > 0 (or set in_features to derive it), got {self.seq_len!r}")
         if not isinstance(self.in_features, int) or self.in_features < 0:
             problems.append(f"in_features: must be >= 0, got {self.in_features!r}")
         if not problems:
-            if self.in_features % self.d_in != 0:
+            numbers = self.in_features - self.indicators
+            if numbers % self.d_in != 0:
                 problems.append(f"in_features: must be a multiple of d_in={self.d_in}, got {self.in_features}")
-            elif self.in_features != self.seq_len * self.d_in:
+            elif numbers != self.seq_len * self.d_in:
                 problems.append(
                     f"in_features: must equal seq_len * d_in = {self.seq_len} * {self.d_in}"
                     f" = {self.seq_len * self.d_in}, got {self.in_features}"
@@ -90,7 +106,8 @@ class TransformerRegressor(nn.Module):
         if problems:
             raise ValueError(f"invalid TransformerRegressorConfig: {'; '.join(problems)}")
         self.config = config
-        self.input_proj = nn.Linear(config.d_in, config.d_model)
+        marks = config.d_in if config.indicators else 0
+        self.input_proj = widen(nn.Linear(config.d_in, config.d_model), marks)
         self.register_buffer(
             "pos_encoding",
             sinusoidal_encoding(config.seq_len, config.d_model).unsqueeze(0),
@@ -104,10 +121,22 @@ class TransformerRegressor(nn.Module):
             batch_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers=config.num_layers, enable_nested_tensor=False)
-        self.head = nn.Linear(config.seq_len * config.d_model, config.out_features)
+        tokens = config.seq_len + config.categorical
+        self.head = nn.Linear(tokens * config.d_model, config.out_features)
+        if config.categorical:
+            self.table = table(config.buckets, config.embedding_dim, config.embedding_std)
+            self.field_proj = nn.Linear(config.embedding_dim, config.d_model)
+            self.field_embedding = nn.Parameter(torch.randn(config.categorical, config.d_model) * 0.02)
+        else:
+            self.table = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        h = self.input_proj(x.reshape(batch, self.config.seq_len, self.config.d_in))
-        h = self.encoder(h + self.pos_encoding)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        batch, c = x.shape[0], self.config
+        steps = x[:, : c.seq_len * c.d_in].reshape(batch, c.seq_len, c.d_in)
+        if c.indicators:
+            steps = torch.cat([steps, x[:, c.seq_len * c.d_in :].reshape(batch, c.seq_len, c.d_in)], dim=2)
+        h = self.input_proj(steps) + self.pos_encoding
+        if self.table is not None:
+            h = torch.cat([h, self.field_proj(self.table(ids)) + self.field_embedding], dim=1)
+        h = self.encoder(h)
         return self.head(h.reshape(batch, -1))

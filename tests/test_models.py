@@ -41,6 +41,7 @@ PARAMS: dict[str, dict] = {
         "dim_feedforward": 32,
         "out_features": 3,
     },
+    "fm": {"embedding_dim": 4, "out_features": 2},
 }
 
 
@@ -283,7 +284,8 @@ def test_user_model_with_keyword_arguments() -> None:
         (
             "mlp",
             {"hiden": [8]},
-            "model.params.hiden: unknown parameter; known: in_features, hidden, out_features, activation, dropout, layer_norm",
+            "model.params.hiden: unknown parameter; known: in_features, hidden, out_features, activation, dropout, layer_norm, "
+            "categorical, buckets, embedding_dim, embedding_std, indicators",
         ),
         ("mlp", {"hidden": [8, 0]}, "model.params.hidden: every size must be > 0, got (8, 0)"),
         ("transformer", {"nhead": 5}, "model.params.nhead: must divide d_model=64, got 5"),

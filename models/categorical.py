@@ -1,0 +1,77 @@
+"""What the built-in models share for categorical inputs and missing-value marks.
+
+A record's categorical fields arrive as rows of one shared, hashed table
+(``ids``: (B, fields) int64, computed in the ingest process; the table has
+``buckets`` rows whatever the number of fields).  A model looks its rows up in an
+``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``: a step's gradient, and its
+optimizer update, touch only the rows the batch holds, not the whole table.
+
+When missing numbers are imputed, the last ``indicators`` inputs are 0/1 "was missing"
+marks of the first ones.  Their first-layer weights start at zero (:func:`widen`), so a
+stream that never misses a value learns exactly as it would without them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def table(buckets: int, dim: int, std: float) -> nn.Embedding:
+    """A sparse (B, fields) -> (B, fields, dim) lookup, normal(0, std) (zeros for std 0)."""
+    emb = nn.Embedding(buckets, dim, sparse=True)
+    if std > 0:
+        nn.init.normal_(emb.weight, 0.0, std)
+    else:
+        nn.init.zeros_(emb.weight)
+    return emb
+
+
+def bag(buckets: int, dim: int) -> nn.EmbeddingBag:
+    """A sparse (B, fields) -> (B, dim) sum of the fields' rows, starting at zero (a linear model's weights per id)."""
+    emb = nn.EmbeddingBag(buckets, dim, mode="sum", sparse=True)
+    nn.init.zeros_(emb.weight)
+    return emb
+
+
+def widen(layer: nn.Linear, zero_inputs: int = 0, extra: int = 0, extra_bound: float | None = None) -> nn.Linear:
+    """``layer`` with ``zero_inputs`` more input columns starting at zero, then ``extra`` more drawn uniformly.
+
+    The original columns and bias keep their values (and the random draws that made them),
+    so adding inputs that are always zero changes nothing.
+    """
+    if not zero_inputs and not extra:
+        return layer
+    out_features, n = layer.weight.shape
+    wider = blank_linear(n + zero_inputs + extra, out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        wider.weight.zero_()
+        wider.weight[:, :n] = layer.weight
+        if extra:
+            bound = extra_bound if extra_bound is not None else 1.0 / (n + extra) ** 0.5
+            wider.weight[:, n + zero_inputs :].uniform_(-bound, bound)
+        if layer.bias is not None:
+            wider.bias.copy_(layer.bias)
+    return wider
+
+
+def blank_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    """An ``nn.Linear`` of zeros, made without drawing from the random generator (nor warning when it has no input)."""
+    layer = nn.Linear(1, 1, bias=bias, device="meta").to_empty(device="cpu")  # no draw: its parameters are replaced
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.weight = nn.Parameter(torch.zeros(out_features, in_features))
+    layer.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+    return layer
+
+
+def check(categorical: int, buckets: int, embedding_dim: int | None = None, indicators: int = 0, in_features: int = 0) -> list[str]:
+    problems = []
+    if not isinstance(categorical, int) or categorical < 0:
+        problems.append(f"categorical: must be >= 0 (the number of categorical fields), got {categorical!r}")
+    elif categorical and (not isinstance(buckets, int) or buckets <= 0):
+        problems.append(f"buckets: must be > 0 with categorical fields (data.hash_buckets), got {buckets!r}")
+    if embedding_dim is not None and (not isinstance(embedding_dim, int) or embedding_dim <= 0):
+        problems.append(f"embedding_dim: must be > 0, got {embedding_dim!r}")
+    if not isinstance(indicators, int) or indicators < 0 or (isinstance(in_features, int) and 2 * indicators > in_features):
+        problems.append(f"indicators: must be >= 0 and at most half of in_features, got {indicators!r}")
+    return problems

@@ -1,0 +1,72 @@
+"""Factorization machine (Rendle 2010): the click-through-rate standard for ids, which pay off through their interactions.
+
+    y = b + w . x + sum_f w[id_f] + sum_{i < j} <v_i, v_j> z_i z_j
+
+over every input ``i``: each numeric feature (``z_i`` its standardized value, ``v_i`` a
+learned vector of its own) and each categorical field (``z_i = 1``, ``v_i`` its id's row
+of the shared hashed table).  The pairwise term is computed in O(inputs x k) as
+``0.5 * sum_k ((sum_i v_ik z_i)^2 - sum_i v_ik^2 z_i^2)``.  The first-order part is
+exactly the linear model's (one weight per id and per number), so an FM starts where the
+linear model is and adds what two ids do together: a user and an item, a device and an
+hour.  Every table is sparse: a step updates the rows its batch holds.  More than one
+output (``out_features``, multiclass) maps the k interaction sums through a linear layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from streamtrain.models.categorical import bag, blank_linear, check, table
+
+
+@dataclass(frozen=True)
+class FMConfig:
+    in_features: int = 0  # numbers (and their "was missing" marks), filled from the stream
+    out_features: int = 1
+    categorical: int = 0  # categorical fields (filled from data.categorical)
+    buckets: int = 0  # rows of the hashed table (filled from data.hash_buckets)
+    embedding_dim: int = 16  # k, the factors' width
+    embedding_std: float = 0.01  # the factors' initial spread
+    indicators: int = 0  # the last inputs that are 0/1 "was missing" marks (filled when data.missing is impute)
+
+    def validate(self) -> list[str]:
+        problems = check(self.categorical, self.buckets, self.embedding_dim, self.indicators, self.in_features)
+        if not isinstance(self.in_features, int) or self.in_features < 0 or (self.in_features == 0 and not self.categorical):
+            problems.append(f"in_features: must be > 0 (or categorical fields given), got {self.in_features!r}")
+        if not isinstance(self.out_features, int) or self.out_features <= 0:
+            problems.append(f"out_features: must be > 0, got {self.out_features!r}")
+        if not isinstance(self.embedding_std, (int, float)) or self.embedding_std < 0:
+            problems.append(f"embedding_std: must be >= 0, got {self.embedding_std!r}")
+        return problems
+
+
+class FM(nn.Module):
+    """(B, in_features) numbers and (B, categorical) table rows -> (B, out_features)."""
+
+    def __init__(self, config: FMConfig) -> None:
+        super().__init__()
+        problems = config.validate()
+        if problems:
+            raise ValueError(f"invalid FMConfig: {'; '.join(problems)}")
+        self.config = config
+        k = config.embedding_dim
+        self.linear = blank_linear(config.in_features, config.out_features)  # first order of the numbers, from zero
+        self.weights = bag(config.buckets, config.out_features) if config.categorical else None  # first order of the ids
+        self.factors = table(config.buckets, k, config.embedding_std) if config.categorical else None
+        numbers = torch.randn(config.in_features, k) * config.embedding_std
+        if config.indicators:  # the "was missing" marks start without interactions
+            numbers[-config.indicators :] = 0.0
+        self.number_factors = nn.Parameter(numbers)
+        self.head = nn.Linear(k, config.out_features) if config.out_features > 1 else None
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.linear(x)
+        terms = x.unsqueeze(2) * self.number_factors  # (B, n, k): v_i z_i of the numbers
+        if self.factors is not None:
+            out = out + self.weights(ids)
+            terms = torch.cat([terms, self.factors(ids)], dim=1)  # and of the ids (z = 1)
+        pairs = 0.5 * (terms.sum(1).square() - terms.square().sum(1))  # (B, k)
+        return out + (self.head(pairs) if self.head is not None else pairs.sum(1, keepdim=True))
