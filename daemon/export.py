@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from streamtrain.daemon.normalizer import RunningStandardizer
+from streamtrain.daemon.normalizer import RunningStandardizer, model_inputs
 from streamtrain.daemon.snapshot import SnapshotInfo
 from streamtrain.models.registry import build_model, resolve
 
 __all__ = ["EXPORT_FORMATS", "export_model", "serving_spec", "sidecar_path", "standardization", "target_standardization"]
 
 EXPORT_FORMATS = ("state_dict", "program")
-SPEC_VERSION = 2  # 2: outputs.destandardize (regression trains on the standardized label)
+SPEC_VERSION = 3  # 2: outputs.destandardize (regression trains on the standardized label); 3: categorical, missing, classes
 
 _OUTPUTS = {
     "regression": "one value per sample: output * std + mean (outputs.destandardize) is the prediction in the label's units; "
@@ -55,10 +55,22 @@ def sidecar_path(out: str | os.PathLike[str]) -> Path:
 def standardization(meta: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, scale) such that ``(x - mean) * scale`` is exactly what the trainer fed the model."""
     cfg = meta["config"]
-    norm = RunningStandardizer(_width(meta), enabled=bool(cfg["trainer"].get("standardize", True)))
+    norm = RunningStandardizer(_width(meta), enabled=bool(cfg["trainer"].get("standardize", True)), missing=_missing(meta))
     if norm.enabled and "normalizer" in state:
         norm.load_state_dict(state["normalizer"])
     return norm.shift.clone(), norm.scale.clone()  # disabled: zeros and ones, the identity
+
+
+def model_inputs_of(meta: dict):
+    """What the snapshot's model was built to take (its config's data and trainer sections)."""
+    from streamtrain.models.registry import Inputs
+
+    cfg = meta["config"]
+    data, tc = cfg["data"], cfg["trainer"]
+    width, marks = _width(meta), (_width(meta) if _missing(meta) else 0)
+    classes = int(tc.get("num_classes") or len(tc.get("classes") or ())) if tc.get("task") == "multiclass" else 0
+    cats = list(data.get("categorical") or [])
+    return Inputs(width + marks, len(cats), int(data.get("hash_buckets") or 0) if cats else 0, marks, classes)
 
 
 def target_standardization(meta: dict, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,11 +100,29 @@ def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -
         "streamtrain_export": SPEC_VERSION,
         "format": fmt,
         "weights": weights_file,
-        "model": {"name": name, "class": f"{cls.__module__}:{cls.__qualname__}", "params": params, "in_features": _width(meta)},
+        "model": {
+            "name": name,
+            "class": f"{cls.__module__}:{cls.__qualname__}",
+            "params": params,
+            "in_features": model_inputs_of(meta).in_features,  # the numbers, then with missing: impute their 0/1 marks
+            "inputs": dict(model_inputs_of(meta).__dict__),
+        },
         "inputs": {
             "features": list(data.get("features") or []),
             "feature_field": data.get("feature_field"),
             "num_features": _width(meta),
+            "categorical": list(data.get("categorical") or []),
+            "hash": {
+                "name": "streamtrain hash v1 (docs/LEARNING.md, Categorical features)",
+                "buckets": int(data.get("hash_buckets") or 0),
+                "max_category_bytes": int(data.get("max_category_bytes") or 256),
+            },
+            "missing": "impute" if _missing(meta) else "reject",
+            "model_inputs": (
+                "cat([where(isnan(x), 0, x_std), isnan(x)]): a missing number (NaN) is its running mean, its mark 1"
+                if _missing(meta)
+                else "x_std"
+            ),
             "standardize": {
                 "included_in_program": fmt == "program",
                 "formula": "x_std = (x - mean) * scale",
@@ -103,6 +133,7 @@ def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -
         "outputs": {
             "task": trainer["task"],
             "num_classes": trainer.get("num_classes", 0),
+            "classes": list(trainer.get("classes") or []),
             "meaning": _OUTPUTS.get(trainer["task"], ""),
             "destandardize": {
                 "included_in_program": fmt == "program",
@@ -141,8 +172,14 @@ def export_model(info: SnapshotInfo, state: dict, out: str | os.PathLike[str], f
     return spec
 
 
-class _Standardized(nn.Module):
-    """Standardization, the model, and (regression) the output back in label units, as one module to export."""
+class Served(nn.Module):
+    """What serving runs: raw numbers (NaN where missing) and table rows in, the trainer's prediction out.
+
+    Standardization (with a missing number the running mean and its "was missing" mark,
+    :func:`~streamtrain.daemon.normalizer.model_inputs`, the trainer's own), the model, and
+    for regression the output back in label units.  The program format exports this
+    module; ``streamtrain serve`` runs it over the state-dict format.
+    """
 
     def __init__(
         self,
@@ -151,34 +188,55 @@ class _Standardized(nn.Module):
         scale: torch.Tensor,
         y_mean: torch.Tensor | None = None,
         y_std: torch.Tensor | None = None,
+        missing: bool = False,
+        takes_ids: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mean", mean)
         self.register_buffer("scale", scale)
+        self.missing = missing
+        self.takes_ids = takes_ids
         self.destandardize = y_mean is not None and y_std is not None
         if self.destandardize:
             self.register_buffer("y_mean", y_mean)
             self.register_buffer("y_std", y_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model((x - self.mean) * self.scale)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        xn = model_inputs(x, self.mean, self.scale, True, self.missing)
+        out = self.model(xn, ids) if self.takes_ids else self.model(xn)
         if self.destandardize:
             out = out * self.y_std + self.y_mean  # as the trainer's prequential prediction
         return out
 
 
-def _program(meta: dict, state: dict, weights: dict) -> torch.export.ExportedProgram:
+def served_module(meta: dict, state: dict, weights: dict) -> Served:
+    """The snapshot's model with its standardization (and label's), ready to answer raw rows."""
     cfg = meta["config"]
-    model = build_model(cfg["model"]["name"], dict(cfg["model"].get("params") or {}), _width(meta))
+    inputs = model_inputs_of(meta)
+    model = build_model(cfg["model"]["name"], dict(cfg["model"].get("params") or {}), inputs)
     model.load_state_dict(weights)
     target = target_standardization(meta, state) if cfg["trainer"].get("task") == "regression" else (None, None)
-    module = _Standardized(model, *standardization(meta, state), *target).eval()
-    example = torch.zeros(2, _width(meta))
+    return Served(model, *standardization(meta, state), *target, missing=_missing(meta), takes_ids=inputs.categorical > 0).eval()
+
+
+def _program(meta: dict, state: dict, weights: dict) -> torch.export.ExportedProgram:
+    module = served_module(meta, state, weights)
     batch = torch.export.Dim("batch", min=1)
-    return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    example = torch.zeros(2, _width(meta))
+    if not module.takes_ids:
+        return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    ids = torch.zeros(2, model_inputs_of(meta).categorical, dtype=torch.int64)
+    return torch.export.export(module, (example, ids), dynamic_shapes=({0: batch}, {0: batch}))
 
 
 def _width(meta: dict) -> int:
     data = meta["config"]["data"]
     return int(data.get("num_features") or len(data.get("features") or []))
+
+
+def _missing(meta: dict) -> bool:
+    """Missing numbers imputed, with their marks (``data.missing: impute`` on named numeric json/csv/arrow features)."""
+    data = meta["config"]["data"]
+    named = bool(data.get("features")) and data.get("format", "json") in ("json", "csv", "arrow")
+    return named and data.get("missing", "reject") == "impute"

@@ -155,8 +155,8 @@ def _predict(m: ServedModel, raw: bytes, max_instances: int) -> tuple[bytes, int
         raise InputError(f"body: not valid JSON ({exc})") from exc
     except RecursionError as exc:  # found by trying: deep brackets answered 500 with a traceback
         raise InputError("body: JSON nested too deeply") from exc
-    x = parse_instances(doc, m, max_instances)
-    predictions = m.predict(x)
+    x, ids = parse_instances(doc, m, max_instances)
+    predictions = m.predict(x, ids, probabilities=bool(isinstance(doc, dict) and doc.get("probabilities") is True))
     try:
         out = json.dumps({"predictions": predictions, "model_version": str(m.version)}, allow_nan=False)
     except ValueError as exc:  # inputs far outside anything trained on can overflow the model

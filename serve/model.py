@@ -6,9 +6,13 @@ cannot run code) into the model class the sidecar names, and a probe batch whose
 must be finite and of the task's shape.  A version that fails any of these raises
 :class:`VersionRefused` and is never served.
 
-:meth:`ServedModel.predict` applies exactly what the trainer does: the sidecar's running
-standardization ``(x - mean) * scale``, the model in eval mode, and for regression the
-label's ``output * std + mean``; classification answers the class and its probabilities.
+:meth:`ServedModel.predict` applies exactly what the trainer does, through the same code:
+:class:`streamtrain.daemon.export.Served` (the running standardization, a missing number's
+mean and mark, the model in eval mode, for regression the label's ``output * std + mean``)
+over rows that :func:`parse_instances` builds as the decoders do (categorical values hashed
+by :class:`streamtrain.streams.features.FeatureSpec`, ``null`` or absent numbers missing
+when the model was trained so, true/false 1/0); classification answers the class (by name
+when the model has ``trainer.classes``) and its probabilities.
 """
 
 from __future__ import annotations
@@ -16,16 +20,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from streamtrain.models.registry import build_model
+from streamtrain.daemon.export import Served
+from streamtrain.models.registry import Inputs, build_model
 from streamtrain.serve.repository import RepositoryError, verify
-from streamtrain.streams.errors import StreamtrainError
+from streamtrain.streams.errors import DecodeError, StreamtrainError
+from streamtrain.streams.features import MISSING_NUMBER, FeatureSpec
 
 __all__ = ["InputError", "ServedModel", "VersionRefused", "load_version", "parse_instances"]
 
@@ -49,7 +55,7 @@ class ServedModel:
     name: str
     version: int
     path: Path
-    module: torch.nn.Module
+    module: Served  # standardization (and imputation), the model, the label's units
     features: tuple[str, ...]  # feature names in the model's order; () when the data had a feature_field
     feature_field: str | None
     width: int
@@ -61,19 +67,34 @@ class ServedModel:
     created: float  # when the snapshot it came from was written (Unix time)
     loaded: float
     spec: dict
+    fields: FeatureSpec = field(default_factory=FeatureSpec)  # the categorical fields and their hash; whether missing numbers are imputed
+    classes: tuple[str, ...] = ()  # class names (trainer.classes): the answers name them
 
-    def predict(self, x: np.ndarray) -> list[Any]:
-        """Predictions for raw feature rows ``x`` (n, width), as JSON-ready values."""
+    @property
+    def impute(self) -> bool:
+        return self.fields.impute
+
+    def predict(self, x: np.ndarray, ids: np.ndarray | None = None, probabilities: bool = False) -> list[Any]:
+        """Predictions for raw feature rows ``x`` (n, width; NaN where missing) and table rows ``ids``, as JSON-ready values.
+
+        With class names a prediction is the name, or with ``probabilities`` the name and the probability of each by name.
+        """
         with torch.inference_mode():
-            out = self.module((torch.from_numpy(x) - self.mean) * self.scale)
+            out = self.module(torch.from_numpy(x), torch.from_numpy(ids) if self.fields.categorical else None)
             if self.task == "regression":
-                return (out.reshape(-1) * self.y_std + self.y_mean).tolist()
+                return out.reshape(-1).tolist()
             if self.task == "binary":
                 logit = out.reshape(-1)
                 p1 = torch.sigmoid(logit).tolist()
-                return [{"class": int(z > 0), "probabilities": [1.0 - p, p]} for z, p in zip(logit.tolist(), p1)]
-            probs = torch.softmax(out, dim=1)
-            return [{"class": c, "probabilities": p} for c, p in zip(out.argmax(1).tolist(), probs.tolist())]
+                pairs = [(int(z > 0), [1.0 - p, p]) for z, p in zip(logit.tolist(), p1)]
+            else:
+                probs = torch.softmax(out, dim=1)
+                pairs = list(zip(out.argmax(1).tolist(), probs.tolist()))
+        if not self.classes:
+            return [{"class": c, "probabilities": p} for c, p in pairs]
+        if not probabilities:
+            return [self.classes[c] for c, _ in pairs]
+        return [{"class": self.classes[c], "probabilities": dict(zip(self.classes, p))} for c, p in pairs]
 
     def status(self) -> dict[str, Any]:
         """What ``GET /v1/models/{name}`` tells about this version."""
@@ -104,8 +125,9 @@ def load_version(path: str | Path, name: str) -> ServedModel:
         raise VersionRefused(f"the manifest does not list {WEIGHTS} and {SIDECAR}")
     try:
         spec = json.loads((path / SIDECAR).read_text())
-        model_name, params, width = spec["model"]["name"], dict(spec["model"]["params"]), int(spec["model"]["in_features"])
+        model_name, params = spec["model"]["name"], dict(spec["model"]["params"])
         inputs, outputs = spec["inputs"], spec["outputs"]
+        width = int(inputs.get("num_features", spec["model"]["in_features"]))  # raw numbers (the model may take their marks too)
         task = str(outputs["task"])
         mean = torch.tensor(inputs["standardize"]["mean"], dtype=torch.float32)
         scale = torch.tensor(inputs["standardize"]["scale"], dtype=torch.float32)
@@ -113,6 +135,16 @@ def load_version(path: str | Path, name: str) -> ServedModel:
         y_mean, y_std = float(dst["mean"]), float(dst["std"])
         features = tuple(str(f) for f in inputs.get("features") or ())
         created = float(spec.get("snapshot", {}).get("created") or manifest.get("created") or 0.0)
+        hashing = inputs.get("hash") or {}
+        fields = FeatureSpec(
+            numbers=features,
+            categorical=tuple(str(c) for c in inputs.get("categorical") or ()),
+            buckets=int(hashing.get("buckets") or 1),
+            missing=str(inputs.get("missing", "reject")),
+            max_category_bytes=int(hashing.get("max_category_bytes") or 256),
+        )
+        model_inputs = Inputs(**spec["model"]["inputs"]) if "inputs" in spec["model"] else Inputs(width)
+        classes = tuple(str(c) for c in outputs.get("classes") or ())
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VersionRefused(f"{SIDECAR} unreadable: {exc!r}") from exc
     if spec.get("format") != "state_dict":
@@ -128,11 +160,12 @@ def load_version(path: str | Path, name: str) -> ServedModel:
     except Exception as exc:
         raise VersionRefused(f"refused to load {WEIGHTS} with weights_only=True: {str(exc).splitlines()[0][:300]}") from exc
     try:
-        module = build_model(model_name, params, width)
-        module.load_state_dict(weights)
+        model = build_model(model_name, params, model_inputs)
+        model.load_state_dict(weights)
     except Exception as exc:
         raise VersionRefused(f"the weights do not fit model {model_name!r} {params}: {str(exc).splitlines()[0][:300]}") from exc
-    module.eval()
+    destandardize = (torch.tensor([y_mean]), torch.tensor([y_std])) if task == "regression" else (None, None)
+    module = Served(model, mean, scale, *destandardize, missing=fields.impute, takes_ids=bool(fields.categorical)).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     served = ServedModel(
@@ -151,6 +184,8 @@ def load_version(path: str | Path, name: str) -> ServedModel:
         created=created,
         loaded=time.time(),
         spec=spec,
+        fields=fields,
+        classes=classes,
     )
     _probe(served, int(outputs.get("num_classes") or 0))
     return served
@@ -161,10 +196,14 @@ def _probe(m: ServedModel, num_classes: int) -> None:
     g = torch.Generator().manual_seed(0)
     spread = torch.where(m.scale > 0, 1.0 / m.scale.clamp_min(1e-30), torch.ones_like(m.scale))
     x = m.mean + torch.randn(PROBE_ROWS, m.width, generator=g) * spread
+    if m.impute and m.width:
+        x[0, 0] = float("nan")  # a missing number too
+    fields = len(m.fields.categorical)
+    ids = torch.randint(0, max(1, m.fields.buckets), (PROBE_ROWS, fields), generator=g) if fields else None
     want = num_classes if m.task == "multiclass" else 1
     try:
         with torch.inference_mode():
-            out = m.module((x - m.mean) * m.scale)
+            out = m.module(x, ids)
     except Exception as exc:
         raise VersionRefused(f"the model fails on a probe batch: {str(exc).splitlines()[0][:300]}") from exc
     got = 1 if out.dim() == 1 else out.shape[-1]
@@ -176,12 +215,15 @@ def _probe(m: ServedModel, num_classes: int) -> None:
         raise VersionRefused("non-finite outputs on a probe batch")
 
 
-def parse_instances(body: Any, m: ServedModel, max_instances: int) -> np.ndarray:
-    """``{"instances": [...]}`` -> a float32 array (n, width), or :class:`InputError` naming the field.
+def parse_instances(body: Any, m: ServedModel, max_instances: int) -> tuple[np.ndarray, np.ndarray]:
+    """``{"instances": [...]}`` -> float32 rows (n, width; NaN where missing) and table rows (n, fields), or :class:`InputError`.
 
     An instance is an object of feature values by name (other keys are ignored, so a whole
     record can be sent), an object ``{feature_field: [...]}`` for a model trained on one
-    list field, or a list of numbers in the model's feature order.
+    list field, or a list of numbers in the model's feature order (a model without
+    categorical fields).  As in training: true/false are 1/0, a categorical value is a
+    string, integer or boolean (``null`` or absent: its field's missing value), and a number
+    that is ``null`` or absent is missing when the model was trained to impute it.
     """
     if not isinstance(body, dict) or "instances" not in body:
         raise InputError('body: must be a JSON object {"instances": [...]}')
@@ -191,24 +233,39 @@ def parse_instances(body: Any, m: ServedModel, max_instances: int) -> np.ndarray
     if len(rows) > max_instances:
         raise InputError(f"instances: at most {max_instances} per request, got {len(rows)}")
     out = np.empty((len(rows), m.width), dtype=np.float32)
-    names = m.features
+    names, cats = m.features, m.fields.categorical
+    categories: list[list[Any]] = [[None] * len(rows) for _ in cats]
     for i, row in enumerate(rows):
         if isinstance(row, dict):
+            for j, c in enumerate(cats):
+                categories[j][i] = row.get(c)
             if names:
                 values = []
                 for f in names:
                     v = row.get(f, _MISSING)
-                    if v is _MISSING:
-                        raise InputError(f"instances[{i}].{f}: missing feature")
-                    if type(v) is not float and type(v) is not int:
+                    if v is _MISSING or v is None:
+                        if not m.impute:
+                            raise InputError(
+                                f"instances[{i}].{f}: missing feature"
+                                if v is _MISSING
+                                else f"instances[{i}].{f}: must be a number, got null"
+                            )
+                        v = MISSING_NUMBER
+                    elif type(v) is bool:
+                        v = float(v)
+                    elif type(v) is not float and type(v) is not int:
                         raise InputError(f"instances[{i}].{f}: must be a number, got {_kind(v)}")
                     values.append(v)
                 row = values
             elif m.feature_field and m.feature_field in row:
                 row, where = row[m.feature_field], f"instances[{i}].{m.feature_field}"
                 _check_list(row, m.width, where)
-            else:
+            elif m.width:
                 raise InputError(f"instances[{i}]: this model has no feature names; send a list of {m.width} numbers")
+            else:
+                row = []
+        elif cats:
+            raise InputError(f"instances[{i}]: this model has categorical fields {list(cats)[:5]}; send an object of fields by name")
         else:
             _check_list(row, m.width, f"instances[{i}]")
         try:
@@ -216,13 +273,39 @@ def parse_instances(body: Any, m: ServedModel, max_instances: int) -> np.ndarray
                 out[i] = row  # beyond float32: inf, refused below
         except OverflowError as exc:  # an int beyond float64
             raise InputError(f"instances[{i}]: a value is out of range") from exc
-    bad = ~np.isfinite(out)
+    bad = ~(np.isfinite(out) | _marked(out))
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])
         raise InputError(
             f"instances[{i}].{names[j]}: must be a finite number" if names else f"instances[{i}][{j}]: must be a finite number"
         )
-    return out
+    out[_marked(out)] = np.nan
+    ids = np.empty((len(rows), len(cats)), np.int64)
+    for j, c in enumerate(cats):
+        try:
+            ids[:, j] = m.fields.rows(j, categories[j])
+        except DecodeError:
+            i = next(k for k, v in enumerate(categories[j]) if not _category_ok(v, m.fields.max_category_bytes))
+            raise InputError(
+                f"instances[{i}].{c}: must be a string, an integer or a boolean of at most {m.fields.max_category_bytes} bytes, "
+                f"got {_kind(categories[j][i])}"
+            ) from None
+    return out, ids
+
+
+def _marked(x: np.ndarray) -> np.ndarray:
+    return x.view(np.uint32) == np.uint32(0x7FC0DEAD)
+
+
+def _category_ok(v: Any, limit: int) -> bool:
+    from streamtrain.streams.features.hashing import canonical
+
+    if v is None:
+        return True
+    try:
+        return len(canonical(v)) <= limit
+    except TypeError:
+        return False
 
 
 _MISSING = object()

@@ -19,11 +19,11 @@ from tests.kafka_util import read_topic, unique_name
 FEATURES = ["a", "b", "c"]
 
 
-def trainer(tmp_path, task: str = "regression", model: dict | None = None, **publish) -> Trainer:
+def trainer(tmp_path, task: str = "regression", model: dict | None = None, data: dict | None = None, **publish) -> Trainer:
     """A trainer fed without Kafka that publishes into ``tmp_path / "repo"``."""
     raw = {
         "kafka": {"topics": ["events"]},
-        "data": {"format": "json", "features": FEATURES, "label": "y"},
+        "data": {"format": "json", "features": FEATURES, "label": "y", **(data or {})},
         "model": model or {"name": "mlp", "params": {"hidden": [8]}},
         "trainer": {"task": task, "lr": 0.01, **({"num_classes": 3} if task == "multiclass" else {})},
         "snapshot": {"dir": str(tmp_path / "snaps"), "keep": 10},

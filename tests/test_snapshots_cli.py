@@ -22,7 +22,7 @@ from streamtrain.daemon.export import export_model, sidecar_path
 from streamtrain.daemon.metrics import Metrics
 from streamtrain.daemon.snapshot import STATE_FILE, SnapshotStore
 from streamtrain.daemon.trainer import Trainer
-from streamtrain.models.registry import build_model
+from streamtrain.models.registry import Inputs, build_model
 from streamtrain.streams.ring import Batch
 from tests.daemon_util import FEATURES, ROOT, Daemon, daemon_config, write_config
 
@@ -168,7 +168,7 @@ def test_exported_weights_load_without_streamtrain_and_predict_like_the_trainer(
     x = torch.randn(33, WIDTH) * torch.tensor([10.0, 0.1, 3.0]) + torch.tensor([100.0, -5.0, 0.0])
     t.model.eval()
     with torch.no_grad():
-        want = t.model(t.learner.normalizer.transform(x))  # what the trainer's model says on the standardized inputs
+        want = t.model(t.learner.normalizer.inputs(x))  # what the trainer's model says on the standardized inputs
     if task == "regression":  # in the label's units, as the trainer scores its prequential prediction
         assert t.learner.target.enabled and t.learner.target.count.item() == 20 * 64
         want_label = want * t.learner.target.std + t.learner.target.shift
@@ -184,12 +184,13 @@ def test_exported_weights_load_without_streamtrain_and_predict_like_the_trainer(
 
     # the serving side: plain torch, the model class, the sidecar's statistics
     weights = torch.load(out, weights_only=True)
-    served = build_model(spec["model"]["name"], spec["model"]["params"], spec["model"]["in_features"]).eval()
+    served = build_model(spec["model"]["name"], spec["model"]["params"], Inputs(**spec["model"]["inputs"])).eval()  # numbers and marks
     served.load_state_dict(weights)
     std = spec["inputs"]["standardize"]
     mean, scale = torch.tensor(std["mean"]), torch.tensor(std["scale"])
-    with torch.no_grad():
-        got = served((x - mean) * scale)
+    assert spec["inputs"]["missing"] == "impute" and spec["model"]["in_features"] == 2 * WIDTH
+    with torch.no_grad():  # as the sidecar says: nothing is missing here, so every mark is 0
+        got = served(torch.cat([(x - mean) * scale, torch.zeros_like(x)], 1))
     assert torch.equal(got, want)
     dst = spec["outputs"]["destandardize"]
     assert dst["included_in_program"] is False and dst["formula"] == "y = output * std + mean"
@@ -215,7 +216,7 @@ def test_exported_regression_predicts_in_label_units(tmp_path, capsys, model):
     y = (x[:, 0] * 0.1 + x[:, 2]) * 1000 + 1e5
     t.model.eval()
     with torch.no_grad():  # the trainer's prequential prediction: the raw output in the label's running statistics
-        want = (t.model(t.learner.normalizer.transform(x)) * t.learner.target.std + t.learner.target.shift).reshape(-1)
+        want = (t.model(t.learner.normalizer.inputs(x)) * t.learner.target.std + t.learner.target.shift).reshape(-1)
     assert abs(t.learner.target.shift.item() - 1.1e5) < 1e3 and t.learner.target.std.item() > 1e3  # labels 1.1e5 +- 3e3
     assert (want - y).abs().mean() < 0.3 * y.std()  # in label units, and learned: far better than predicting the mean
     d = str(tmp_path / "snaps")
@@ -228,7 +229,7 @@ def test_exported_regression_predicts_in_label_units(tmp_path, capsys, model):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.05)  # float32 at 1e5: one ulp is 0.008
     spec = json.loads(sidecar_path(program).read_text())
     dst = spec["outputs"]["destandardize"]
-    assert spec["streamtrain_export"] == 2 and dst["included_in_program"] is True
+    assert spec["streamtrain_export"] == 3 and dst["included_in_program"] is True
     assert dst["mean"] == t.learner.target.shift.item() and dst["std"] == t.learner.target.std.item()
     assert spec["snapshot"]["prequential"] == t.learner.prequential.summary("regression")
 
@@ -236,12 +237,12 @@ def test_exported_regression_predicts_in_label_units(tmp_path, capsys, model):
     code, text, _ = cli(capsys, "export", "latest", str(weights_file), "--dir", d)
     assert code == 0 and "y = output * std + mean" in text
     spec = json.loads(sidecar_path(weights_file).read_text())
-    served = build_model(spec["model"]["name"], spec["model"]["params"], spec["model"]["in_features"]).eval()
+    served = build_model(spec["model"]["name"], spec["model"]["params"], Inputs(**spec["model"]["inputs"])).eval()  # numbers and marks
     served.load_state_dict(torch.load(weights_file, weights_only=True))
     std, dst = spec["inputs"]["standardize"], spec["outputs"]["destandardize"]
     assert dst["included_in_program"] is False
-    with torch.no_grad():  # the serving side, from the sidecar's numbers alone
-        out = served((x - torch.tensor(std["mean"])) * torch.tensor(std["scale"]))
+    with torch.no_grad():  # the serving side, from the sidecar's numbers alone (nothing missing: the marks are 0)
+        out = served(torch.cat([(x - torch.tensor(std["mean"])) * torch.tensor(std["scale"]), torch.zeros_like(x)], 1))
         label = (out * torch.tensor([dst["std"]]) + torch.tensor([dst["mean"]])).reshape(-1)
     assert torch.equal(label, want)
     t.close()
@@ -253,7 +254,7 @@ def test_export_without_label_standardization(tmp_path):
     x = torch.randn(9, WIDTH) * torch.tensor([10.0, 0.1, 3.0]) + torch.tensor([100.0, -5.0, 0.0])
     t.model.eval()
     with torch.no_grad():
-        want = t.model(t.learner.normalizer.transform(x))
+        want = t.model(t.learner.normalizer.inputs(x))
     info, state = SnapshotStore(tmp_path / "snaps").load_latest()
     spec = export_model(info, state, tmp_path / "off.pt2", "program")
     assert (spec["outputs"]["destandardize"]["mean"], spec["outputs"]["destandardize"]["std"]) == (0.0, 1.0)
