@@ -103,11 +103,9 @@ class JsonDecoder:
         elif w:
             numbers = map(self._numbers, rows) if w > 1 else zip(map(self._numbers, rows))
             flat = list(chain.from_iterable(numbers))
-            try:
-                x = np.fromiter(flat, np.float32, n * w)
-            except TypeError:  # a missing number (None) among them
-                x = np.fromiter((MISSING_NUMBER if v is None else v for v in flat), np.float32, n * w)
-            x = x.reshape(n, w)
+            if self.impute and None in flat:  # a missing number (numpy would read None as a plain NaN)
+                flat = [MISSING_NUMBER if v is None else v for v in flat]
+            x = np.fromiter(flat, np.float32, n * w).reshape(n, w)
         else:
             x = np.empty((n, 0), np.float32)
         labels = list(map(self._label, rows))
