@@ -26,39 +26,74 @@ def encode(
     feature_field: str | None = None,
     rows_per_message: int = 1000,
     delimiter: str = ",",
+    categorical: dict[str, Sequence[object]] | None = None,
+    labels: Sequence[object] | None = None,
+    columns: Sequence[str] | None = None,
 ) -> list[bytes]:
     """Record values for samples ``x`` (n, width) and labels ``y`` (n,).
 
     json/csv/raw give one record per sample; arrow packs ``rows_per_message`` rows into
-    each record (an Arrow IPC stream).
+    each record (an Arrow IPC stream).  A NaN in ``x`` is written as a missing value (JSON
+    ``null``, an empty CSV cell, an Arrow null); ``categorical`` adds fields by name as
+    they are (strings, integers, booleans, None); ``labels`` writes these labels (class
+    names, say) instead of ``y``; ``columns`` orders a CSV line (``data.csv.columns``).
     """
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.float32)
     names = list(features) or [f"f{i}" for i in range(x.shape[1])]
+    cats = dict(categorical or {})
+    ys = list(labels) if labels is not None else None
     if fmt == "raw":
+        if cats or ys is not None:
+            raise ValueError("raw records carry float32 numbers only")
         flat = np.ascontiguousarray(np.column_stack([x, y]).astype("<f4"))
         size = flat.shape[1] * 4
         buf = flat.tobytes()
         return [buf[i : i + size] for i in range(0, len(buf), size)]
+    missing = bool(np.isnan(x).any())
     if fmt == "json":
+        label_values = ys if ys is not None else y.tolist()
         if feature_field:
-            return [json.dumps({feature_field: row, label: v}).encode() for row, v in zip(x.tolist(), y.tolist())]
-        return [json.dumps({**dict(zip(names, row)), label: v}).encode() for row, v in zip(x.tolist(), y.tolist())]
+            rows = [{feature_field: row} for row in x.tolist()]
+        else:
+            rows = [dict(zip(names, row)) for row in x.tolist()]
+            if missing:
+                rows = [{k: (None if v != v else v) for k, v in r.items()} for r in rows]
+        for name, values in cats.items():
+            for r, v in zip(rows, values):
+                r[name] = v
+        return [json.dumps({**r, label: v}).encode() for r, v in zip(rows, label_values)]
     if fmt == "csv":
-        lines = io.StringIO()
-        np.savetxt(lines, np.column_stack([x, y]), fmt="%.9g", delimiter=delimiter)
-        return [line.encode() for line in lines.getvalue().splitlines()]
+        order = list(columns) if columns else [*names, *cats, label]
+        if not cats and ys is None and not missing and order == [*names, label]:
+            lines = io.StringIO()
+            np.savetxt(lines, np.column_stack([x, y]), fmt="%.9g", delimiter=delimiter)
+            return [line.encode() for line in lines.getvalue().splitlines()]
+        texts = {n: [("" if v != v else f"{v:.9g}") for v in col] for n, col in zip(names, x.T.tolist())}
+        texts.update({c: ["" if v is None else _csv_text(v, delimiter) for v in values] for c, values in cats.items()})
+        texts[label] = [_csv_text(v, delimiter) for v in ys] if ys is not None else [f"{v:.9g}" for v in y.tolist()]
+        blank = [""] * len(y)
+        return [delimiter.join(cells).encode() for cells in zip(*(texts.get(c, blank) for c in order))]
     if fmt == "arrow":
         out = []
         for i in range(0, len(y), rows_per_message):
-            xs, ys = x[i : i + rows_per_message], y[i : i + rows_per_message]
+            xs, part = x[i : i + rows_per_message], slice(i, i + rows_per_message)
             if feature_field:
-                cols = {feature_field: pa.FixedSizeListArray.from_arrays(pa.array(xs.reshape(-1)), xs.shape[1]), label: ys}
+                cols = {feature_field: pa.FixedSizeListArray.from_arrays(pa.array(xs.reshape(-1)), xs.shape[1])}
             else:
-                cols = {**{n: xs[:, j] for j, n in enumerate(names)}, label: ys}
+                cols = {n: pa.array(xs[:, j], from_pandas=True) for j, n in enumerate(names)}  # NaN: null
+            cols.update({name: pa.array(list(values[part])) for name, values in cats.items()})
+            cols[label] = pa.array(ys[part]) if ys is not None else y[part]
             out.append(arrow_ipc(pa.table(cols)))
         return out
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _csv_text(v: object, delimiter: str) -> str:
+    text = "true" if v is True else "false" if v is False else str(v)
+    if delimiter in text or '"' in text or "\n" in text or "\r" in text:
+        text = '"' + text.replace('"', '""') + '"'
+    return text
 
 
 def arrow_ipc(table: pa.Table) -> bytes:

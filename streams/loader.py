@@ -3,13 +3,16 @@
 The reading half of ``streamtrain produce``: files and object storage (``s3://``,
 ``gs://``, ``file://``, ...) into numpy batches the encoders turn into Kafka records.
 Files are scanned in record batches through :mod:`pyarrow.dataset`, never loaded
-whole, so a file larger than memory streams through.  Rows the daemon could not train
-on (a null or non-finite value, a feature vector of the wrong length) are dropped
-here and counted: they would only end up in the dead-letter topic.
+whole, so a file larger than memory streams through.  Categorical columns are passed on
+as they are (strings, integers, booleans, nulls), and a null number too when the daemon
+imputes it (``data.missing: impute``).  Rows the daemon could not train on (a null label,
+a non-finite number, a null number it would reject, a feature vector of the wrong length)
+are dropped here and counted: they would only end up in the dead-letter topic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,16 +47,21 @@ class Columns:
     label: str = "y"
     width: int = 0  # with feature_field: the vector length (0 = the first row's)
     key: str | None = None  # a column whose value becomes the record key
+    categorical: tuple[str, ...] = ()  # columns passed on as they are (the daemon hashes them)
+    nulls: bool = False  # a null number is passed on (as NaN: the encoders write it as missing), not dropped
+    label_names: bool = False  # the label is a class name, passed on as text
 
 
 @dataclass
 class Rows:
     """Usable rows of one record batch, and how many were dropped."""
 
-    x: np.ndarray  # (n, width) float32
+    x: np.ndarray  # (n, width) float32; NaN: a null passed on (Columns.nulls)
     y: np.ndarray  # (n,) float32
     keys: list[bytes | None] | None
     skipped: int
+    categorical: dict[str, list] | None = None  # categorical columns' values, by name
+    labels: list | None = None  # the labels as text (Columns.label_names)
 
 
 @dataclass
@@ -73,18 +81,19 @@ class Source:
     def resolve(self, cols: Columns) -> Columns:
         """``cols`` with the feature columns filled in and every named column checked against the input."""
         names = self.dataset.schema.names
-        wanted = [*cols.features, *([cols.feature_field] if cols.feature_field else []), cols.label, *([cols.key] if cols.key else [])]
+        wanted = [*cols.features, *([cols.feature_field] if cols.feature_field else []), *cols.categorical, cols.label]
+        wanted += [cols.key] if cols.key else []
         missing = [c for c in wanted if c not in names]
         if missing:
             hints = [f"{c!r}" + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(c, names, 1)) for c in missing]
             raise InputError(f"{self.uri}: no column {', '.join(hints)}; its columns are {', '.join(names)}")
         if cols.features or cols.feature_field:
             return cols
-        skip = {cols.label, cols.key}
+        skip = {cols.label, cols.key, *cols.categorical}
         numeric = [f.name for f in self.dataset.schema if f.name not in skip and _numeric(f.type)]
-        if not numeric:
+        if not numeric and not cols.categorical:
             raise InputError(f"{self.uri}: no numeric column besides the label {cols.label!r}; name the features")
-        return Columns(tuple(numeric), None, cols.label, cols.width, cols.key)
+        return dataclasses.replace(cols, features=tuple(numeric))
 
     def vector_width(self, name: str) -> int:
         """The length of the first non-empty vector in list column ``name`` (0 if none is found early)."""
@@ -95,11 +104,14 @@ class Source:
 
     def batches(self, cols: Columns, batch_rows: int = 65536) -> Iterator[Rows]:
         """The input's usable rows in record batches; ``cols`` must come from :meth:`resolve`."""
-        wanted = [*cols.features, *([cols.feature_field] if cols.feature_field else []), cols.label, *([cols.key] if cols.key else [])]
+        wanted = [*cols.features, *([cols.feature_field] if cols.feature_field else []), *cols.categorical, cols.label]
+        wanted += [cols.key] if cols.key else []
         width = cols.width
         try:
             # text formats: read the wanted columns with fixed types (a column of ints then floats would fail)
             types = {c: pa.float64() for c in (*cols.features, cols.label)}
+            if cols.label_names:
+                types[cols.label] = pa.string()
             if cols.feature_field:
                 types[cols.feature_field] = pa.list_(pa.float64())
             if cols.key:
@@ -108,20 +120,34 @@ class Source:
             for batch in dataset.to_batches(columns=wanted, batch_size=batch_rows):
                 if batch.num_rows == 0:
                     continue
+                n = batch.num_rows
                 if cols.feature_field:
                     x, width = self._vectors(batch.column(cols.feature_field), width)
-                else:
+                elif cols.features:
                     x = np.column_stack([self._floats(batch.column(c), c) for c in cols.features]).astype(np.float32)
-                y = self._floats(batch.column(cols.label), cols.label).astype(np.float32)
+                else:
+                    x = np.empty((n, 0), np.float32)
+                labels = None
+                if cols.label_names:
+                    labels = pc.cast(batch.column(cols.label), pa.string()).to_pylist()
+                    y = np.where([v is None for v in labels], np.nan, 0.0).astype(np.float32)
+                else:
+                    y = self._floats(batch.column(cols.label), cols.label).astype(np.float32)
                 keys = None
                 if cols.key:
                     keys = [None if k is None else k.encode() for k in pc.cast(batch.column(cols.key), pa.string()).to_pylist()]
-                ok = np.isfinite(x).all(axis=1) & np.isfinite(y)
+                cats = {c: _categories(batch.column(c)) for c in cols.categorical}
+                finite = np.isfinite(x)
+                if cols.nulls and not cols.feature_field and cols.features:
+                    finite |= np.column_stack([pc.is_null(batch.column(c)).to_numpy(zero_copy_only=False) for c in cols.features])
+                ok = finite.all(axis=1) & np.isfinite(y)
                 skipped = int(len(ok) - ok.sum())
                 if skipped:
                     x, y = x[ok], y[ok]
                     keys = [k for k, good in zip(keys, ok) if good] if keys is not None else None
-                yield Rows(x, y, keys, skipped)
+                    cats = {c: [v for v, good in zip(vs, ok) if good] for c, vs in cats.items()}
+                    labels = [v for v, good in zip(labels, ok) if good] if labels is not None else None
+                yield Rows(x, y, keys, skipped, cats or None, labels)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
             raise InputError(f"{self.uri}: {_first_line(exc)}") from exc
 
@@ -145,6 +171,14 @@ class Source:
             values = self._floats(arr.filter(pa.array(ok)).flatten(), "feature field")
             x[ok] = values.reshape(-1, width)
         return x, width
+
+
+def _categories(arr: pa.Array) -> list:
+    """A categorical column's values as the records carry them: integers and booleans as they are, the rest as text."""
+    t = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
+    if pa.types.is_integer(t) or pa.types.is_boolean(t):
+        return pc.cast(arr, t).to_pylist() if pa.types.is_dictionary(arr.type) else arr.to_pylist()
+    return pc.cast(arr, pa.string()).to_pylist()
 
 
 def open_source(uri: str, input_format: str | None = None) -> Source:
@@ -188,7 +222,7 @@ def _file_format(fmt: str, types: dict[str, pa.DataType] | None = None) -> pads.
     if fmt in ("csv", "tsv"):
         return pads.CsvFileFormat(
             parse_options=pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-            convert_options=pa_csv.ConvertOptions(column_types=types or {}),
+            convert_options=pa_csv.ConvertOptions(column_types=types or {}, strings_can_be_null=True),  # an empty cell: null
         )
     if fmt == "json":
         schema = pa.schema(list((types or {}).items())) if types else None

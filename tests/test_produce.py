@@ -16,6 +16,7 @@ import yaml
 from streamtrain.cli import main
 from streamtrain.streams.config import DataConfig, parse
 from streamtrain.streams.decode import LabelRule, make_decoder
+from streamtrain.streams.features import is_missing
 from streamtrain.tools.progress import RateLimiter
 from tests.kafka_util import free_port, read_topic
 
@@ -160,9 +161,11 @@ def test_unusable_rows_are_skipped_and_counted(tmp_path, bootstrap, make_topic, 
     path = tmp_path / "in.csv"
     path.write_text("a,y\n1,0\n,1\n2,\ninf,1\n3.5,1\n")  # a null feature, a null label, an infinite feature
     code, s = produce(capsys, "-b", bootstrap, "-t", topic, "--features", "a", str(path))
-    assert code == 0 and (s["rows_read"], s["rows_skipped"], s["rows_delivered"]) == (5, 3, 2)
-    x, _, _ = decoded(bootstrap, topic, {"format": "json", "features": ["a"]}, 2)
-    assert sorted(x[:, 0].tolist()) == [1.0, 3.5]
+    # the null feature goes on (the daemon imputes it: data.missing's default); the others would only be dead-lettered
+    assert code == 0 and (s["rows_read"], s["rows_skipped"], s["rows_delivered"]) == (5, 2, 3)
+    x, _, msgs = decoded(bootstrap, topic, {"format": "json", "features": ["a"]}, 3)
+    assert sorted(v for v in x[:, 0].tolist() if v == v) == [1.0, 3.5] and is_missing(x[:, 0]).sum() == 1
+    assert sorted(json.loads(m.value())["a"] or 0 for m in msgs) == [0, 1.0, 3.5], "written as null"
     path.write_text("a,y\n1,0\nlots,1\n")  # not a number: the input cannot be read as asked
     assert main(["produce", "-b", bootstrap, "-t", topic, "--features", "a", str(path)]) == 1
     assert "stopped early" in capsys.readouterr().err
@@ -255,3 +258,31 @@ def test_unreachable_broker_fails_fast(tmp_path, capsys):
     assert "cannot reach Kafka" in capsys.readouterr().err
     assert main(["produce", "-b", "127.0.0.1:9", "-t", "x", "--features", "a", "-X", "no.such.property=1", str(src)]) == 1
     assert "librdkafka refused the producer settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "arrow"])
+def test_categorical_columns_nulls_and_class_names_are_written_as_they_are(tmp_path, bootstrap, make_topic, capsys, fmt):
+    """Strings, integer ids and class names as the file holds them; the daemon's own decoder reads them back, nothing rejected."""
+    import yaml
+
+    topic = make_topic(1)
+    path = tmp_path / "in.csv"
+    path.write_text("a,user,item,y\n1.5,alice,7,cat\n,bob,8,dog\n2.5,,9,cat\n")
+    data = {"format": fmt, "features": ["a"], "categorical": ["user", "item"], "label": "y"}
+    cfg = {
+        "kafka": {"bootstrap_servers": bootstrap, "topics": [topic]},
+        "data": data,
+        "trainer": {"task": "binary", "classes": ["cat", "dog"]},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, s = produce(capsys, "--config", str(tmp_path / "c.yaml"), str(path))
+    assert code == 0 and s["rows_delivered"] == 3 and s["rows_skipped"] == 0
+    msgs = read_topic(bootstrap, topic, 1 if fmt == "arrow" else 3)
+    out = make_decoder(parse(DataConfig, data, "data"), LabelRule("binary", 0, ("cat", "dog"))).decode([m.value() for m in msgs])
+    assert out.rejects == [] and out.y.tolist() == [0, 1, 0]
+    assert is_missing(out.x[:, 0]).tolist() == [False, True, False]
+    from streamtrain.streams.features import FeatureSpec
+
+    spec = FeatureSpec(categorical=("user", "item"))
+    assert out.ids[:, 1].tolist() == spec.rows(1, [7, 8, 9]).tolist()  # integer ids as their digits, in every format
+    assert out.ids[2, 0] == spec.missing_row(0)

@@ -183,12 +183,14 @@ def run(plan: Plan, args: argparse.Namespace) -> Summary:
                     taken = summary.rows_read - summary.rows_skipped  # usable rows before this batch
                     summary.rows_read += len(rows.y) + rows.skipped
                     summary.rows_skipped += rows.skipped
-                    x, y, keys = rows.x, rows.y, rows.keys
+                    x, y, keys, cats, labels = rows.x, rows.y, rows.keys, rows.categorical, rows.labels
                     if args.limit and taken + len(y) > args.limit:
                         keep = args.limit - taken
                         summary.rows_read -= len(y) - keep  # rows past the limit count as not read
                         x, y, keys = x[:keep], y[:keep], keys[:keep] if keys is not None else None
-                    for value, key, n in _messages(plan, x, y, keys):
+                        cats = {c: v[:keep] for c, v in cats.items()} if cats else None
+                        labels = labels[:keep] if labels is not None else None
+                    for value, key, n in _messages(plan, x, y, keys, cats, labels):
                         if len(value) > data.max_record_bytes:
                             summary.failed(f"record over data.max_record_bytes ({data.max_record_bytes:,}); lower --rows-per-message")
                             continue
@@ -212,25 +214,22 @@ def run(plan: Plan, args: argparse.Namespace) -> Summary:
     return summary
 
 
-def _messages(plan: Plan, x: np.ndarray, y: np.ndarray, keys: list[bytes | None] | None):
+def _messages(plan: Plan, x: np.ndarray, y: np.ndarray, keys: list[bytes | None] | None, cats=None, labels=None):
     """(value, key, rows) for each record of one batch of rows."""
     d = plan.data
-    if d.format == "csv" and d.csv.columns:
-        # the line holds data.csv.columns in order: put the label column where it belongs
-        at = list(d.csv.columns).index(d.label)
-        full = np.insert(x, at, y, axis=1)
-        values = encode("csv", full[:, :-1], full[:, -1], delimiter=d.csv.delimiter)
-    else:
-        values = encode(
-            d.format,
-            x,
-            y,
-            d.features,
-            d.label,
-            feature_field=d.feature_field,
-            rows_per_message=plan.rows_per_message,
-            delimiter=d.csv.delimiter,
-        )
+    values = encode(  # a CSV line holds data.csv.columns in order: encode puts each column where it belongs
+        d.format,
+        x,
+        y,
+        d.features,
+        d.label,
+        feature_field=d.feature_field,
+        rows_per_message=plan.rows_per_message,
+        delimiter=d.csv.delimiter,
+        categorical=cats,
+        labels=labels,
+        columns=d.csv.columns or None,
+    )
     if d.format == "arrow":
         sizes = [min(plan.rows_per_message, len(y) - i) for i in range(0, len(y), plan.rows_per_message)]
         return zip(values, [None] * len(values), sizes)

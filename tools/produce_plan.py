@@ -72,12 +72,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
     first = open_source(args.sources[0], args.input_format)
     input_features = _names(args.input_features)
     label_col = args.input_label or raw["label"]
+    cats = tuple(raw.get("categorical") or ())
+    # records as the daemon reads them: null numbers go on when it imputes them, class names as text
+    kept = dict(
+        categorical=cats,
+        nulls=raw.get("missing", "impute") == "impute" and raw["format"] != "raw",
+        label_names=bool(cfg_classes(args)),
+    )
     if input_features:
-        cols = Columns(input_features, None, label_col, 0, args.key)
+        cols = Columns(input_features, None, label_col, 0, args.key, **kept)
     elif raw["feature_field"] and not raw["features"]:
-        cols = Columns((), raw["feature_field"], label_col, raw["num_features"], args.key)
+        cols = Columns((), raw["feature_field"], label_col, raw["num_features"], args.key, **kept)
     else:
-        cols = Columns(tuple(raw["features"]), None, label_col, 0, args.key)
+        cols = Columns(tuple(raw["features"]), None, label_col, 0, args.key, **kept)
     cols = first.resolve(cols)
     width = len(cols.features) or cols.width or first.vector_width(cols.feature_field)
     if raw["format"] in ("json", "csv", "arrow") and not raw["features"] and not raw["feature_field"]:
@@ -123,6 +130,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
         sources.append(open_source(uri, args.input_format))
         sources[-1].resolve(cols)  # the same columns, or an InputError naming the input
     return Plan(topic, kafka, data, cols, settings, sources, args.rows_per_message)
+
+
+def cfg_classes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The daemon's trainer.classes (labels are class names), if --config gives them."""
+    if not args.config:
+        return ()
+    from streamtrain.config.args import load_or_explain
+
+    cfg = load_or_explain(args.config, args.overrides)
+    return tuple(cfg.trainer.classes) if cfg is not None else ()
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
