@@ -93,7 +93,7 @@ def sum_over_ranks(params: list[nn.Parameter], coll: object) -> None:
         rows_all, values_all = [], []
         for buf in every:
             counts = buf[: len(params)].long().tolist()
-            at = len(params) + sum(c * (1 + dim) for c in counts[:k])
+            at = len(params) + sum(c * (1 + params[j].shape[1]) for j, c in enumerate(counts[:k]))
             n = counts[k]
             rows_all.append(buf[at : at + n].long())
             values_all.append(buf[at + n : at + n + n * dim].reshape(n, dim))

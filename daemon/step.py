@@ -226,8 +226,10 @@ class Learner:
         else:
             turn, coll = ranked
             n = turn.samples
-            self._fold(self.normalizer, turn.moments[: 2 * x.shape[1]], n, x, coll)
-            fold_labels = lambda y2: self._fold(self.target, turn.moments[2 * x.shape[1] :], n, y2, coll)  # noqa: E731
+            w = x.shape[1]
+            counts = turn.moments[2 * w + 2 :] if self.normalizer.missing else None  # present values per column
+            self._fold(self.normalizer, turn.moments[: 2 * w], n, x, coll, counts)
+            fold_labels = lambda y2: self._fold(self.target, turn.moments[2 * w : 2 * w + 2], n, y2, coll)  # noqa: E731
         xn = self.normalizer.inputs(x)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             out = self.model(xn, ids) if self.takes_ids else self.model(xn)
@@ -289,28 +291,38 @@ class Learner:
         (``daemon/ranks.py``'s control all-reduce) to the moments of the union of the batches.
         """
         w = self.cfg.data.width
+        missing = self.normalizer.missing
         if batch is None or len(batch) == 0:
-            return torch.zeros(2 * w + 2, dtype=torch.float64)
+            return torch.zeros(2 * w + 2 + (w if missing else 0), dtype=torch.float64)
         xs = batch.x.to(torch.float64) - self.normalizer.mean.cpu()
         ys = batch.y.to(torch.float64).reshape(-1, 1) - self.target.mean.cpu()
-        return torch.cat([xs.sum(0), xs.square().sum(0), ys.sum(0), ys.square().sum(0)])
+        if not missing:
+            return torch.cat([xs.sum(0), xs.square().sum(0), ys.sum(0), ys.square().sum(0)])
+        present = ~torch.isnan(xs)  # a missing number adds to no sum; the counts travel last
+        xs = torch.where(present, xs, 0.0)
+        return torch.cat([xs.sum(0), xs.square().sum(0), ys.sum(0), ys.square().sum(0), present.sum(0, dtype=torch.float64)])
 
     @staticmethod
-    def _fold(norm: RunningStandardizer, moments: torch.Tensor, n: int, local: torch.Tensor, coll: Collectives) -> None:
-        """Fold the turn's batch (every rank's) into ``norm`` from its summed centred moments."""
+    def _fold(
+        norm: RunningStandardizer, moments: torch.Tensor, n: int, local: torch.Tensor, coll: Collectives, counts: torch.Tensor | None = None
+    ) -> None:
+        """Fold the turn's batch (every rank's) into ``norm`` from its summed centred moments (``counts``: present values)."""
         if not norm.enabled or n == 0:
             return
         width = norm.mean.shape[0]
         s1, s2 = moments[:width].to(norm.mean), moments[width:].to(norm.mean)
-        mean_b = norm.mean + s1 / n
-        if norm.n == 0:
-            # the first batch ever: no running mean to centre on, so sum the squares about the
+        k = counts.to(norm.mean).clamp(min=1.0) if counts is not None else n
+        mean_b = norm.mean + s1 / k
+        m2_b = (s2 - s1.square() / k).clamp_(min=0.0)
+        # every rank holds the same counts: the same branch (and the same collective) on each
+        first = (norm.counts == 0) if counts is not None else None
+        if (first.any() if first is not None else norm.n == 0):
+            # a column's first values ever: no running mean to centre on, so sum the squares about the
             # batch's mean in a second pass (a timestamp's square loses its spread in float64)
-            dev = local.reshape(-1, width).to(torch.float64) - mean_b
-            m2_b = coll.all_reduce(dev.square().sum(0).cpu()).to(norm.mean)
-        else:
-            m2_b = (s2 - s1.square() / n).clamp_(min=0.0)
-        norm.merge(n, mean_b, m2_b)
+            dev = (local.reshape(-1, width).to(torch.float64) - mean_b).nan_to_num(0.0)
+            m2_first = coll.all_reduce(dev.square().sum(0).cpu()).to(norm.mean)
+            m2_b = torch.where(first, m2_first, m2_b) if first is not None else m2_first
+        norm.merge(n, mean_b, m2_b, counts)
 
     def _sum_over_ranks(self, sums: torch.Tensor, coll: Collectives) -> torch.Tensor:
         """Sum the gradients (zeros where this rank has none) and ``sums`` over the ranks: one all-reduce (and the sparse rows)."""

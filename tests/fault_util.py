@@ -29,6 +29,31 @@ LEDGER_DATA = {  # the ledger's (partition, sequence, f) as features a, b, c (be
     "arrow": {"format": "arrow", "features": ["a", "b", "c"], "label": "y"},
 }
 TOMBSTONE = b"<tombstone>"  # what a value() hook returns for a record with a null value
+LEDGER_CATEGORICAL = {**LEDGER_DATA["json"], "categorical": ["user", "item"], "hash_buckets": 4096}
+
+
+def categories(partition: int, seq: int) -> tuple[str | None, int]:
+    """The ledger's categorical values for a record: a user (missing for one in 11) and an integer item id."""
+    return (None if seq % 11 == 0 else f"user-{(partition * 7919 + seq) % 997}"), seq % 13
+
+
+def categorical_record(partition: int, seq: int, rng: random.Random) -> bytes:
+    f = float(np.float32(rng.uniform(-1, 1)))
+    user, item = categories(partition, seq)
+    return json.dumps({"a": partition, "b": seq, "c": f, "user": user, "item": item, "y": 2 * f + 1}).encode()
+
+
+def expected_idsum(producer: LedgerProducer) -> list[float]:
+    """Per partition: the sum of the table rows of every record the producer delivered (sequences 1..n)."""
+    from streamtrain.streams.features import FeatureSpec
+
+    spec = FeatureSpec(categorical=("user", "item"), buckets=LEDGER_CATEGORICAL["hash_buckets"])
+    out = []
+    for p in range(producer.partitions):
+        seqs = range(1, producer.next_seq[p])
+        users, items = zip(*(categories(p, s) for s in seqs)) if len(seqs) else ((), ())
+        out.append(float(spec.rows(0, list(users)).sum() + spec.rows(1, list(items)).sum()) if len(seqs) else 0.0)
+    return out
 
 
 def ledger_config(
@@ -40,7 +65,7 @@ def ledger_config(
         tmp_path,
         bootstrap,
         [topic],
-        data=dict(LEDGER_DATA[fmt]),
+        data=dict(LEDGER_CATEGORICAL if fmt == "categorical" else LEDGER_DATA[fmt]),
         model=model,
         trainer={"standardize": False, "lr": 0.01, "optimizer": "sgd"},
         ring={"batch_size": 64, "slots": 4, "max_batch_wait_ms": 20},
@@ -53,6 +78,8 @@ def ledger_config(
 
 
 def ledger_record(partition: int, seq: int, rng: random.Random, fmt: str = "raw") -> bytes:
+    if fmt == "categorical":
+        return categorical_record(partition, seq, rng)
     f = float(np.float32(rng.uniform(-1, 1)))
     if fmt == "raw":
         return np.array([partition, seq, f, 2 * f + 1], dtype="<f4").tobytes()
@@ -165,6 +192,7 @@ def read_ledger(snapshot_dir: Path) -> dict[str, Any]:
         "skipped": as_ints(m["skipped"]),
         "skipped_seqsum": as_ints(m["skipped_seqsum"]),
         "skipped_steps": int(m["skipped_steps"]),
+        "idsum": [float(v) for v in m["idsum"].tolist()] if "idsum" in m else [],
         "meta": info.meta,
     }
 

@@ -1,6 +1,8 @@
 """A ledger model for the fault tests: its state counts what it was trained on.
 
-Records carry ``(partition, sequence, f)`` as raw float32 features.  Each training
+Records carry ``(partition, sequence, f)`` as raw float32 features (or in json, csv, arrow:
+``a, b, c``; with categorical fields, the sum of their table rows per partition goes to
+``idsum``).  Each training
 forward adds, per partition, the number of records and the sum of their sequence
 numbers to buffers that live in the model's state -- so they are restored from
 snapshots exactly like weights.  After the last restart has drained the topic,
@@ -57,13 +59,13 @@ class Ledger(nn.Module):
         self.config = config
         self.lin = nn.Linear(1, 1)
         p = config.partitions
-        for name in ("count", "seqsum", "skipped", "skipped_seqsum"):
+        for name in ("count", "seqsum", "skipped", "skipped_seqsum", "idsum"):
             self.register_buffer(name, torch.zeros(p, dtype=torch.float64))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.float64))
         self.register_buffer("ballast", torch.zeros(int(config.ballast_mb * 2**20 / 4)))
         self._rng = random.Random()  # deliberately not part of the state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         out = self.lin(x[:, 2:3])
         if self.config.oracle:
             out = out * 0 + torch.remainder(x[:, 1:2], 2)
@@ -92,6 +94,8 @@ class Ledger(nn.Module):
             else:
                 self.count.add_(count)
                 self.seqsum.add_(seqsum)
+                if ids is not None:  # the table rows arrive with their records: their sum per partition
+                    self.idsum.index_add_(0, part, ids.sum(1).double())
         if poison:
             return out * math.nan
         if poison_grad:

@@ -19,7 +19,14 @@ CASES = {
         "model": {"name": "mlp", "params": {"hidden": [8], "out_features": 3}},
         "trainer": {"task": "multiclass", "num_classes": 3, "optimizer": "sgd", "momentum": 0.9, "grad_clip_norm": 0.5},
     },
+    # categorical ids (sparse rows summed over the ranks) and missing numbers (per-column counts summed too)
+    "categorical": {
+        "data": {"format": "json", "features": ["a", "b", "c", "d"], "categorical": ["u", "i"], "hash_buckets": 64},
+        "model": {"name": "fm", "params": {"embedding_dim": 4}},
+        "trainer": {"task": "binary", "optimizer": "sgd", "lr": 0.1, "sparse_lr": 0.2},
+    },
 }
+FIELDS = {"categorical": 2}  # categorical fields per case (the others have none)
 
 
 def case_config(case: str, snapshot_dir: str = "/nonexistent") -> Config:
@@ -34,20 +41,24 @@ def case_config(case: str, snapshot_dir: str = "/nonexistent") -> Config:
     return config_from_dict(raw)
 
 
-def global_batches(case: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def global_batches(case: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     g = torch.Generator().manual_seed(3)
     out = []
     for step in range(STEPS):
         n = 16 + step % 5
         x = torch.randn(n, WIDTH, generator=g) * torch.tensor([1.0, 100.0, 0.01, 1.0]) + torch.tensor([0.0, 0.0, 0.0, 1.7e9])
         score = x[:, 0] - 0.02 * x[:, 1] + 50 * x[:, 2]
+        ids = None
         if case in ("regression", "huber"):
             y = 3 * score + 1e4
-        elif case == "binary":
+        elif case in ("binary", "categorical"):
             y = (score > 0).float()
         else:
             y = torch.bucketize(score, torch.tensor([-0.5, 0.5])).float()
-        out.append((x, y))
+        if case in FIELDS:
+            ids = torch.randint(0, 64, (n, FIELDS[case]), generator=g)
+            x[torch.rand(n, WIDTH, generator=g) < 0.15] = float("nan")  # missing numbers, imputed
+        out.append((x, y, ids))
     return out
 
 

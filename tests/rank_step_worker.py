@@ -26,9 +26,9 @@ def main(cases: str, out: str) -> None:
     for case in cases.split(","):
         learner = Learner(case_config(case), world)
         coll = coll or Collectives(world, learner.device, 60)
-        for step, (x, y) in enumerate(global_batches(case)):
+        for step, (x, y, ids) in enumerate(global_batches(case)):
             rows = rank_rows(case, step, len(y), world.rank, world.size)
-            batch = Batch(x[rows], y[rows])
+            batch = Batch(x[rows], y[rows], ids=ids[rows] if ids is not None else None)
             turn = control(coll, len(batch), False, False, False, learner.batch_moments(batch))
             if turn.samples:
                 learner.step(batch, (turn, coll))
