@@ -398,3 +398,72 @@ def test_a_model_without_an_ids_argument_is_refused_for_categorical_data(tmp_pat
 
     with pytest.raises(ConfigError, match="takes no categorical input"):
         cat_trainer(tmp_path, {"name": "tests.user_model_fixture:TinyNet"})
+
+
+# ----------------------------------------------------------------------------- through the broker
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fmt", ["json", "csv", "arrow"])
+def test_categorical_streams_come_through_the_broker_with_nothing_dead_lettered(bootstrap, make_topic, fmt):
+    from streamtrain.streams.dataset import KafkaIterableDataset
+    from streamtrain.streams.encode import encode as encode_records
+    from tests.kafka_util import TestProducer, unique_name
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    x = rng.normal(size=(n, 2)).astype(np.float32)
+    x[rng.random((n, 2)) < 0.1] = np.nan  # missing: null, an empty cell, an Arrow null
+    users = [None if i % 17 == 0 else f"u{i % 300}" for i in range(n)]
+    devices = [["ios", "web", "android"][i % 3] for i in range(n)]
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    values = encode_records(fmt, x, y, ["a", "b"], "y", categorical={"user": users, "device": devices}, rows_per_message=250)
+    topic = make_topic(2)
+    producer = TestProducer(bootstrap)
+    producer.send_all(topic, values, partitions=2)
+    producer.flush()
+    raw = {
+        "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": unique_name("g")},
+        "data": {"format": fmt, **CATS},
+        "ring": {"batch_size": 64},
+        "dead_letter": {"topic": make_topic(1, prefix="dead-letter"), "timeout_s": 10},
+        "task": "binary",
+    }
+    ds = KafkaIterableDataset.from_dict(raw, idle_timeout_s=1.5)
+    rows = []
+    try:
+        for batch in ds:
+            assert batch.ids is not None and batch.ids.shape == (len(batch), 2) and batch.ids.dtype == torch.int64
+            rows.append((batch.x.clone(), batch.ids.clone()))
+    finally:
+        ds.close()
+    got_x = torch.cat([r[0] for r in rows])
+    got_ids = torch.cat([r[1] for r in rows])
+    assert len(got_x) == n and ds.stats.rejected == {}, "every record trained, none dead-lettered"
+    assert int(torch.isnan(got_x).sum()) == int(np.isnan(x).sum()) == sum(ds.stats.missing.values())
+    spec = FeatureSpec(categorical=("user", "device"), buckets=1000)
+    want = np.column_stack([spec.rows(0, users), spec.rows(1, devices)])
+    assert sorted(map(tuple, got_ids.tolist())) == sorted(map(tuple, want.tolist())), "the same rows, whatever the partition order"
+
+
+@pytest.mark.integration
+def test_the_daemon_trains_a_categorical_stream_and_reports_its_tables_and_missing_values(tmp_path, bootstrap, make_topic):
+    from tests.daemon_util import Daemon, daemon_config, write_config
+    from tests.kafka_util import TestProducer
+
+    topic = make_topic(2)
+    producer = TestProducer(bootstrap)
+    producer.send_all(topic, click_records(4000), partitions=2)
+    producer.flush()
+    cfg = daemon_config(tmp_path, bootstrap, [topic], data=ROWS_DATA, model={"name": "fm", "params": {}}, trainer={"task": "binary"})
+    cfg["data"] = dict(ROWS_DATA)
+    d = Daemon(write_config(tmp_path / "c.yaml", cfg), tmp_path / "d.log")
+    d.wait_for("4000 trained", lambda m: m.get("streamtrain_samples_trained_total", 0) >= 4000, 90)
+    m = d.settled()  # the ingest process reports its counters every 0.25 s
+    assert d.terminate()[0] == 0
+    assert sum(v for k, v in m.items() if k.startswith("streamtrain_records_rejected_total")) == 0
+    assert m['streamtrain_missing_values_total{feature="a"}'] > 0 and m.get('streamtrain_missing_values_total{feature="b"}', 0) == 0
+    assert m["streamtrain_embedding_rows"] == 2 * 1000  # fm: its weights and its factors, 1000 rows each
+    assert "categorical tables: 2,000 rows" in d.log()
+    loss = m["streamtrain_prequential_loss_total"] / m["streamtrain_prequential_samples_total"]
+    assert loss < 0.66, f"learned the ids' effects: prequential log loss {loss:.3f} (the base rate's is ~0.69)"
