@@ -88,8 +88,40 @@ def samples(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def records(fmt: str, n: int, seed: int = 0) -> list[bytes]:
     """Record values holding ``n`` samples (arrow packs ROWS_PER_ARROW_MESSAGE per record)."""
+    if fmt in ROWS:
+        return ROWS[fmt][1](n, seed)
     x, y = samples(n, seed)
     return encode(fmt, x, y, FEATURES, "y", rows_per_message=ROWS_PER_ARROW_MESSAGE)
+
+
+def _numbers8(n: int, seed: int) -> list[bytes]:
+    x, y = samples(n, seed)
+    return encode("json", x[:, :8], y, FEATURES[:8], "y")
+
+
+def _numbers4_ids4(n: int, seed: int) -> list[bytes]:
+    """4 numbers and 4 string ids (Zipf users of 50,000 and items of 20,000, a device, a country): as wide as json-8."""
+    x, y = samples(n, seed)
+    rng = np.random.default_rng(seed)
+
+    def zipf(count: int) -> np.ndarray:
+        p = 1.0 / np.arange(1, count + 1) ** 1.05
+        return rng.choice(count, size=n, p=p / p.sum())
+
+    cats = {
+        "user": [f"user-{u}" for u in zipf(50_000).tolist()],
+        "item": [f"item-{i}" for i in zipf(20_000).tolist()],
+        "device": [["ios", "android", "web", "tv"][d] for d in rng.integers(0, 4, n).tolist()],
+        "country": [f"c{c}" for c in rng.integers(0, 20, n).tolist()],
+    }
+    return encode("json", x[:, :4], y, FEATURES[:4], "y", categorical=cats)
+
+
+# Pseudo-formats of bench.ingest and bench.pipeline: JSON rows of the same width, with and without string ids.
+ROWS: dict[str, tuple[dict[str, Any], Any]] = {
+    "json-8": ({"features": FEATURES[:8]}, _numbers8),
+    "json-4+4ids": ({"features": FEATURES[:4], "categorical": ["user", "item", "device", "country"]}, _numbers4_ids4),
+}
 
 
 def rows_per_message(fmt: str) -> int:
@@ -184,7 +216,9 @@ def daemon_config(
 ) -> Config:
     """The daemon's config for a benchmark run: snapshots off the timer unless asked, no metrics server."""
     data: dict[str, Any] = {"format": fmt, "label": "y"}
-    if fmt == "raw":
+    if fmt in ROWS:
+        data = {"format": "json", "label": "y", **ROWS[fmt][0]}
+    elif fmt == "raw":
         data["num_features"] = WIDTH
     else:
         data["features"] = FEATURES

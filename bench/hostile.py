@@ -178,7 +178,23 @@ def kinds(fmt: str) -> dict[str, bytes | None]:
 
 # ----------------------------------------------------------------------------- mutation operators
 
-OPERATORS = ("cut", "flip", "set_byte", "insert", "delete", "splice", "nest", "repeat", "huge_number", "nul", "bom", "crlf", "blank", "cr", "quote")
+OPERATORS = (
+    "cut",
+    "flip",
+    "set_byte",
+    "insert",
+    "delete",
+    "splice",
+    "nest",
+    "repeat",
+    "huge_number",
+    "nul",
+    "bom",
+    "crlf",
+    "blank",
+    "cr",
+    "quote",
+)
 
 
 def mutate(value: bytes, op: str, pos: int, byte: int, other: bytes = b"") -> bytes:

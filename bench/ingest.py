@@ -23,6 +23,7 @@ import time
 
 from bench.common import (
     MODELS,
+    ROWS,
     Broker,
     CpuMeter,
     daemon_config,
@@ -39,7 +40,14 @@ from streamtrain.streams.dataset import KafkaIterableDataset
 from streamtrain.streams.decode import LabelRule, make_decoder
 from streamtrain.streams.encode import FORMATS
 
-BAD_VALUE = {"json": b"{not json", "csv": b"1,2", "raw": b"\x00\x01\x02", "arrow": b"not arrow"}
+BAD_VALUE = {
+    "json": b"{not json",
+    "csv": b"1,2",
+    "raw": b"\x00\x01\x02",
+    "arrow": b"not arrow",
+    "json-8": b"{not json",
+    "json-4+4ids": b"{not json",
+}
 
 
 def with_bad(values: list[bytes], fmt: str, fraction: float) -> tuple[list[bytes], int]:
@@ -119,7 +127,11 @@ def decode_only(formats: list[str], fractions: list[float], n: int, repeat: int)
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--formats", default="json,csv,raw", help="comma-separated: json,csv,arrow,raw")
+    ap.add_argument(
+        "--formats",
+        default="json,csv,raw",
+        help="comma-separated: json,csv,arrow,raw, and json-8,json-4+4ids (JSON of 8 numbers, or 4 numbers and 4 string ids)",
+    )
     ap.add_argument("--bad", default="0,0.01", help="comma-separated fractions of bad records (default 0,0.01)")
     ap.add_argument("--workers", default="1", help="comma-separated ingest worker counts, e.g. 1,2 (default 1)")
     ap.add_argument("--samples", type=int, default=200_000, help="rows per measured window")
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     formats = [f for f in args.formats.split(",") if f]
     fractions = [float(b) for b in args.bad.split(",") if b]
     worker_counts = [int(w) for w in args.workers.split(",") if w]
-    unknown = [f for f in formats if f not in FORMATS]
+    unknown = [f for f in formats if f not in FORMATS and f not in ROWS]
     if unknown:
         ap.error(f"unknown format(s) {unknown}")
     quiet_logs()

@@ -64,6 +64,7 @@ class Scores:
     rmse: float = math.nan
     seconds: float = math.nan
     skipped: int = 0
+    rejected: int = 0  # records the daemon dead-lettered
     errors: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-sample 0/1 error or |error|, in order
 
     @property
@@ -82,7 +83,7 @@ def daemon_config(
     raw = {
         "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": unique("learn")},
         "dead_letter": {"topic": f"{topic}.dlq"},
-        "data": {"format": "json", "features": stream.features, "label": "y"},
+        "data": {"format": "json", "features": stream.features, "label": "y", **_categorical(stream)},
         "ring": {"batch_size": batch_size},
         "model": {"name": model, "params": params},
         "trainer": trainer,
@@ -94,9 +95,15 @@ def daemon_config(
     return config_from_dict(apply_overrides(raw, parse_set(sets, Config)))  # --set: a candidate to compare with the defaults
 
 
+def _categorical(stream) -> dict:
+    cats = getattr(stream, "categorical", None)  # a categorical stream (bench/learning_categorical.py)
+    return {"categorical": list(cats)} if cats else {}
+
+
 def fill(bootstrap: str, stream: Stream) -> str:
     topic = unique(f"learn-{stream.name}")
-    values = encode("json", stream.x, stream.y, stream.features, "y")
+    records = getattr(stream, "records", None)  # a categorical stream: its records as they are
+    values = stream.values() if records is not None else encode("json", stream.x, stream.y, stream.features, "y")
     fill_topic(bootstrap, topic, values, partitions=1)
     return topic
 
@@ -127,7 +134,8 @@ def run_daemon(
             errors.append((len(batch), err))
 
     def beat() -> None:
-        if trainer.samples + skipped[0] * batch_size >= n:
+        trainer.dataset.pump()
+        if trainer.samples + skipped[0] * batch_size + sum(trainer.dataset.stats.rejected.values()) >= n:
             trainer.stop.set()
 
     trainer.on_step = recorded
@@ -144,12 +152,14 @@ def run_daemon(
         watchdog.cancel()
         trainer.stop.set()
         trainer.ready = False  # no final snapshot: nothing here is kept
+        trainer.dataset.pump()
+        rejected = sum(trainer.dataset.stats.rejected.values())
         trainer.close()
         shutil.rmtree(directory, ignore_errors=True)
     p = trainer.learner.prequential
-    if p.samples + skipped[0] * batch_size < n:
+    if p.samples + skipped[0] * batch_size + rejected < n:
         raise RuntimeError(f"{stream.name}: only {p.samples} of {n} rows trained within {timeout:.0f} s")
-    s = Scores(f"streamtrain {model}", stream.task, p.samples, seconds=seconds, skipped=skipped[0])
+    s = Scores(f"streamtrain {model}", stream.task, p.samples, seconds=seconds, skipped=skipped[0], rejected=rejected)
     s.loss = p.loss / p.samples
     if stream.task == "regression":
         s.mae, s.rmse = p.abs_error / p.samples, math.sqrt(p.squared_error / p.samples)
@@ -259,8 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drift-model", default="mlp", help="the daemon's model in the drift recovery runs (default mlp)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a daemon config override, e.g. trainer.lr=0.02")
     ap.add_argument("--bootstrap", help="an existing broker instead of the embedded one")
+    ap.add_argument(
+        "--categorical",
+        nargs="?",
+        const="mv,friedman_missing,clicks",
+        default="",
+        help="also the categorical streams (bench/learning_categorical.py) against Vowpal Wabbit and River; a list to pick",
+    )
     args = ap.parse_args(argv)
-    names = [s for s in args.streams.split(",") if s]
+    names = [s for s in args.streams.split(",") if s] if not (args.categorical and argv_streams_default(argv)) else []
     bad = [s for s in names if s not in STREAMS]
     if bad:
         ap.error(f"unknown stream(s) {bad}; known: {', '.join(STREAMS)}")
@@ -311,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                                 *(_fmt(v) for v in (before, peak, after)),
                             ]
                         )
+        cat_rows = run_categorical(broker.bootstrap, args) if args.categorical else []
         headers = [
             "stream",
             "rows",
@@ -323,8 +341,13 @@ def main(argv: list[str] | None = None) -> int:
             "skipped",
             "target met",
         ]
-    print()
-    print(table(headers, rows))
+    if rows:
+        print()
+        print(table(headers, rows))
+    if cat_rows:
+        print()
+        print("categorical streams (prequential, batch 1; the log loss floor of clicks is its hidden model's):")
+        print(table(["stream", "rows", "learner", "acc / MAE", "log loss / RMSE", "rows/s", "dead-lettered", "target"], cat_rows))
     if drift_rows:
         print()
         print(
@@ -335,6 +358,60 @@ def main(argv: list[str] | None = None) -> int:
         headers = ["stream", "drift at", "learner", "drift.action", "samples to recover", "error before", "peak", "next 10 windows"]
         print(table(headers, drift_rows))
     return 0
+
+
+def argv_streams_default(argv: list[str] | None) -> bool:
+    """--categorical without --streams: only the categorical streams."""
+    given = sys.argv[1:] if argv is None else argv
+    return not any(a == "--streams" or a.startswith("--streams=") for a in given)
+
+
+def run_categorical(bootstrap: str, args: argparse.Namespace) -> list[list[str]]:
+    """The categorical streams: the daemon (its default and its interaction model), VW and River on the same rows."""
+    from bench.learning_categorical import CATEGORICAL_STREAMS, run_vw
+    from bench.learning_categorical import run_river as run_river_cat
+
+    out = []
+    for name in [s for s in args.categorical.split(",") if s]:
+        stream = CATEGORICAL_STREAMS[name](args.rows)
+        topic = fill(bootstrap, stream)
+        base = "linear" if stream.task == "regression" else "logistic"
+        river = run_river_cat(stream)
+        vw = run_vw(stream, "-b 18", "VW -b 18")
+        learners = [vw, river]
+        if "user" in stream.categorical and "item" in stream.categorical:
+            learners.append(run_vw(stream, "-b 18 -q ui", "VW -b 18 -q ui"))
+        ours = run_daemon(bootstrap, topic, stream, base, args.batch_size, sets=tuple(args.set))
+        best_vw = min((s for s in learners if s.learner.startswith("VW")), key=lambda s: s.loss)
+        if stream.task == "binary":
+            verdict_ = f"log loss {ours.loss / vw.loss:.3f} x VW linear (target <= 1.01): {'yes' if ours.loss <= 1.01 * vw.loss else 'no'}"
+        else:
+            ok = ours.mae <= river.mae and ours.rejected == 0
+            verdict_ = f"MAE {ours.mae / river.mae:.3f} x River (target <= 1), {ours.rejected} dead-lettered: {'yes' if ok else 'no'}"
+        print(f"{name}: {len(stream):,} rows; {ours.learner} {score_cells(ours)}; {verdict_}", flush=True)
+        rows = [ours]
+        verdicts = [verdict_]
+        if stream.task == "binary":
+            fm = run_daemon(bootstrap, topic, stream, "fm", args.batch_size, sets=tuple(args.set))
+            ratio = fm.loss / best_vw.loss
+            rows.append(fm)
+            verdicts.append(f"log loss {ratio:.3f} x best VW ({best_vw.learner}; target <= 0.95): {'yes' if ratio <= 0.95 else 'no'}")
+            print(f"{name}: {fm.learner} {score_cells(fm)}; {verdicts[-1]}", flush=True)
+        for s, v in zip([*rows, *learners], [*verdicts, *[""] * len(learners)]):
+            out.append(
+                [
+                    name,
+                    f"{len(stream):,}",
+                    s.learner,
+                    *score_cells(s),
+                    f"{s.rate:,.0f}",
+                    str(s.rejected) if s.learner.startswith("stream") else "-",
+                    v,
+                ]
+            )
+        if not math.isnan(stream.bayes_loss):
+            out.append([name, f"{len(stream):,}", "the hidden model (Bayes)", "-", _fmt(stream.bayes_loss), "-", "-", "the floor"])
+    return out
 
 
 def _better(ours: Scores, river: Scores) -> bool:

@@ -47,14 +47,26 @@ class Result:
 
 
 # ---------------------------------------------------------------------------- compute only
-def compute_only(cfg: Config, n: int, warmup: int) -> Result:
-    """The same Trainer (model, batch, device, standardizer, torch threads) stepping on in-memory batches."""
+def compute_only(cfg: Config, n: int, warmup: int, fmt: str = "") -> Result:
+    """The same Trainer (model, batch, device, standardizer, torch threads) stepping on in-memory batches.
+
+    With categorical fields (``fmt`` one of bench.common's ROWS) the batches are that
+    format's records decoded by the daemon's decoder: the same numbers and table rows.
+    """
     trainer = Trainer(cfg, Metrics())
     trainer.setup(stream=False)
     try:
         bs = cfg.ring.batch_size
-        x, y = samples(64 * bs, seed=1)
-        batches = [Batch(torch.from_numpy(x[i : i + bs]), torch.from_numpy(y[i : i + bs])) for i in range(0, len(y), bs)]
+        if cfg.data.categorical:
+            from bench.common import records
+            from streamtrain.streams.decode import LabelRule, make_decoder
+
+            out = make_decoder(cfg.data, LabelRule.of(cfg.trainer)).decode(records(fmt, 64 * bs, seed=1))
+            x, y, ids = torch.from_numpy(out.x), torch.from_numpy(out.y), torch.from_numpy(out.ids)
+            batches = [Batch(x[i : i + bs], y[i : i + bs], ids=ids[i : i + bs]) for i in range(0, len(y), bs)]
+        else:
+            x, y = samples(64 * bs, seed=1)
+            batches = [Batch(torch.from_numpy(x[i : i + bs]), torch.from_numpy(y[i : i + bs])) for i in range(0, len(y), bs)]
         done, i = 0, 0
         while done < warmup:
             trainer.step(batches[i % len(batches)])

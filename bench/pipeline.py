@@ -30,6 +30,7 @@ import yaml
 
 from bench.common import (
     MODELS,
+    ROWS,
     Broker,
     daemon_config,
     fill_topic,
@@ -54,7 +55,9 @@ QUICK = 0.1
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated: json,csv,arrow,raw")
+    ap.add_argument(
+        "--formats", default=",".join(FORMATS), help="comma-separated: json,csv,arrow,raw, json-8, json-4+4ids (4 numbers, 4 string ids)"
+    )
     ap.add_argument("--models", default="mlp,transformer", help="comma-separated: mlp,transformer")
     ap.add_argument("--samples", type=int, default=0, help="samples per e2e/compute window (default: 300k mlp, 40k transformer)")
     ap.add_argument("--quick", action="store_true", help="a tenth of the samples: checks that it runs, figures are rough")
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.ingest.split(",") if m]
     if any(m not in ("process", "thread") for m in modes):
         ap.error(f"--ingest takes process and/or thread, got {args.ingest!r}")
-    bad = [f for f in formats if f not in FORMATS] + [m for m in models if m not in MODELS]
+    bad = [f for f in formats if f not in FORMATS and f not in ROWS] + [m for m in models if m not in MODELS]
     if bad:
         ap.error(f"unknown format(s)/model(s): {bad}")
     quiet_logs()
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeat):
                     d = snapshot_dir()
                     cfg = daemon_config(broker.bootstrap, topics[fmt], fmt, spec, d)
-                    c = compute_only(cfg, n, warm)
+                    c = compute_only(cfg, n, warm, fmt)
                     shutil.rmtree(d, ignore_errors=True)
                     d = snapshot_dir()
                     cfg = daemon_config(broker.bootstrap, topics[fmt], fmt, spec, d, ring={**ring_settings, "ingest": mode})

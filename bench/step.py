@@ -24,12 +24,25 @@ from streamtrain.daemon.trainer import Trainer
 from streamtrain.streams.ring import Batch
 
 
-def rate(model: str, batch_size: int, task: str, steps: int, device: str = "cpu", width: int = 16, optimizer: dict | None = None) -> float:
-    """Samples/s of ``Trainer.step`` over ``steps`` steps (after 200 to warm up)."""
-    params = {"hidden": [64]} if model == "mlp" else {}
+def rate(
+    model: str,
+    batch_size: int,
+    task: str,
+    steps: int,
+    device: str = "cpu",
+    width: int = 16,
+    optimizer: dict | None = None,
+    params: dict | None = None,
+    fields: int = 0,
+) -> float:
+    """Samples/s of ``Trainer.step`` over ``steps`` steps (after 200 to warm up); ``fields``: categorical fields (Zipf ids)."""
+    params = params if params is not None else ({"hidden": [64]} if model == "mlp" else {})
+    data = {"format": "raw", "num_features": width}
+    if fields:
+        data = {"format": "json", "features": [f"f{i}" for i in range(width)], "categorical": [f"c{j}" for j in range(fields)]}
     raw = {
         "kafka": {"topics": ["t"]},
-        "data": {"format": "raw", "num_features": width},
+        "data": data,
         "model": {"name": model, "params": params},
         "trainer": {"task": task, "device": device, "num_threads": 1, **(optimizer or {})},
         "ring": {"batch_size": batch_size},
@@ -41,8 +54,14 @@ def rate(model: str, batch_size: int, task: str, steps: int, device: str = "cpu"
         g = torch.Generator().manual_seed(0)
         x = torch.randn(64 * batch_size, width, generator=g)
         y = (x.sum(1) > 0).float() if task == "binary" else x.sum(1)
-        batches = [Batch(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
-        for i in range(200):
+        buckets = t.cfg.data.hash_buckets
+        zipf = torch.distributions.Categorical(probs=1.0 / torch.arange(1, buckets + 1) ** 1.05)
+        ids = zipf.sample((len(y), fields)) if fields else None  # rows of the table, skewed as ids are
+        batches = [
+            Batch(x[i : i + batch_size], y[i : i + batch_size], ids=ids[i : i + batch_size] if fields else None)
+            for i in range(0, len(y), batch_size)
+        ]
+        for i in range(20 if fields else 200):
             t.step(batches[i % len(batches)])
         t0 = time.perf_counter()
         for i in range(steps):
@@ -56,9 +75,12 @@ def rate(model: str, batch_size: int, task: str, steps: int, device: str = "cpu"
 ADAMW = {"optimizer": "adamw", "lr": 1e-3, "grad_clip_norm": 1.0}
 SGD = {"optimizer": "sgd", "lr": 0.01, "grad_clip_norm": 0}
 CASES = {
-    "mlp-256": ("mlp", 256, "regression", ADAMW),  # bench.pipeline's small MLP
-    "linear-1": ("linear", 1, "regression", SGD),
-    "logistic-1": ("logistic", 1, "binary", SGD),
+    "mlp-256": ("mlp", 256, "regression", ADAMW, None, 0),  # bench.pipeline's small MLP
+    "linear-1": ("linear", 1, "regression", SGD, None, 0),
+    "logistic-1": ("logistic", 1, "binary", SGD, None, 0),
+    # the tables updated where a batch has ids (Adagrad on those rows), or every row every step (the same Adagrad, dense)
+    "fm-sparse-256": ("fm", 256, "binary", {**SGD, "sparse_optimizer": "adagrad"}, {"embedding_dim": 16}, 4),
+    "fm-dense-256": ("fm", 256, "binary", {"optimizer": "sgd", "lr": 0.01, "grad_clip_norm": 0}, {"embedding_dim": 16, "sparse": False}, 4),
 }
 
 
@@ -71,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("streamtrain").setLevel(logging.WARNING)
     for case in [c for c in args.cases.split(",") if c]:
-        model, bs, task, opt = CASES[case]
-        print(f"{case}: {rate(model, bs, task, args.steps, args.device, optimizer=opt):,.0f} samples/s", flush=True)
+        model, bs, task, opt, params, fields = CASES[case]
+        steps = args.steps if not fields else max(50, args.steps // 10)
+        r = rate(model, bs, task, steps, args.device, width=4 if fields else 16, optimizer=opt, params=params, fields=fields)
+        print(f"{case}: {r:,.0f} samples/s", flush=True)
     return 0
 
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 
-def table(buckets: int, dim: int, std: float) -> nn.Embedding:
-    """A sparse (B, fields) -> (B, fields, dim) lookup, normal(0, std) (zeros for std 0)."""
-    emb = nn.Embedding(buckets, dim, sparse=True)
+def table(buckets: int, dim: int, std: float, sparse: bool = True) -> nn.Embedding:
+    """A (B, fields) -> (B, fields, dim) lookup, normal(0, std) (zeros for std 0); sparse gradients unless told."""
+    emb = nn.Embedding(buckets, dim, sparse=sparse)
     if std > 0:
         nn.init.normal_(emb.weight, 0.0, std)
     else:
@@ -27,9 +27,9 @@ def table(buckets: int, dim: int, std: float) -> nn.Embedding:
     return emb
 
 
-def bag(buckets: int, dim: int) -> nn.EmbeddingBag:
-    """A sparse (B, fields) -> (B, dim) sum of the fields' rows, starting at zero (a linear model's weights per id)."""
-    emb = nn.EmbeddingBag(buckets, dim, mode="sum", sparse=True)
+def bag(buckets: int, dim: int, sparse: bool = True) -> nn.EmbeddingBag:
+    """A (B, fields) -> (B, dim) sum of the fields' rows, starting at zero (a linear model's weights per id)."""
+    emb = nn.EmbeddingBag(buckets, dim, mode="sum", sparse=sparse)
     nn.init.zeros_(emb.weight)
     return emb
 

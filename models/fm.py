@@ -31,6 +31,7 @@ class FMConfig:
     embedding_dim: int = 16  # k, the factors' width
     embedding_std: float = 0.01  # the factors' initial spread
     indicators: int = 0  # the last inputs that are 0/1 "was missing" marks (filled when data.missing is impute)
+    sparse: bool = True  # sparse gradients for the tables: a step updates the rows its batch holds (False: every row)
 
     def validate(self) -> list[str]:
         problems = check(self.categorical, self.buckets, self.embedding_dim, self.indicators, self.in_features)
@@ -54,8 +55,8 @@ class FM(nn.Module):
         self.config = config
         k = config.embedding_dim
         self.linear = blank_linear(config.in_features, config.out_features)  # first order of the numbers, from zero
-        self.weights = bag(config.buckets, config.out_features) if config.categorical else None  # first order of the ids
-        self.factors = table(config.buckets, k, config.embedding_std) if config.categorical else None
+        self.weights = bag(config.buckets, config.out_features, config.sparse) if config.categorical else None  # first order of the ids
+        self.factors = table(config.buckets, k, config.embedding_std, config.sparse) if config.categorical else None
         numbers = torch.randn(config.in_features, k) * config.embedding_std
         if config.indicators:  # the "was missing" marks start without interactions
             numbers[-config.indicators :] = 0.0
