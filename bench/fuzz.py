@@ -37,7 +37,7 @@ def seeds(target: str) -> list[bytes]:
 
     if target == "serve":
         return [
-            b'{"instances": [{"a": 1, "b": 2, "c": 3}, [1, 2, 3]]}',
+            b'{"instances": [{"a": 1, "b": 2, "c": 3, "user": "u1"}, {"a": null, "b": true, "c": 3, "user": 7}]}',
             b'{"instances": [[1e400, 0, 0]]}',
             b'{"instances": [{"a": "1", "b": null, "c": true}]}',
             b"[" * 50 + b"]" * 50,
@@ -86,15 +86,22 @@ def child(target: str, argv: list[str]) -> None:
 
 
 class _ServeStub:
-    """What the body parser reads of a served model, and a predict that returns a number per row (no torch needed)."""
+    """What the body parser reads of a served model (numbers, a categorical field, missing imputed), no torch needed."""
 
     width = 3
     features = ("a", "b", "c")
     feature_field = None
     version = 1
+    impute = True
+    classes = ()
 
-    def predict(self, x):
-        return [float(v) for v in x.sum(axis=1)]
+    def __init__(self) -> None:
+        from streamtrain.streams.features import FeatureSpec
+
+        self.fields = FeatureSpec(numbers=self.features, categorical=("user",), buckets=1000)
+
+    def predict(self, x, ids=None, probabilities=False):
+        return [float(v) for v in (x.sum(axis=1) + ids.sum(axis=1))]
 
 
 def run(target: str, seconds: int, out: Path) -> dict[str, object]:

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from streamtrain.daemon.normalizer import RunningStandardizer, model_inputs
+from streamtrain.daemon.normalizer import RunningStandardizer
 from streamtrain.daemon.snapshot import SnapshotInfo
 from streamtrain.models.registry import build_model, resolve
+from streamtrain.models.served import Served
 
 __all__ = ["EXPORT_FORMATS", "export_model", "serving_spec", "sidecar_path", "standardization", "target_standardization"]
 
@@ -170,44 +170,6 @@ def export_model(info: SnapshotInfo, state: dict, out: str | os.PathLike[str], f
     spec = serving_spec(info, state, fmt, out.name)
     sidecar_path(out).write_text(json.dumps(spec, indent=2) + "\n")
     return spec
-
-
-class Served(nn.Module):
-    """What serving runs: raw numbers (NaN where missing) and table rows in, the trainer's prediction out.
-
-    Standardization (with a missing number the running mean and its "was missing" mark,
-    :func:`~streamtrain.daemon.normalizer.model_inputs`, the trainer's own), the model, and
-    for regression the output back in label units.  The program format exports this
-    module; ``streamtrain serve`` runs it over the state-dict format.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        mean: torch.Tensor,
-        scale: torch.Tensor,
-        y_mean: torch.Tensor | None = None,
-        y_std: torch.Tensor | None = None,
-        missing: bool = False,
-        takes_ids: bool = False,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", mean)
-        self.register_buffer("scale", scale)
-        self.missing = missing
-        self.takes_ids = takes_ids
-        self.destandardize = y_mean is not None and y_std is not None
-        if self.destandardize:
-            self.register_buffer("y_mean", y_mean)
-            self.register_buffer("y_std", y_std)
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        xn = model_inputs(x, self.mean, self.scale, True, self.missing)
-        out = self.model(xn, ids) if self.takes_ids else self.model(xn)
-        if self.destandardize:
-            out = out * self.y_std + self.y_mean  # as the trainer's prequential prediction
-        return out
 
 
 def served_module(meta: dict, state: dict, weights: dict) -> Served:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from streamtrain.models.served import model_inputs
+
 # a variance below (REL_TOL * |mean|)**2 is round-off of the mean, not spread
 REL_TOL = 1e-9
 
@@ -143,17 +145,3 @@ class RunningStandardizer:
         counts = state.get("counts")  # written with missing values imputed; before that, every column saw every sample
         self.counts = counts.to(device, torch.float64) if counts is not None else torch.full_like(self.mean, float(self.n))
         self._refresh()
-
-
-def model_inputs(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, standardize: bool = True, missing: bool = False
-) -> torch.Tensor:
-    """Raw rows as the model takes them: ``(x - shift) * scale``; with ``missing``, NaN -> 0 (the mean) and the 0/1 marks after.
-
-    The trainer, the exported program and the server all go through here: one definition.
-    """
-    xn = (x - shift) * scale if standardize else x
-    if not missing:
-        return xn
-    absent = torch.isnan(x)
-    return torch.cat([torch.where(absent, torch.zeros_like(xn), xn), absent.to(xn.dtype)], dim=1)

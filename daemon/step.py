@@ -319,7 +319,7 @@ class Learner:
         m2_b = (s2 - s1.square() / k).clamp_(min=0.0)
         # every rank holds the same counts: the same branch (and the same collective) on each
         first = (norm.counts == 0) if counts is not None else None
-        if (first.any() if first is not None else norm.n == 0):
+        if first.any() if first is not None else norm.n == 0:
             # a column's first values ever: no running mean to centre on, so sum the squares about the
             # batch's mean in a second pass (a timestamp's square loses its spread in float64)
             dev = (local.reshape(-1, width).to(torch.float64) - mean_b).nan_to_num(0.0)
@@ -509,6 +509,7 @@ class Learner:
         state = torch.load(path, map_location=self.device, weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
+        state = self._with_marks(state, path)
         result = self.model.load_state_dict(state, strict=False)
         loaded = len(state) - len(result.unexpected_keys)
         if loaded == 0:
@@ -522,6 +523,37 @@ class Learner:
             len(result.unexpected_keys),
             result.unexpected_keys[:5],
         )
+
+    def _with_marks(self, state: dict, path: str) -> dict:
+        """Weights trained without "was missing" marks, widened for a model that has them (the marks start at zero).
+
+        A tensor one dimension of which is short by the marks (a first layer's inputs, the fm's
+        number factors) is copied into the leading part of this model's own, whose last
+        entries along it are the marks' zeros: a model trained before missing numbers were
+        imputed warm-starts one that imputes them, and predicts as it did where nothing is missing.
+        """
+        marks = self.inputs.indicators
+        if not marks or self.inputs.categorical:  # with tables, the marks are not the last inputs of a first layer
+            return state
+        own = self.model.state_dict()
+        out = dict(state)
+        for key, t in state.items():
+            mine = own.get(key)
+            if not isinstance(t, torch.Tensor) or mine is None or mine.dim() != t.dim() or mine.shape == t.shape:
+                continue
+            grown = [d for d in range(t.dim()) if mine.shape[d] != t.shape[d]]
+            if len(grown) == 1 and mine.shape[grown[0]] - t.shape[grown[0]] in (marks, getattr(self.model.config, "d_in", 0)):
+                wider = torch.zeros_like(mine)
+                wider.narrow(grown[0], 0, t.shape[grown[0]]).copy_(t)
+                out[key] = wider
+                log.info(
+                    "warm start from %s: %s %s -> %s, the 'was missing' marks' weights at zero",
+                    path,
+                    key,
+                    tuple(t.shape),
+                    tuple(mine.shape),
+                )
+        return out
 
     def _freeze(self, patterns: tuple[str, ...]) -> None:
         names = [n for n, _ in self.model.named_parameters()]

@@ -7,7 +7,7 @@ must be finite and of the task's shape.  A version that fails any of these raise
 :class:`VersionRefused` and is never served.
 
 :meth:`ServedModel.predict` applies exactly what the trainer does, through the same code:
-:class:`streamtrain.daemon.export.Served` (the running standardization, a missing number's
+:class:`streamtrain.models.served.Served` (the running standardization, a missing number's
 mean and mark, the model in eval mode, for regression the label's ``output * std + mean``)
 over rows that :func:`parse_instances` builds as the decoders do (categorical values hashed
 by :class:`streamtrain.streams.features.FeatureSpec`, ``null`` or absent numbers missing
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamtrain.daemon.export import Served
 from streamtrain.models.registry import Inputs, build_model
+from streamtrain.models.served import Served
 from streamtrain.serve.repository import RepositoryError, verify
 from streamtrain.streams.errors import DecodeError, StreamtrainError
 from streamtrain.streams.features import MISSING_NUMBER, FeatureSpec
