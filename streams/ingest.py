@@ -103,6 +103,8 @@ class Ingest:
             on_out_of_range=kafka.on_out_of_range,
         )
         ingest.missing_names = tuple(data.features) if data.indicators else ()
+        for name in ingest.missing_names:  # every imputed feature is on /metrics from the start, at 0
+            ingest.stats.missing.setdefault(name, 0)
         return ingest
 
     def __init__(
