@@ -98,21 +98,29 @@ class JsonDecoder:
     @np.errstate(over="ignore")  # a value beyond float32 becomes inf, rejected as non_finite by _finish
     def _arrays(self, rows: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n, w = len(rows), self.width
+        y = None
         if self.feature_field:
             x = np.fromiter(chain.from_iterable(map(attrgetter("a0"), rows)), np.float32, n * w).reshape(n, w)
+        elif w and not self._categories and not self.rule.classes:  # numbers and label only: one pass over the rows
+            table = np.fromiter(chain.from_iterable(map(msgspec.structs.astuple, rows)), np.float32, n * (w + 1)).reshape(n, w + 1)
+            x, y = table[:, :w], table[:, w]
         elif w:
             numbers = map(self._numbers, rows) if w > 1 else zip(map(self._numbers, rows))
-            flat = list(chain.from_iterable(numbers))
-            if self.impute and None in flat:  # a missing number (numpy would read None as a plain NaN)
-                flat = [MISSING_NUMBER if v is None else v for v in flat]
-            x = np.fromiter(flat, np.float32, n * w).reshape(n, w)
+            x = np.fromiter(chain.from_iterable(numbers), np.float32, n * w).reshape(n, w)
         else:
             x = np.empty((n, 0), np.float32)
-        labels = list(map(self._label, rows))
-        try:
-            y = np.fromiter(labels, np.float32, n)
-        except (TypeError, ValueError):  # class names: their index
-            y = np.fromiter(map(self.rule.index, labels), np.float32, n)
+        if self.impute and w:
+            # numpy reads None (a missing number) as NaN; no NaN comes from the data on this path (a NaN
+            # literal is not JSON to msgspec, and Python's json path rejects it as non_finite): each is a None
+            absent = np.isnan(x)
+            if absent.any():
+                x = np.where(absent, MISSING_NUMBER, x)
+        if y is None:
+            labels = list(map(self._label, rows))
+            try:
+                y = np.fromiter(labels, np.float32, n)
+            except (TypeError, ValueError):  # class names: their index
+                y = np.fromiter(map(self.rule.index, labels), np.float32, n)
         ids = np.empty((n, len(self._categories)), np.int64)
         for j, get in enumerate(self._categories):
             ids[:, j] = self.spec.rows(j, list(map(get, rows)))
