@@ -90,6 +90,17 @@ def test_learning_compares_with_river_on_the_same_rows(bootstrap, capsys):
     assert rows and "| 0 " in rows[0]  # trained through the broker with no skipped step
 
 
+def test_learning_compares_categorical_streams_with_vw_and_river(bootstrap, capsys):
+    pytest.importorskip("river")
+    pytest.importorskip("vowpalwabbit")
+    assert learning.main(["--categorical", "clicks,friedman_missing", "--rows", "600", "--bootstrap", bootstrap]) == 0
+    out = capsys.readouterr().out
+    for learner in ("streamtrain logistic", "streamtrain fm", "VW -b 18 -q ui", "River one-hot linear", "the hidden model (Bayes)"):
+        assert any(line.startswith("| clicks") and learner in line for line in out.splitlines()), learner
+    rows = [line for line in out.splitlines() if line.startswith("| friedman_missing") and "streamtrain linear" in line]
+    assert rows and "| 0 " in rows[0], "nulls imputed: nothing dead-lettered"
+
+
 def test_step_prints_each_case(capsys):
     assert step.main(["--steps", "20"]) == 0
     out = capsys.readouterr().out
