@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bench.common import FEATURES, CpuMeter, Timer, samples, unique
+from bench.common import FEATURES, ROWS, CpuMeter, Timer, samples, unique
 from streamtrain.config.schema import Config
 from streamtrain.daemon.metrics import Metrics
 from streamtrain.daemon.trainer import Trainer
@@ -50,14 +50,15 @@ class Result:
 def compute_only(cfg: Config, n: int, warmup: int, fmt: str = "") -> Result:
     """The same Trainer (model, batch, device, standardizer, torch threads) stepping on in-memory batches.
 
-    With categorical fields (``fmt`` one of bench.common's ROWS) the batches are that
-    format's records decoded by the daemon's decoder: the same numbers and table rows.
+    For one of bench.common's ROWS formats (categorical fields, or the numbers with their
+    missing-value indicators) the batches are that format's records decoded by the
+    daemon's decoder: the same columns and table rows as the e2e run trains on.
     """
     trainer = Trainer(cfg, Metrics())
     trainer.setup(stream=False)
     try:
         bs = cfg.ring.batch_size
-        if cfg.data.categorical:
+        if cfg.data.categorical or fmt in ROWS:
             from bench.common import records
             from streamtrain.streams.decode import LabelRule, make_decoder
 
