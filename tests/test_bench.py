@@ -16,9 +16,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_pipeline_quick_prints_its_table(bootstrap, capsys):
-    assert pipeline.main(["--quick", "--formats", "raw", "--models", "mlp", "--samples", "20000", "--bootstrap", bootstrap]) == 0
+    assert pipeline.main(["--quick", "--formats", "json-8", "--models", "mlp", "--samples", "20000", "--bootstrap", bootstrap]) == 0
     out = capsys.readouterr().out
-    assert "| raw    | mlp   |" in out
+    assert "| json-8 | mlp   |" in out
     assert "E, side by side" in out and "E, strict" in out
 
 
