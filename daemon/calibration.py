@@ -1,0 +1,100 @@
+"""How far a classifier's probabilities can be trusted: calibration, prequential.
+
+A click model's output is a bid and a fraud model's a threshold, so what users consume is
+the probability, not the arg-max.  Each step adds, for the predictions it scored before
+learning (the same test-then-train samples as the other prequential totals), the sums
+these measures are made of -- sums, so that they add over batches, over ranks and in
+Prometheus' ``rate()`` alike:
+
+- **Brier score**: the mean squared error of the probabilities.  Binary: ``(p - y)^2``
+  with ``p`` the predicted probability of the positive class; multiclass: the sum over
+  the classes of ``(p_k - [y = k])^2`` (0 is perfect, 2 the worst).
+- **Calibration ratio** (binary): the mean predicted probability over the observed
+  positive rate, the figure ad-click systems watch (He et al. 2014): 1 is calibrated,
+  above 1 over-predicts positives.
+- **Normalized entropy** (binary): the log loss over the entropy of the observed base
+  rate; below 1 the model does better than always predicting the base rate.
+- **Expected calibration error** over ``BINS`` equal-width bins: the samples' share of
+  each bin times the gap between the mean predicted and the observed frequency, summed;
+  as sums, ``sum_b |predicted_b - observed_b| / n``.  Binary bins the predicted
+  probability of the positive class against the positives (a reliability diagram);
+  multiclass bins the top class's probability against whether the top class was right
+  (the top-label ECE).
+
+The per-batch sums come out of :func:`batch_sums` on the device, in the step's one read of
+its statistics; :func:`measures` turns totals into the figures (without torch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+BINS = 10
+PARTS = ("samples", "predicted", "observed", "brier")  # per bin: samples, their predicted probability, what happened, Brier
+WIDTH = len(PARTS) * BINS
+EDGES = tuple(f"{b / BINS:.1f}" for b in range(BINS))  # each bin by its lower edge (the Prometheus label)
+
+
+def batch_sums(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """The calibration sums of one batch's prequential predictions: ``WIDTH`` values, ``PARTS`` by bin.
+
+    ``out``: the model's logits (n, 1) or (n,) for binary, (n, classes) for multiclass;
+    ``y``: the labels.  One scatter of the four per-sample values into their bins (the
+    totals are the bins' sums): a dozen small ops, ~20 us a step on a CPU.
+    """
+    import torch  # here, not at the top: the metrics and the totals are read where torch is not loaded
+
+    out = out.detach().float()
+    if task == "binary":
+        p = torch.sigmoid(out.reshape(-1))
+        observed = (y.reshape(-1) > 0.5).to(p.dtype)
+        miss = p - observed
+        brier = miss * miss
+    else:
+        probs = torch.softmax(out, dim=1)
+        p, top = probs.max(1)
+        labels = y.long().reshape(-1, 1)
+        observed = (top == labels[:, 0]).to(p.dtype)
+        # sum_k (p_k - [y = k])^2 = sum_k p_k^2 - 2 p_y + 1
+        brier = torch.linalg.vector_norm(probs, dim=1).square_().sub_(probs.gather(1, labels)[:, 0], alpha=2).add_(1)
+    bins = torch.bucketize(p, _boundaries(p.device), right=True)
+    values = torch.stack([torch.ones_like(p), p, observed, brier])
+    return p.new_zeros(len(PARTS), BINS).index_add_(1, bins, values).reshape(-1)
+
+
+_BOUNDARIES: dict = {}
+
+
+def _boundaries(device) -> torch.Tensor:
+    """The inner bin edges 0.1 .. 0.9 on ``device`` (made once)."""
+    b = _BOUNDARIES.get(device)
+    if b is None:
+        import torch
+
+        b = _BOUNDARIES[device] = torch.tensor([k / BINS for k in range(1, BINS)], device=device)
+    return b
+
+
+def totals(bins: list[float]) -> tuple[float, float, float, float]:
+    """The samples, predicted, observed and Brier sums over every bin."""
+    return tuple(sum(bins[k * BINS : (k + 1) * BINS]) for k in range(len(PARTS)))  # type: ignore[return-value]
+
+
+def measures(task: str, mean_loss: float, bins: list[float]) -> dict:
+    """Brier, ECE and (binary) calibration ratio and normalized entropy from the bins' totals; None where undefined."""
+    samples, predicted, positives, brier = totals(bins)
+    if not samples:
+        out = {"brier": None, "ece": None}
+        return {**out, "calibration_ratio": None, "normalized_entropy": None} if task == "binary" else out
+    pred_b, obs_b = bins[BINS : 2 * BINS], bins[2 * BINS : 3 * BINS]
+    out = {"brier": brier / samples, "ece": sum(abs(a - b) for a, b in zip(pred_b, obs_b)) / samples}
+    if task == "binary":
+        rate = positives / samples
+        out["calibration_ratio"] = predicted / positives if positives else None
+        entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else 0.0
+        out["normalized_entropy"] = mean_loss / entropy if entropy else None
+    return out

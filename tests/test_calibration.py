@@ -1,0 +1,129 @@
+"""Calibration, prequential: the sums a step adds equal the measures computed sample by sample."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from streamtrain.config.schema import config_from_dict
+from streamtrain.daemon.calibration import BINS, WIDTH, batch_sums, measures, totals
+from streamtrain.daemon.prequential import Prequential
+from streamtrain.daemon.step import Learner
+from streamtrain.streams.ring import Batch
+
+
+def reference(task: str, logits: np.ndarray, y: np.ndarray) -> dict:
+    """Brier, ECE, calibration ratio and normalized entropy, one sample at a time (the textbook definitions)."""
+    n = len(y)
+    if task == "binary":
+        p = 1 / (1 + np.exp(-logits))
+        conf, hit = p, y.astype(float)  # reliability diagram of P(positive)
+        brier = float(np.mean((p - y) ** 2))
+        loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    else:
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probs = e / e.sum(1, keepdims=True)
+        conf, hit = probs.max(1), (probs.argmax(1) == y).astype(float)  # top-label
+        brier = float(np.mean(((probs - np.eye(logits.shape[1])[y]) ** 2).sum(1)))
+        loss = float(-np.mean(np.log(probs[np.arange(n), y])))
+    ece = 0.0
+    for b in range(BINS):
+        inside = (np.floor(conf * BINS).clip(0, BINS - 1)) == b
+        if inside.any():
+            ece += inside.mean() * abs(conf[inside].mean() - hit[inside].mean())
+    out = {"brier": brier, "ece": ece}
+    if task == "binary":
+        rate = y.mean()
+        out["calibration_ratio"] = float(p.mean() / rate)
+        out["normalized_entropy"] = loss / float(-(rate * np.log(rate) + (1 - rate) * np.log(1 - rate)))
+    return out, loss
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_batch_sums_give_the_textbook_measures_and_add_over_batches(task):
+    rng = np.random.default_rng(3)
+    n = 3000
+    logits = rng.normal(0, 2, (n,) if task == "binary" else (n, 4)).astype(np.float32)
+    if task == "binary":
+        y = (rng.random(n) < 1 / (1 + np.exp(-0.6 * logits))).astype(np.float32)  # overconfident logits
+    else:
+        y = rng.integers(0, 4, n)
+    want, loss = reference(task, logits.astype(np.float64), y)
+    p = Prequential()
+    for i in range(0, n, 257):  # batches of uneven size add up to the whole
+        out, yb = torch.from_numpy(logits[i : i + 257]), torch.from_numpy(y[i : i + 257]).float()
+        p.add(len(yb), 0.0, calibration=batch_sums(out[:, None] if task == "binary" else out, yb, task).tolist())
+    got = measures(task, loss, p.bins)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert totals(p.bins)[0] == n
+    if task == "binary":
+        assert got["ece"] > 0.05, "overconfident logits are measured as miscalibrated"
+
+
+def test_calibrated_predictions_measure_as_calibrated():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 1.5, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-logits))).astype(np.float32)
+    m = measures("binary", 0.5, batch_sums(torch.from_numpy(logits).float(), torch.from_numpy(y), "binary").tolist())
+    assert m["ece"] < 0.02 and abs(m["calibration_ratio"] - 1) < 0.03
+
+
+def test_measures_are_none_before_anything_or_without_both_classes():
+    nothing = [0.0] * WIDTH
+    assert measures("binary", math.nan, nothing) == {"brier": None, "ece": None, "calibration_ratio": None, "normalized_entropy": None}
+    only_negatives = [0.0] * WIDTH
+    only_negatives[0], only_negatives[BINS] = 10, 0.5  # 10 samples in the first bin, none positive
+    m = measures("binary", 0.1, only_negatives)
+    assert m["calibration_ratio"] is None and m["normalized_entropy"] is None and m["ece"] == pytest.approx(0.05)
+    assert set(measures("multiclass", math.nan, nothing)) == {"brier", "ece"}
+
+
+def learner(task: str) -> Learner:
+    raw = {
+        "kafka": {"topics": ["t"]},
+        "data": {"format": "json", "features": ["a", "b"], "label": "y"},
+        "model": {"name": "logistic", "params": {"num_classes": 3} if task == "multiclass" else {}},
+        "trainer": {"task": task, **({"num_classes": 3} if task == "multiclass" else {})},
+        "snapshot": {"dir": "/nonexistent"},
+    }
+    return Learner(config_from_dict(raw))
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_a_step_scores_the_prediction_made_before_it_learns(task):
+    """The totals a step adds are those of the model's predictions before that step (as the loss is)."""
+    lr = learner(task)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 2, generator=g)
+    y = (x[:, 0] > 0).float() if task == "binary" else (x[:, 0] > 0).float() + (x[:, 1] > 0).float()
+    lr.step(Batch(x[:32], y[:32]))  # the standardizer and the weights move first
+    ahead = copy.deepcopy(lr)
+    ahead.normalizer.update(x[32:])  # what step() does first: the features are known before the prediction
+    with torch.no_grad():
+        want = batch_sums(ahead.model(ahead.normalizer.inputs(x[32:])), y[32:], task).tolist()
+    before = copy.deepcopy(lr.prequential)
+    lr.step(Batch(x[32:], y[32:]))
+    after = lr.prequential
+    assert totals(after.bins)[0] == totals(before.bins)[0] + 32 == 64
+    assert [a - b for a, b in zip(after.bins, before.bins)] == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_calibration_totals_survive_a_snapshot_and_an_older_snapshot_starts_them_at_zero():
+    lr = learner("binary")
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        x = torch.randn(16, 2, generator=g)
+        lr.step(Batch(x, (x[:, 0] > 0).float()))
+    state = lr.state_dict()
+    again = learner("binary")
+    again.load_state_dict(state, "test", "logistic")
+    assert again.prequential == lr.prequential and totals(again.prequential.bins)[0] == 80
+    old = {k: v for k, v in state["prequential"].items() if k != "bins"}
+    older = Prequential()
+    older.load_state_dict(old)
+    assert older.samples == 80 and older.bins == [0.0] * WIDTH
+    assert older.summary("binary")["ece"] is None and older.summary("binary")["accuracy"] is not None
