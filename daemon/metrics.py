@@ -29,6 +29,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from streamtrain.daemon.calibration import BINS, EDGES, PARTS, totals
+
 log = logging.getLogger("streamtrain.metrics")
 
 # seconds: from 100 us (a small step) to 10 min (a stuck snapshot)
@@ -179,6 +181,9 @@ class LearningTotals:
     squared_error: float
     drifts: int
     last_drift: float  # Unix time, 0 before any
+    # classification: the calibration sums (daemon/calibration.py) and the cumulative measures made of them
+    bins: tuple[float, ...] = ()
+    calibration: dict[str, float | None] = field(default_factory=dict)
 
 
 _PREQUENTIAL = {
@@ -187,6 +192,15 @@ _PREQUENTIAL = {
     "correct": "Classification: prequential predictions that were right; rate(correct) / rate(samples) is the windowed accuracy.",
     "abs_error": "Regression: sum of |prediction - label| of the prequential predictions; over rate(samples): the windowed MAE.",
     "squared_error": "Regression: sum of (prediction - label)^2 of the prequential predictions; over rate(samples): the windowed MSE.",
+    "brier": "Classification: sum of the prequential predictions' Brier scores; over rate(samples): the windowed Brier score.",
+    "predicted_positive": "Binary: sum of the predicted probability of the positive class; over rate(positives): the calibration ratio.",
+    "positives": "Binary: positive labels among the prequential samples.",
+}
+_BINS = {
+    "samples": "Classification: prequential samples by predicted probability (binary: of the positive class; multiclass: the top class's).",
+    "predicted": "Classification: sum of the predicted probability in each bin (binary: the positive class's; multiclass: the top one's).",
+    "observed": "Classification: what happened in each bin (binary: positive labels; multiclass: top class right); "
+    "sum(abs(rate(predicted) - rate(observed))) / rate(samples): the windowed ECE.",
 }
 
 
@@ -302,6 +316,8 @@ class ScrapeCollector:
         for name in names:
             value = self._monotonic(name, getattr(t, name))
             yield CounterMetricFamily(f"streamtrain_prequential_{name}", _PREQUENTIAL[name], value=value)
+        if t.task != "regression":
+            yield from self._calibration(t)
         yield CounterMetricFamily(
             "streamtrain_drift_detected",
             "Concept drifts the detector found in the prequential error (drift.detector); continues across restarts.",
@@ -310,6 +326,28 @@ class ScrapeCollector:
         yield GaugeMetricFamily(
             "streamtrain_drift_last_timestamp_seconds", "Unix time of the last drift detected; 0 before any.", value=t.last_drift
         )
+
+    def _calibration(self, t: LearningTotals):
+        _, predicted, positives, brier = totals(t.bins) if t.bins else (0.0, 0.0, 0.0, 0.0)
+        values = {"brier": brier, **({"predicted_positive": predicted, "positives": positives} if t.task == "binary" else {})}
+        for name, value in values.items():
+            yield CounterMetricFamily(f"streamtrain_prequential_{name}", _PREQUENTIAL[name], value=self._monotonic(name, value))
+        for k, part in enumerate(PARTS[:3]):
+            help_ = _BINS[part]
+            fam = CounterMetricFamily(f"streamtrain_prequential_calibration_bin_{part}", help_, labels=["bin"])
+            for b, edge in enumerate(EDGES):
+                fam.add_metric([edge], self._monotonic(f"bin_{part}_{edge}", t.bins[k * BINS + b] if t.bins else 0.0))
+            yield fam
+        gauge = GaugeMetricFamily(
+            "streamtrain_prequential_calibration",
+            "Cumulative calibration of the prequential predictions: brier, ece (10 bins), and for binary calibration_ratio "
+            "(mean predicted / observed positive rate) and normalized_entropy (log loss / the base rate's entropy).",
+            labels=["measure"],
+        )
+        for measure, value in t.calibration.items():
+            if value is not None:
+                gauge.add_metric([measure], value)
+        yield gauge
 
 
 class Health:

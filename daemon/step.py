@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from streamtrain.config.schema import Config
+from streamtrain.daemon import calibration
 from streamtrain.daemon.drift_response import DriftMonitor
 from streamtrain.daemon.errors import ConfigError
 from streamtrain.daemon.normalizer import RunningStandardizer
@@ -160,6 +161,7 @@ class Learner:
         self.normalizer = RunningStandardizer(cfg.data.width, self.device, enabled=tc.standardize, missing=cfg.data.indicators)
         self.target = RunningStandardizer(1, self.device, enabled=tc.task == "regression" and tc.standardize_target)
         self.prequential = Prequential()
+        self.calibrated = cfg.trainer.task != "regression"
         self.drift = DriftMonitor(cfg.drift)
         self.step_count = 0
         self.samples = 0
@@ -239,6 +241,8 @@ class Learner:
         loss, stats = self._loss(out.float(), y, None if ranked is None else n, fold_labels)
         self.scaler.scale(loss).backward()
         sums = torch.stack([loss.detach(), *stats])
+        if self.calibrated:  # the probabilities' calibration sums ride along in the same read
+            sums = torch.cat([sums, calibration.batch_sums(out, y, tc.task)])
         if ranked is not None:
             sums = self._sum_over_ranks(sums, ranked[1])
         self.scaler.unscale_(self.optimizer)
@@ -248,7 +252,9 @@ class Learner:
             self.scaler.unscale_(self.sparse_optimizer)
             norm = clip_all(self.dense_params, self.sparse_params, self.clip_norm)
         # the step's one device sync: the training loss, the prequential sums, the gradient norm
-        loss_value, loss_sum, hits_or_abs, sq, scaled_abs, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()
+        values = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()
+        loss_value, loss_sum, hits_or_abs, sq, scaled_abs = values[:5]
+        grad_norm, calibration_sums = values[-1], values[5:-1]
         metric = hits_or_abs / n
         result = StepResult(loss_sum / n, metric, math.nan)
         if not math.isfinite(loss_value):
@@ -278,7 +284,7 @@ class Learner:
             self.prequential.add(n, loss_sum, abs_error=hits_or_abs, squared_error=sq)
             error = scaled_abs / n
         else:
-            self.prequential.add(n, loss_sum, correct=round(hits_or_abs))
+            self.prequential.add(n, loss_sum, correct=round(hits_or_abs), calibration=calibration_sums)
             error = 1.0 - metric
         result.drift = self.drift.observe(error, n, self._drift_target)
         a = tc.ewma_alpha

@@ -369,7 +369,11 @@ class Trainer:
     def learning_totals(self) -> LearningTotals:
         """The cumulative prequential totals and drift record, for the scrape-time counters."""
         p, d = self.learner.prequential, self.learner.drift
-        return LearningTotals(self.cfg.trainer.task, p.samples, p.loss, p.correct, p.abs_error, p.squared_error, d.drifts, d.last_drift)
+        task = self.cfg.trainer.task
+        totals = (task, p.samples, p.loss, p.correct, p.abs_error, p.squared_error, d.drifts, d.last_drift)
+        if task == "regression":
+            return LearningTotals(*totals)
+        return LearningTotals(*totals, tuple(p.bins), p.calibration(task))
 
     def rollback(self) -> None:
         """Repeated non-finite steps: go back to the last good snapshot, as after a crash.

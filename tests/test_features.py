@@ -450,20 +450,39 @@ def test_categorical_streams_come_through_the_broker_with_nothing_dead_lettered(
 def test_the_daemon_trains_a_categorical_stream_and_reports_its_tables_and_missing_values(tmp_path, bootstrap, make_topic):
     from tests.daemon_util import Daemon, daemon_config, write_config
     from tests.kafka_util import TestProducer
+    from tests.test_packaging import TASK_ONLY, query_problems
 
     topic = make_topic(2)
     producer = TestProducer(bootstrap)
-    producer.send_all(topic, click_records(4000), partitions=2)
+    records = click_records(4000)
+    producer.send_all(topic, records, partitions=2)
     producer.flush()
     cfg = daemon_config(tmp_path, bootstrap, [topic], data=ROWS_DATA, model={"name": "fm", "params": {}}, trainer={"task": "binary"})
     cfg["data"] = dict(ROWS_DATA)
     d = Daemon(write_config(tmp_path / "c.yaml", cfg), tmp_path / "d.log")
     d.wait_for("4000 trained", lambda m: m.get("streamtrain_samples_trained_total", 0) >= 4000, 90)
     m = d.settled()  # the ingest process reports its counters every 0.25 s
+    code, text = d.get("/metrics")
     assert d.terminate()[0] == 0
+    assert code == 200
+    classifier_series = {n for n, kind in TASK_ONLY.items() if kind != "regression"}
+    query_problems(text, "binary", only=classifier_series)  # the dashboard's and the alerts' classifier series, as they query them
     assert sum(v for k, v in m.items() if k.startswith("streamtrain_records_rejected_total")) == 0
     assert m['streamtrain_missing_values_total{feature="a"}'] > 0 and m['streamtrain_missing_values_total{feature="b"}'] == 0
     assert m["streamtrain_embedding_rows"] == 2 * 1000  # fm: its weights and its factors, 1000 rows each
     assert "categorical tables: 2,000 rows" in d.log()
     loss = m["streamtrain_prequential_loss_total"] / m["streamtrain_prequential_samples_total"]
     assert loss < 0.66, f"learned the ids' effects: prequential log loss {loss:.3f} (the base rate's is ~0.69)"
+    # calibration, prequential: the sums behind it are on /metrics, with the cumulative measures
+    positives = sum(json.loads(r)["y"] for r in records)
+    assert m["streamtrain_prequential_positives_total"] == positives
+    bins = [m[f'streamtrain_prequential_calibration_bin_samples_total{{bin="{b / 10:.1f}"}}'] for b in range(10)]
+    assert sum(bins) == 4000
+    assert sum(m[f'streamtrain_prequential_calibration_bin_observed_total{{bin="{b / 10:.1f}"}}'] for b in range(10)) == positives
+    ratio = m["streamtrain_prequential_predicted_positive_total"] / positives
+    assert m['streamtrain_prequential_calibration{measure="calibration_ratio"}'] == pytest.approx(ratio, rel=1e-6)
+    assert 0.8 < ratio < 1.25 and m['streamtrain_prequential_calibration{measure="normalized_entropy"}'] < 1
+    assert (
+        0 < m['streamtrain_prequential_calibration{measure="ece"}'] < 0.2
+        and 0 < m['streamtrain_prequential_calibration{measure="brier"}'] < 0.25
+    )

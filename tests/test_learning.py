@@ -251,7 +251,7 @@ def test_tensorboard_gets_loss_curves_and_drifts(tmp_path):
     acc = EventAccumulator(str(logdir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"loss/prequential", "loss/ewma", "accuracy/ewma", "accuracy/cumulative", "learning_rate", "grad_norm"} <= tags
+    assert {"loss/prequential", "loss/ewma", "accuracy/ewma", "accuracy/cumulative", "ece/cumulative", "learning_rate", "grad_norm"} <= tags
     assert len(acc.Scalars("loss/prequential")) == 400
     assert "drift/detected" in tags and acc.Scalars("drift/detected")[0].value == 1
 

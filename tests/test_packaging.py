@@ -271,6 +271,14 @@ tests:
         values: '1x40'
       - series: 'streamtrain_drift_detected_total{{job="streamtrain",instance="a"}}'
         values: '0x10 1x30'
+      - series: 'streamtrain_prequential_positives_total{{job="streamtrain",instance="a"}}'
+        values: '0+10x40'
+      - series: 'streamtrain_prequential_predicted_positive_total{{job="streamtrain",instance="a"}}'
+        values: '0+11x40'
+      - series: 'streamtrain_prequential_positives_total{{job="streamtrain",instance="b"}}'
+        values: '0+10x40'
+      - series: 'streamtrain_prequential_predicted_positive_total{{job="streamtrain",instance="b"}}'
+        values: '0+20x40'
     alert_rule_test:
       - eval_time: 10m
         alertname: StreamtrainNotTraining
@@ -291,6 +299,15 @@ tests:
       - eval_time: 30m
         alertname: StreamtrainNotReady
         exp_alerts: []
+      - eval_time: 12m
+        alertname: StreamtrainMiscalibrated
+        exp_alerts: []
+      - eval_time: 35m
+        alertname: StreamtrainMiscalibrated
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: streamtrain, instance: b}}
+            exp_annotations:
+              summary: "predicted 2.00x the positives that came over the last hour (calibrated: 1; alert outside 0.8-1.25)"
       - eval_time: 10m
         alertname: StreamtrainDriftDetected
         exp_alerts: []
@@ -335,6 +352,13 @@ TASK_ONLY = {
     "streamtrain_prequential_correct_total": "classification",
     "streamtrain_prequential_abs_error_total": "regression",
     "streamtrain_prequential_squared_error_total": "regression",
+    "streamtrain_prequential_brier_total": "classification",
+    "streamtrain_prequential_calibration": "classification",
+    "streamtrain_prequential_calibration_bin_samples_total": "classification",
+    "streamtrain_prequential_calibration_bin_predicted_total": "classification",
+    "streamtrain_prequential_calibration_bin_observed_total": "classification",
+    "streamtrain_prequential_predicted_positive_total": "binary",
+    "streamtrain_prequential_positives_total": "binary",
 }
 
 
@@ -455,6 +479,19 @@ def test_every_metric_the_dashboard_and_alerts_name_exists_in_a_live_daemon(tmp_
     assert d.terminate()[0] == 0
     text += served  # the serving row's metrics come from streamtrain serve
 
+    query_problems(text, cfg["trainer"]["task"])
+
+
+def serves(kind: str, task: str) -> bool:
+    """Whether a daemon of ``task`` serves a metric of TASK_ONLY ``kind``."""
+    return kind == task or (kind == "classification" and task in ("binary", "multiclass"))
+
+
+def query_problems(text: str, task: str, only: set[str] | None = None) -> None:
+    """Every series the dashboard and the alerts query that a daemon of ``task`` serves is in ``text``, of the right type and labels.
+
+    ``only``: check just the queries naming one of these series.
+    """
     kinds: dict[str, str] = {}  # sample name -> its family's type
     labels: dict[str, set[str]] = {}
     for fam in text_string_to_metric_families(text):
@@ -463,19 +500,22 @@ def test_every_metric_the_dashboard_and_alerts_name_exists_in_a_live_daemon(tmp_
             labels.setdefault(s.name, set()).update(s.labels)
     assert kinds.get("streamtrain_records_rejected_total") == "counter" and "reason" in labels["streamtrain_records_rejected_total"]
 
-    task = "regression" if cfg["trainer"]["task"] == "regression" else "classification"
-    assert {n for n, t in TASK_ONLY.items() if t == task} <= set(kinds), "this daemon's own prequential counters are served"
+    assert {n for n, t in TASK_ONLY.items() if serves(t, task)} <= set(kinds), "this daemon's own prequential counters are served"
     problems = []
     for q in dashboard_queries() + alert_queries():
         expr, where = q["expr"], q["panel"]
         names = set(METRIC.findall(expr))
+        if only is not None and not names & only:
+            continue
         for name in sorted(names - set(kinds)):
-            if TASK_ONLY.get(name, task) == task:  # a counter of the other kind of task is not served by this daemon
+            if serves(TASK_ONLY.get(name, task), task):  # a series of another kind of task is not served by this daemon
                 problems.append(f"{where}: {name} is not in /metrics")
         for name in RATED.findall(expr):
             ok = kinds.get(name) == "counter" or (kinds.get(name) == "histogram" and name.endswith(("_sum", "_count", "_bucket")))
             if name in kinds and not ok:
                 problems.append(f"{where}: rate/increase of {name}, a {kinds[name]}")
+        if any(n not in kinds and not serves(TASK_ONLY.get(n, task), task) for n in names):
+            continue  # series this daemon does not serve: a daemon of their task checks them (test_features.py: binary)
         known = {"instance", "job"} | {lb for n in names for lb in labels.get(n, ())}
         for lb in LEGEND.findall(q.get("legendFormat", "")) + [b.strip() for by in BY.findall(expr) for b in by.split(",")]:
             if lb and lb != "le" and lb not in known:

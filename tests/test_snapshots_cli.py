@@ -91,14 +91,17 @@ def test_list_and_show_cumulative_accuracy_for_classification(tmp_path, capsys):
     t.close()
     d = str(tmp_path / "snaps")
     cum = t.learner.prequential.summary("binary")
-    assert set(cum) == {"samples", "loss", "accuracy"} and cum["samples"] == 20 * 64
+    assert set(cum) == {"samples", "loss", "accuracy", "brier", "ece", "calibration_ratio", "normalized_entropy"}
+    assert cum["samples"] == 20 * 64 and 0 < cum["brier"] < 0.25 and 0 <= cum["ece"] <= 1 and 0.8 < cum["calibration_ratio"] < 1.25
     code, out, _ = cli(capsys, "list", "--dir", d)
     assert code == 0 and f"accuracy {cum['accuracy']:.6g}" in out.splitlines()[1]
     code, out, _ = cli(capsys, "list", "--dir", d, "--json")
     assert json.loads(out.splitlines()[0])["prequential"] == cum
     code, out, _ = cli(capsys, "show", "latest", "--dir", d)
     line = next(x for x in out.splitlines() if x.startswith("prequential"))
-    assert code == 0 and line.startswith(f"prequential  1,280 samples: loss {cum['loss']:.6g}, accuracy {cum['accuracy']:.6g} (cumulative")
+    calibration = f"brier {cum['brier']:.6g}, ece {cum['ece']:.6g}, calibration ratio {cum['calibration_ratio']:.6g}"
+    scores = f"loss {cum['loss']:.6g}, accuracy {cum['accuracy']:.6g}"
+    assert code == 0 and line.startswith(f"prequential  1,280 samples: {scores}, {calibration}")
     code, out, _ = cli(capsys, "show", "latest", "--dir", d, "--json")
     assert code == 0 and json.loads(out)["prequential"] == cum
 

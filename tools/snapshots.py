@@ -169,11 +169,12 @@ def _row_text(r: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _prequential_text(preq: dict[str, Any] | None) -> str:
-    """``1,280 samples: loss 0.1, mae 0.2, rmse 0.3``, or ``-`` for a snapshot older than the prequential totals."""
+    """``1,280 samples: loss 0.1, mae 0.2, rmse 0.3`` (classifiers: and their calibration), or ``-`` for a snapshot older than them."""
     if not preq:
         return "-"
     samples = preq.get("samples")
-    scores = ", ".join(f"{k} {_num(preq[k])}" for k in ("loss", "accuracy", "mae", "rmse") if k in preq)
+    keys = ("loss", "accuracy", "mae", "rmse", "brier", "ece", "calibration_ratio", "normalized_entropy")
+    scores = ", ".join(f"{k.replace('_', ' ')} {_num(preq[k])}" for k in keys if preq.get(k) is not None)
     return f"{samples:,} samples: {scores}" if isinstance(samples, int) else scores or "-"
 
 
