@@ -42,6 +42,7 @@ from bench.common import Broker, fill_topic, machine, print_machine, quiet_logs,
 from bench.learning_streams import DRIFT, STREAMS, Stream
 from streamtrain.config.overrides import apply_overrides, parse_set
 from streamtrain.config.schema import Config, config_from_dict
+from streamtrain.daemon.calibration import BINS, WIDTH, measures
 from streamtrain.daemon.metrics import Metrics
 from streamtrain.daemon.trainer import Trainer
 from streamtrain.streams.encode import encode
@@ -60,6 +61,8 @@ class Scores:
     samples: int = 0
     accuracy: float = math.nan
     loss: float = math.nan  # log loss (classification) or mean squared error
+    brier: float = math.nan  # classification: Brier score and expected calibration error (daemon/calibration.py)
+    ece: float = math.nan
     mae: float = math.nan
     rmse: float = math.nan
     seconds: float = math.nan
@@ -165,6 +168,8 @@ def run_daemon(
         s.mae, s.rmse = p.abs_error / p.samples, math.sqrt(p.squared_error / p.samples)
     else:
         s.accuracy = p.correct / p.samples
+        cal = p.calibration(stream.task)
+        s.brier, s.ece = cal["brier"], cal["ece"]
     s.errors = np.repeat([e for _, e in errors], [k for k, _ in errors]) if errors else np.zeros(0)
     return s
 
@@ -189,6 +194,7 @@ def run_river(stream: Stream, kind: str = "linear") -> Scores:
     n = len(stream)
     errors = np.zeros(n)
     loss = 0.0
+    cal = Calibration(stream.task, getattr(stream, "num_classes", 2))
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(stream.rows()):
         if stream.task == "regression":
@@ -205,13 +211,41 @@ def run_river(stream: Stream, kind: str = "linear") -> Scores:
                 p_true = proba.get(y, 0.0)
             errors[i] = float(pred != y)
             loss -= math.log(min(max(p_true, 1e-15), 1 - 1e-15))
+            cal.add(proba, y)
         model.learn_one(x, y)
     s = Scores(name, stream.task, n, seconds=time.perf_counter() - t0, loss=loss / n, errors=errors)
     if stream.task == "regression":
         s.mae, s.rmse = float(errors.mean()), math.sqrt(loss / n)
     else:
         s.accuracy = 1.0 - float(errors.mean())
+        s.brier, s.ece = cal.scores(s.loss)
     return s
+
+
+class Calibration:
+    """The daemon's calibration sums (daemon/calibration.py) for a learner giving a dict of probabilities, one row at a time."""
+
+    def __init__(self, task: str, classes: int) -> None:
+        self.task, self.classes = task, classes
+        self.bins = [0.0] * WIDTH
+
+    def add(self, proba: dict, y) -> None:
+        if self.task == "binary":
+            p = float(proba.get(True, 0.0))
+            observed = float(bool(y))
+            brier = (p - observed) ** 2
+        else:
+            probs = [float(proba.get(k, 0.0)) for k in range(self.classes)]
+            top = max(range(self.classes), key=probs.__getitem__) if proba else 0
+            p, observed = probs[top], float(top == y)
+            brier = sum((q - (k == y)) ** 2 for k, q in enumerate(probs))
+        b = min(int(p * BINS), BINS - 1)
+        for part, value in enumerate((1.0, p, observed, brier)):
+            self.bins[part * BINS + b] += value
+
+    def scores(self, mean_loss: float) -> tuple[float, float]:
+        m = measures(self.task, mean_loss, self.bins)
+        return m["brier"], m["ece"]
 
 
 # ---------------------------------------------------------------------------- recovery after a drift
@@ -252,9 +286,10 @@ def verdict(ours: Scores, river: Scores) -> str:
 
 
 def score_cells(s: Scores) -> list[str]:
+    """Accuracy or MAE, log loss or RMSE, and for classifiers the Brier score and the ECE."""
     if s.task == "regression":
-        return [_fmt(s.mae), _fmt(s.rmse)]
-    return [_fmt(s.accuracy), _fmt(s.loss)]
+        return [_fmt(s.mae), _fmt(s.rmse), "-", "-"]
+    return [_fmt(s.accuracy), _fmt(s.loss), _fmt(s.brier), _fmt(s.ece)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             "learner",
             "acc / MAE",
             "log loss / RMSE",
-            "River linear",
+            "Brier",
+            "ECE",
+            "River linear (the same four)",
             "rows/s",
             "River rows/s",
             "skipped",
@@ -347,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     if cat_rows:
         print()
         print("categorical streams (prequential, batch 1; the log loss floor of clicks is its hidden model's):")
-        print(table(["stream", "rows", "learner", "acc / MAE", "log loss / RMSE", "rows/s", "dead-lettered", "target"], cat_rows))
+        headers = ["stream", "rows", "learner", "acc / MAE", "log loss / RMSE", "Brier", "ECE", "rows/s", "dead-lettered", "target"]
+        print(table(headers, cat_rows))
     if drift_rows:
         print()
         print(
@@ -410,7 +448,9 @@ def run_categorical(bootstrap: str, args: argparse.Namespace) -> list[list[str]]
                 ]
             )
         if not math.isnan(stream.bayes_loss):
-            out.append([name, f"{len(stream):,}", "the hidden model (Bayes)", "-", _fmt(stream.bayes_loss), "-", "-", "the floor"])
+            out.append(
+                [name, f"{len(stream):,}", "the hidden model (Bayes)", "-", _fmt(stream.bayes_loss), "-", "-", "-", "-", "the floor"]
+            )
     return out
 
 

@@ -44,7 +44,13 @@ def rate(
         "kafka": {"topics": ["t"]},
         "data": data,
         "model": {"name": model, "params": params},
-        "trainer": {"task": task, "device": device, "num_threads": 1, **(optimizer or {})},
+        "trainer": {
+            "task": task,
+            "device": device,
+            "num_threads": 1,
+            **({"num_classes": 3} if task == "multiclass" else {}),
+            **(optimizer or {}),
+        },
         "ring": {"batch_size": batch_size},
         "snapshot": {"dir": tempfile.mkdtemp(prefix="streamtrain-bench-"), "every_seconds": 0},
     }
@@ -53,7 +59,7 @@ def rate(
     try:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(64 * batch_size, width, generator=g)
-        y = (x.sum(1) > 0).float() if task == "binary" else x.sum(1)
+        y = {"binary": (x.sum(1) > 0).float(), "multiclass": (x[:, 0] > 0).float() + (x[:, 1] > 0).float()}.get(task, x.sum(1))
         buckets = t.cfg.data.hash_buckets
         zipf = torch.distributions.Categorical(probs=1.0 / torch.arange(1, buckets + 1) ** 1.05)
         ids = zipf.sample((len(y), fields)) if fields else None  # rows of the table, skewed as ids are
@@ -78,6 +84,9 @@ CASES = {
     "mlp-256": ("mlp", 256, "regression", ADAMW, None, 0),  # bench.pipeline's small MLP
     "linear-1": ("linear", 1, "regression", SGD, None, 0),
     "logistic-1": ("logistic", 1, "binary", SGD, None, 0),
+    "logistic-256": ("logistic", 256, "binary", SGD, None, 0),
+    "mlp-3class-1": ("mlp", 1, "multiclass", ADAMW, None, 0),
+    "mlp-3class-256": ("mlp", 256, "multiclass", ADAMW, None, 0),
     # the tables updated where a batch has ids (Adagrad on those rows), or every row every step (the same Adagrad, dense)
     "fm-sparse-256": ("fm", 256, "binary", {**SGD, "sparse_optimizer": "adagrad"}, {"embedding_dim": 16}, 4),
     "fm-dense-256": ("fm", 256, "binary", {"optimizer": "sgd", "lr": 0.01, "grad_clip_norm": 0}, {"embedding_dim": 16, "sparse": False}, 4),

@@ -88,6 +88,11 @@ def test_learning_compares_with_river_on_the_same_rows(bootstrap, capsys):
     assert "samples to recover" in out and "next 10 windows" in out and "| sea_drift " in out
     rows = [line for line in out.splitlines() if line.startswith("| phishing ")]
     assert rows and "| 0 " in rows[0]  # trained through the broker with no skipped step
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    brier, ece = float(cells[5]), float(cells[6])  # calibration beside accuracy and log loss, and River's the same
+    assert 0 < brier < 0.25 and 0 <= ece < 0.5
+    river = [float(v) for v in cells[7].split(" / ")]
+    assert len(river) == 4 and 0 < river[2] < 0.25 and 0 <= river[3] < 0.5
 
 
 def test_learning_compares_categorical_streams_with_vw_and_river(bootstrap, capsys):
