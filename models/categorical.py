@@ -64,6 +64,32 @@ def blank_linear(in_features: int, out_features: int, bias: bool = True) -> nn.L
     return layer
 
 
+class AffineWithTable(nn.Module):
+    """``x W + b``, plus with categorical fields one learned weight per table row and output (summed over a record's rows).
+
+    Linear and logistic regression are this: zeros at the start, as River's linear models
+    start (a convex model needs no random start, and an untrained one predicts the mean, or
+    0.5).  Its parameters are ``linear.*`` and ``table.weight``, as in every snapshot.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, categorical: int, buckets: int) -> None:
+        super().__init__()
+        if in_features:
+            self.linear = nn.Linear(in_features, out_features, bias=bias)
+        else:
+            self.linear = blank_linear(0, out_features, bias)
+        nn.init.zeros_(self.linear.weight)
+        if self.linear.bias is not None:
+            nn.init.zeros_(self.linear.bias)
+        self.table = bag(buckets, out_features) if categorical else None
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.linear(x)
+        if self.table is not None:
+            out = out + self.table(ids)
+        return out
+
+
 def check(categorical: int, buckets: int, embedding_dim: int | None = None, indicators: int = 0, in_features: int = 0) -> list[str]:
     problems = []
     if not isinstance(categorical, int) or categorical < 0:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
-from streamtrain.models.categorical import bag, blank_linear, check
+from streamtrain.models.categorical import AffineWithTable, check
 
 
 @dataclass(frozen=True)
@@ -37,29 +34,12 @@ class LinearConfig:
         return problems
 
 
-class Linear(nn.Module):
+class Linear(AffineWithTable):
     """(B, in_features) -> (B, out_features) by one affine map."""
 
     def __init__(self, config: LinearConfig) -> None:
-        super().__init__()
         problems = config.validate()
         if problems:
             raise ValueError(f"invalid LinearConfig: {'; '.join(problems)}")
+        super().__init__(config.in_features, config.out_features, config.bias, config.categorical, config.buckets)
         self.config = config
-        self.linear = (
-            nn.Linear(config.in_features, config.out_features, bias=config.bias)
-            if config.in_features
-            else blank_linear(0, config.out_features, config.bias)
-        )
-        # zeros, as River's linear models start: a convex model needs no random start, and an
-        # untrained one then predicts the mean (regression) or 0.5 (classification)
-        nn.init.zeros_(self.linear.weight)
-        if self.linear.bias is not None:
-            nn.init.zeros_(self.linear.bias)
-        self.table = bag(config.buckets, config.out_features) if config.categorical else None
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.linear(x)
-        if self.table is not None:
-            out = out + self.table(ids)
-        return out

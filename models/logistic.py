@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
-from streamtrain.models.categorical import bag, blank_linear, check
+from streamtrain.models.categorical import AffineWithTable, check
 
 
 @dataclass(frozen=True)
@@ -39,25 +36,12 @@ class LogisticConfig:
         return problems
 
 
-class Logistic(nn.Module):
+class Logistic(AffineWithTable):
     """(B, in_features) -> (B, 1) logit when binary, else (B, num_classes) logits."""
 
     def __init__(self, config: LogisticConfig) -> None:
-        super().__init__()
         problems = config.validate()
         if problems:
             raise ValueError(f"invalid LogisticConfig: {'; '.join(problems)}")
+        super().__init__(config.in_features, config.out_features, True, config.categorical, config.buckets)
         self.config = config
-        self.linear = nn.Linear(config.in_features, config.out_features) if config.in_features else blank_linear(0, config.out_features)
-        # zeros, as River's linear models start: a convex model needs no random start, and an
-        # untrained one then predicts the mean (regression) or 0.5 (classification)
-        nn.init.zeros_(self.linear.weight)
-        if self.linear.bias is not None:
-            nn.init.zeros_(self.linear.bias)
-        self.table = bag(config.buckets, config.out_features) if config.categorical else None
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.linear(x)
-        if self.table is not None:
-            out = out + self.table(ids)
-        return out
