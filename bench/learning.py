@@ -47,7 +47,7 @@ from streamtrain.daemon.metrics import Metrics
 from streamtrain.daemon.trainer import Trainer
 from streamtrain.streams.encode import encode
 
-MLP_STREAMS = ("bananas", "friedman_drift", "sea_drift", "agrawal_drift", "hyperplane")
+MLP_STREAMS = ("bananas", "friedman_drift", "sea_drift", "agrawal_drift", "hyperplane", "waveform_noisy", "led_drift", "rbf_drift")
 ABRUPT = ("sea_drift", "agrawal_drift", "friedman_drift")
 RECOVERY_TOLERANCE = 0.10
 

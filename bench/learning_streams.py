@@ -126,6 +126,44 @@ def friedman_drift(n: int = 0) -> Stream:
     return _materialize("friedman_drift", "regression", gen, n, "Friedman #1 with global recurring abrupt drift at 1/3, 2/3", at)
 
 
+# ---------------------------------------------------------------------------- multiclass generators (calibration)
+def waveform_noisy(n: int = 0) -> Stream:
+    from river.datasets import synth
+
+    n = n or 20_000
+    gen = synth.Waveform(seed=1, has_noise=True)
+    return _materialize(
+        "waveform_noisy", "multiclass", gen, n, "Waveform: 3 classes, 21 features + 19 noise features", classes=["0", "1", "2"]
+    )
+
+
+def led_drift(n: int = 0) -> Stream:
+    from river.datasets import synth
+
+    n = n or 20_000
+    at = n // 2
+    gen = synth.ConceptDriftStream(
+        synth.LEDDrift(seed=1, noise_percentage=0.1, irrelevant_features=True, n_drift_features=0),
+        synth.LEDDrift(seed=2, noise_percentage=0.1, irrelevant_features=True, n_drift_features=7),
+        position=at,
+        width=max(1, n // 200),
+        seed=3,
+    )
+    about = "LED digits: 10 classes, 7 segments + 17 irrelevant, 10 % noise, 7 segments swapped at the half"
+    return _materialize("led_drift", "multiclass", gen, n, about, (at,), classes=[str(k) for k in range(10)])
+
+
+def rbf_drift(n: int = 0) -> Stream:
+    from river.datasets import synth
+
+    n = n or 20_000
+    gen = synth.RandomRBFDrift(
+        seed_model=1, seed_sample=2, n_classes=4, n_features=10, n_centroids=20, change_speed=0.001, n_drift_centroids=20
+    )
+    about = "random RBF: 4 classes, 10 features, 20 centroids all drifting (speed 0.001)"
+    return _materialize("rbf_drift", "multiclass", gen, n, about, classes=["0", "1", "2", "3"])
+
+
 # ---------------------------------------------------------------------------- streams made to break things
 def _linear_rows(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -184,6 +222,9 @@ STREAMS: dict[str, Callable[[int], Stream]] = {
         agrawal_drift,
         hyperplane,
         friedman_drift,
+        waveform_noisy,
+        led_drift,
+        rbf_drift,
         timestamp_feature,
         constant_then_changing,
         house_prices,
