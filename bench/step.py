@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -93,11 +94,31 @@ CASES = {
 }
 
 
+def calibration_cost(task: str, batch_size: int, calls: int = 2000, repeat: int = 5) -> float:
+    """Microseconds per call of the step's calibration sums (daemon/calibration.py) alone, best of ``repeat``."""
+    from streamtrain.daemon.calibration import batch_sums
+
+    g = torch.Generator().manual_seed(0)
+    classes = 1 if task == "binary" else 3
+    out = torch.randn(batch_size, classes, generator=g)
+    y = torch.randint(0, max(classes, 2), (batch_size,), generator=g).float()
+    for _ in range(200):
+        batch_sums(out, y, task)
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            batch_sums(out, y, task)
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--calibration", action="store_true", help="also the calibration sums' cost per step alone (one torch thread)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("streamtrain").setLevel(logging.WARNING)
@@ -106,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if not fields else max(50, args.steps // 10)
         r = rate(model, bs, task, steps, args.device, width=4 if fields else 16, optimizer=opt, params=params, fields=fields)
         print(f"{case}: {r:,.0f} samples/s", flush=True)
+    if args.calibration:
+        torch.set_num_threads(1)
+        for task in ("binary", "multiclass"):
+            for bs in (1, 256):
+                print(f"calibration sums, {task} batch {bs}: {calibration_cost(task, bs):.1f} us a step", flush=True)
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from streamtrain.daemon.calibration import BINS, EDGES, PARTS, totals
+from streamtrain.daemon.calibration import BINS, EDGES, PARTS, WIDTH, measures, totals
 
 log = logging.getLogger("streamtrain.metrics")
 
@@ -181,9 +182,7 @@ class LearningTotals:
     squared_error: float
     drifts: int
     last_drift: float  # Unix time, 0 before any
-    # classification: the calibration sums (daemon/calibration.py) and the cumulative measures made of them
-    bins: tuple[float, ...] = ()
-    calibration: dict[str, float | None] = field(default_factory=dict)
+    bins: tuple[float, ...] = ()  # classification: the calibration sums by probability bin (daemon/calibration.py)
 
 
 _PREQUENTIAL = {
@@ -328,7 +327,8 @@ class ScrapeCollector:
         )
 
     def _calibration(self, t: LearningTotals):
-        _, predicted, positives, brier = totals(t.bins) if t.bins else (0.0, 0.0, 0.0, 0.0)
+        bins = list(t.bins) or [0.0] * WIDTH
+        _, predicted, positives, brier = totals(bins)
         values = {"brier": brier, **({"predicted_positive": predicted, "positives": positives} if t.task == "binary" else {})}
         for name, value in values.items():
             yield CounterMetricFamily(f"streamtrain_prequential_{name}", _PREQUENTIAL[name], value=self._monotonic(name, value))
@@ -336,7 +336,7 @@ class ScrapeCollector:
             help_ = _BINS[part]
             fam = CounterMetricFamily(f"streamtrain_prequential_calibration_bin_{part}", help_, labels=["bin"])
             for b, edge in enumerate(EDGES):
-                fam.add_metric([edge], self._monotonic(f"bin_{part}_{edge}", t.bins[k * BINS + b] if t.bins else 0.0))
+                fam.add_metric([edge], self._monotonic(f"bin_{part}_{edge}", bins[k * BINS + b]))
             yield fam
         gauge = GaugeMetricFamily(
             "streamtrain_prequential_calibration",
@@ -344,7 +344,7 @@ class ScrapeCollector:
             "(mean predicted / observed positive rate) and normalized_entropy (log loss / the base rate's entropy).",
             labels=["measure"],
         )
-        for measure, value in t.calibration.items():
+        for measure, value in measures(t.task, t.loss / t.samples if t.samples else math.nan, bins).items():
             if value is not None:
                 gauge.add_metric([measure], value)
         yield gauge

@@ -373,7 +373,7 @@ class Trainer:
         totals = (task, p.samples, p.loss, p.correct, p.abs_error, p.squared_error, d.drifts, d.last_drift)
         if task == "regression":
             return LearningTotals(*totals)
-        return LearningTotals(*totals, tuple(p.bins), p.calibration(task))
+        return LearningTotals(*totals, tuple(p.bins))
 
     def rollback(self) -> None:
         """Repeated non-finite steps: go back to the last good snapshot, as after a crash.

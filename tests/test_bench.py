@@ -107,10 +107,12 @@ def test_learning_compares_categorical_streams_with_vw_and_river(bootstrap, caps
 
 
 def test_step_prints_each_case(capsys):
-    assert step.main(["--steps", "20"]) == 0
+    assert step.main(["--steps", "20", "--calibration"]) == 0
     out = capsys.readouterr().out
     for case in step.CASES:
         assert f"{case}: " in out and "samples/s" in out
+    for task in ("binary", "multiclass"):
+        assert f"calibration sums, {task} batch 256: " in out
 
 
 def test_serve_prints_requests_and_latency_for_each_batch(capsys):
