@@ -46,9 +46,14 @@ def test_live_metrics_are_complete_and_valid(tmp_path, bootstrap, make_topic):
     n = 4_000
     produce(bootstrap, topic, n, garbage_every=200)
     d = Daemon(write_config(tmp_path / "d.yaml", daemon_config(tmp_path, bootstrap, [topic])), tmp_path / "d.log")
+    lags = [f'streamtrain_consumer_lag{{partition="{p}",topic="{topic}"}}' for p in range(4)]
     m = d.wait_for(
-        "all records handled and a snapshot",
-        lambda m: m.get("streamtrain_samples_trained_total", 0) == n - 20 and m.get("streamtrain_snapshots_total", 0) >= 1,
+        "all records handled, a snapshot, and every partition's lag reported",
+        lambda m: (
+            m.get("streamtrain_samples_trained_total", 0) == n - 20
+            and m.get("streamtrain_snapshots_total", 0) >= 1
+            and all(k in m for k in lags)
+        ),
         90,
     )
     m = d.settled()
