@@ -110,6 +110,23 @@ def wait_drained(d: Daemon, topic: str, producer: LedgerProducer, timeout: float
         time.sleep(0.2)
 
 
+def settled_ranks(d: Daemon, timeout: float = 15.0) -> list[dict[str, float]]:
+    """Every rank's metrics once their step and skip counters stop moving (two reads 0.5 s apart agree)."""
+
+    def counters(ms: list[dict[str, float]]) -> list[tuple]:
+        keys = ("streamtrain_steps_total", "streamtrain_steps_skipped")
+        return [tuple(sorted((k, v) for k, v in r.items() if k.startswith(keys))) for r in ms]
+
+    deadline = time.monotonic() + timeout
+    m = d.rank_metrics()
+    while True:
+        time.sleep(0.5)
+        again = d.rank_metrics()
+        if counters(again) == counters(m) or time.monotonic() > deadline:
+            return again
+        m = again
+
+
 def stop_ranks(d: Daemon, ranks: int) -> None:
     """SIGTERM to torchrun (or the one daemon): every rank stops at the same step, rank 0 writes the final snapshot."""
     code, _ = d.terminate(timeout=60)
@@ -234,7 +251,7 @@ def test_a_non_finite_step_or_a_decoder_crash_on_one_rank_stops_no_rank(tmp_path
     d = launch_ranks(tmp_path, cfg, "poisoned", 2, env={"STREAMTRAIN_FAILPOINTS": "decode=raise:POISON"})
     wait_drained(d, topic, producer)
     took = time.monotonic() - started
-    m = d.rank_metrics()
+    m = settled_ranks(d)  # the last step may still be counting when the offsets reach the end
     skipped = [sum(v for k, v in r.items() if k.startswith("streamtrain_steps_skipped_total")) for r in m]
     assert skipped[0] == skipped[1] > 0, skipped  # the same steps skipped on both ranks (each poisons its own)
     assert m[0]["streamtrain_steps_total"] == m[1]["streamtrain_steps_total"]
