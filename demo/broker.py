@@ -9,6 +9,7 @@ exact on any broker (Tansu's ListOffsets(latest) answers the last batch's base o
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +24,39 @@ from confluent_kafka.admin import AdminClient, NewTopic
 ENV_BOOTSTRAP = "STREAMTRAIN_TEST_BOOTSTRAP"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(span: int = 1) -> int:
+    """A port (and the ``span - 1`` after it) free on loopback, outside the kernel's ephemeral range.
+
+    Outside it because a connect to a port in that range nobody listens on yet can be given that
+    very port as its source, and then connects to itself (TCP simultaneous open): an HTTP GET
+    reads its own request back, a readiness probe sees a listener that is not there.
+    """
+    low, high = _ephemeral_range()
+    ranges = [r for r in ((10000, low - span), (high + 1, 65535 - span)) if r[1] > r[0]]
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randint(*rng.choice(ranges))
+        socks = []
+        try:
+            for port in range(start, start + span):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port on loopback outside the ephemeral range")
 
 
 def wait_port(host: str, port: int, timeout: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ def daemon_config(tmp_path: Path, bootstrap: str, topics: list[str], **sections:
         "model": {"name": "mlp", "params": {"hidden": [32]}},
         "trainer": {"lr": 0.003, "task": "regression"},
         "snapshot": {"dir": str(tmp_path / "snapshots"), "every_seconds": 1, "keep": 3},
-        "metrics": {"host": "127.0.0.1", "port": free_port()},
+        "metrics": {"host": "127.0.0.1", "port": free_port(span=4)},  # ranks serve on port + rank
         "logging": {"progress_every_s": 0, "level": "INFO"},
     }
     for name, values in sections.items():
@@ -119,7 +120,7 @@ class Daemon:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not up (or not an HTTP answer): as if not listening
             return 0, ""
 
     def metrics(self, rank: int = 0) -> dict[str, float]:

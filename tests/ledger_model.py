@@ -76,6 +76,8 @@ class Ledger(nn.Module):
             time.sleep(cfg.slow_ms / 1000)
         poison = bool(cfg.poison_file and os.path.exists(cfg.poison_file)) or self._rng.random() < cfg.poison_rate
         poison_grad = not poison and self._rng.random() < cfg.poison_grad_rate
+        if not len(x):  # a rank with nothing this turn: no loss or gradient of its own to poison (it would count a skip
+            poison = poison_grad = False  # the step, all-reduced from finite parts, does not make)
         part = x[:, 0].long()
         seq = x[:, 1].double()
         with torch.no_grad():

@@ -211,7 +211,7 @@ def test_kill_9_of_a_random_rank_then_one_rank_then_three_exactly_once(tmp_path,
     for ranks in (1, 3):  # the same snapshot directory, re-split over another number of ranks
         producer.send(1500)
         producer.producer.flush(30)
-        d = launch_ranks(tmp_path, {**cfg, "metrics": {**cfg["metrics"], "port": free_port()}}, f"ranks{ranks}", ranks)
+        d = launch_ranks(tmp_path, {**cfg, "metrics": {**cfg["metrics"], "port": free_port(span=ranks)}}, f"ranks{ranks}", ranks)
         wait_drained(d, topic, producer)
         stop_ranks(d, ranks)
         ledger = read_ledger(snaps)
@@ -234,7 +234,7 @@ def test_a_non_finite_step_or_a_decoder_crash_on_one_rank_stops_no_rank(tmp_path
     """Non-finite losses on either rank skip the step on both; records that crash one rank's decoder are dead-lettered
     by that rank alone, in-process, while the other goes on: nobody waits in a collective for a rank that is gone."""
     topic = make_topic(4)
-    cfg = ledger_config(tmp_path, bootstrap, topic, ledger={"poison_rate": 0.02})
+    cfg = ledger_config(tmp_path, bootstrap, topic, ledger={"poison_rate": 0.1})
     producer = LedgerProducer(bootstrap, topic)
     crashing = [p for p in range(4) if owner((topic, p), 2) == 1]  # the partitions of rank 1
     poison: set[tuple[int, int]] = set()
