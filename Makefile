@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # local file in seconds.  Override for CUDA, e.g. `make TORCH_SPEC='torch --index-url ...'`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test faults lint bench tools clean
+.PHONY: demo demo-join test faults lint bench tools clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ tools:
 
 demo: $(BIN)/.installed
 	$(BIN)/python demo/run_demo.py
+
+demo-join: $(BIN)/.installed
+	$(BIN)/python demo/run_join_demo.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

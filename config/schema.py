@@ -281,6 +281,16 @@ class Config:
             problems.append(("dead_letter.topic", "must not be one of kafka.topics (rejected records would come back)"))
         if self.publish.topic is not None and self.publish.topic in (*self.kafka.topics, self.dead_letter.topic):
             problems.append(("publish.topic", "must not be one of kafka.topics or the dead-letter topic"))
+        lt = self.data.labels
+        if lt.enabled:
+            if lt.topic in (*self.kafka.topics, self.dead_letter.topic):
+                problems.append(("data.labels.topic", "must not be one of kafka.topics or the dead-letter topic"))
+            if len(self.kafka.topics) != 1:
+                problems.append(("kafka.topics", "with data.labels.topic, name the one feature topic its partitions pair with"))
+            if self.trainer.task == "regression" and lt.on_expiry == "negative":
+                problems.append(
+                    ("data.labels.on_expiry", "negative is for classifiers; for regression use default (with labels.default) or drop")
+                )
         problems += _model_problems(self)
         return problems
 

@@ -203,6 +203,60 @@ _BINS = {
 }
 
 
+def join_families(j):
+    """data.labels: the join's counters and gauges (streams/join/joiner.py's JoinStats)."""
+    from prometheus_client.core import HistogramMetricFamily
+
+    from streamtrain.streams.join.joiner import DELAY_BUCKETS
+
+    yield CounterMetricFamily("streamtrain_labels_joined", "Feature records trained with the label that came for them.", value=j.joined)
+    expired = CounterMetricFamily(
+        "streamtrain_labels_expired",
+        "Feature records whose label did not come within data.labels.window_seconds, by what was done: negative and "
+        "default trained with that label, drop not trained.",
+        labels=["action"],
+    )
+    for action in ("negative", "default", "drop"):
+        expired.add_metric([action], j.expired.get(action, 0))
+    yield expired
+    yield CounterMetricFamily(
+        "streamtrain_labels_expired_early",
+        "Of the expired, those that left before their window because data.labels.max_pending were waiting.",
+        value=j.early,
+    )
+    yield CounterMetricFamily(
+        "streamtrain_labels_late", "Label records that came after their feature record had expired (not trained again).", value=j.late
+    )
+    yield CounterMetricFamily(
+        "streamtrain_labels_unmatched", "Label records whose feature record never came within the window.", value=j.unmatched
+    )
+    pending = GaugeMetricFamily("streamtrain_join_pending", "Records waiting in the join, by side.", labels=["side"])
+    pending.add_metric(["features"], j.pending_features)
+    pending.add_metric(["labels"], j.pending_labels)
+    yield pending
+    yield GaugeMetricFamily(
+        "streamtrain_join_pending_bytes", "Memory the waiting feature records hold (slab rows and index, estimated).", value=j.pending_bytes
+    )
+    yield GaugeMetricFamily("streamtrain_join_held", "Expired feature records the join-breakage guard holds back.", value=j.held)
+    yield GaugeMetricFamily(
+        "streamtrain_join_guard", "1 while the join-breakage guard holds expiries (too few joins: the label topic stopped?).", value=j.guard
+    )
+    yield CounterMetricFamily("streamtrain_join_guard_trips", "Times the join-breakage guard tripped.", value=j.guard_trips)
+    yield GaugeMetricFamily(
+        "streamtrain_join_paused", "1 while the feature topic is paused because data.labels.max_pending records wait.", value=j.paused
+    )
+    cumulative, total = [], 0
+    for bound, n in zip((*DELAY_BUCKETS, float("inf")), j.delay_counts):
+        total += n
+        cumulative.append((str(bound) if bound != float("inf") else "+Inf", total))
+    yield HistogramMetricFamily(
+        "streamtrain_label_delay_seconds",
+        "Label time minus its feature record's time, for joined records (a label that came first counts 0).",
+        buckets=cumulative,
+        sum_value=j.delay_sum,
+    )
+
+
 class ScrapeCollector:
     """Reads the data path's own counters, the lag and the learning totals when Prometheus scrapes."""
 
@@ -260,6 +314,8 @@ class ScrapeCollector:
             yield skipped
             yield CounterMetricFamily("streamtrain_batches_formed", "Batches published to the ring.", value=st.batches)
             yield CounterMetricFamily("streamtrain_decode_seconds", "Time spent decoding consumed batches.", value=st.decode_seconds)
+            if st.join is not None:
+                yield from join_families(st.join)
         if s.dead_letter is not None:
             sent, failed, truncated, dropped = s.dead_letter()
             yield CounterMetricFamily("streamtrain_dead_letter_records", "Records written to the dead-letter topic.", value=sent)

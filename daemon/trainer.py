@@ -206,7 +206,7 @@ class Trainer:
                 if len(batch):
                     self.step(batch)
                 if epoch == self.stream_epoch:  # not when the step rolled back and re-read the stream
-                    self.offsets.note_trained(batch.positions)
+                    self.offsets.note_trained(batch.positions, batch.done)
             now = time.monotonic()
             self.snapshot_if_due(now)
             if now >= next_progress:
@@ -255,7 +255,7 @@ class Trainer:
             if turn.samples:
                 self.step(batch if batch is not None else self._empty_batch(), turn)
             if batch is not None and epoch == self.stream_epoch:
-                self.offsets.note_trained(batch.positions)
+                self.offsets.note_trained(batch.positions, batch.done)
             if turn.snapshot:
                 self.snapshot_ranked()
                 self.snapshot_requested.clear()
@@ -281,16 +281,18 @@ class Trainer:
                 ok = False
         source = self.dataset.source
         assigned = sorted(source.assigned) if source is not None else []
-        parts = self.coll.gather((ok, positions_to_rows(self.offsets.trained), assigned))
+        parts = self.coll.gather((ok, positions_to_rows(self.offsets.trained), assigned, self.offsets.done_rows()))
         if not self.world.leader:
             return None
         self.last_snapshot_time = time.monotonic()
         if not all(p[0] for p in parts):
             return None
         positions: dict[TP, Position] = {}
-        for rank, (_, rows, _) in enumerate(parts):  # each partition from the rank that reads it
+        done: list[list] = []
+        for rank, (_, rows, _, done_rows) in enumerate(parts):  # each partition from the rank that reads it
             positions.update((tp, pos) for tp, pos in positions_from_rows(rows).items() if owner(tp, self.world.size) == rank)
-        missing = sorted({tuple(tp) for _, _, a in parts for tp in a} - set(positions))
+            done += [r for r in done_rows if owner((r[0], r[1]), self.world.size) == rank]
+        missing = sorted({tuple(tp) for _, _, a, _ in parts for tp in a} - set(positions))
         if missing:
             self.metrics.snapshots_incomplete.inc()
             names = ", ".join(f"{t}[{p}]" for t, p in missing)
@@ -302,7 +304,7 @@ class Trainer:
             self.writer.wait()
         t0 = time.perf_counter()
         state = state_to_host(self.state_dict())
-        meta = self.meta(positions)
+        meta = self.meta(positions, sorted(done))
         self.metrics.snapshot_pause.observe(time.perf_counter() - t0)
         self.last_snapshot_step = self.step_count
         if final:
@@ -418,13 +420,17 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()
 
-    def meta(self, positions: dict[TP, Position] | None = None) -> dict[str, Any]:
-        """The snapshot's meta.json; ``positions``: every rank's, when there are several."""
+    def meta(self, positions: dict[TP, Position] | None = None, done: list[list] | None = None) -> dict[str, Any]:
+        """The snapshot's meta.json; ``positions`` (and ``done``): every rank's, when there are several."""
         learner = self.learner
+        extra = {}
+        if self.cfg.data.labels.enabled:  # the offsets past the positions already done (streams/join/done.py)
+            extra["done"] = self.offsets.done_rows() if done is None else done
         return {
             "step": learner.step_count,
             "samples": learner.samples,
             "positions": positions_to_rows(self.offsets.trained if positions is None else positions),
+            **extra,
             "world_size": self.world.size,
             "loss_ewma": None if math.isnan(learner.loss_ewma) else learner.loss_ewma,
             "metric": {self.learner.metric_name: None if math.isnan(learner.metric_ewma) else learner.metric_ewma},
@@ -440,7 +446,7 @@ class Trainer:
         positions = positions_from_rows(info.meta["positions"])
         if self.world.ranked:  # every rank gets the whole map and keeps its own partitions (another world size re-splits)
             positions = {tp: pos for tp, pos in positions.items() if self.dataset.share.owns(tp)}
-        self.offsets.resume(self.step_count, positions)
+        self.offsets.resume(self.step_count, positions, info.meta.get("done"))
         self.last_snapshot_step = self.step_count
         self.metrics.snapshot_step.set(info.step)
         self.metrics.last_snapshot.set(info.created)

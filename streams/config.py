@@ -25,6 +25,7 @@ __all__ = [
     "DeadLetterConfig",
     "FrozenDict",
     "KafkaConfig",
+    "LabelsConfig",
     "RingConfig",
     "non_negative",
     "opt",
@@ -155,6 +156,63 @@ class CsvConfig:
 
 
 @dataclass(frozen=True)
+class LabelsConfig:
+    """Labels that come later, on a topic of their own, joined to the feature records by a key (``streams/join/``)."""
+
+    topic: str = opt("", "Topic of the label records; empty: every record carries its own label (data.label).")
+    key: str = opt("request_id", "Field in both a feature record and a label record that pairs them (a string or an integer).")
+    field: str = opt("label", "The label's field in a label record (a number, true/false, or a class name of trainer.classes).")
+    window_seconds: float = opt(1800.0, "How long a feature record waits for its label (and a label for its features).")
+    on_expiry: str = opt(
+        "negative",
+        "A feature record whose label did not come within the window: negative (trained with label 0 / false: implicit "
+        "feedback) | default (trained with labels.default) | drop (not trained; its offset is done).",
+    )
+    default: float = opt(0.0, "The label of an expired feature record with on_expiry: default.")
+    time: str = opt(
+        "event",
+        "The clock of the window: event (record timestamps; the window closes when both topics' partitions have read past "
+        "it, or have nothing left to read) | ingest (when the daemon read the record).",
+    )
+    max_pending: int = opt(1000000, "Feature records (and, apart, label records) that may wait at once per ingest process.")
+    at_max_pending: str = opt(
+        "expire",
+        "When max_pending feature records wait: expire (the oldest leave early, as on_expiry) | pause (stop fetching the "
+        "feature topic until some leave; the label topic is read on, so the join cannot deadlock).",
+    )
+    guard: bool = opt(
+        True, "Stop training on expiries while the join looks broken (guard_min_expired expiries in a window, too few joins)."
+    )
+    min_join_rate: float = opt(
+        0.0, "The guard trips when joined / (joined + expired) over the last window is at or below this (0: not one joined)."
+    )
+    guard_seconds: float = opt(60.0, "The guard's window: joins and expiries over the last this many seconds (wall time).")
+    guard_min_expired: int = opt(200, "Expiries in the last window before the guard may trip (make it several times 1 / your label rate).")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.topic)
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = positive(self, "window_seconds", "max_pending", "guard_min_expired", "guard_seconds")
+        if self.topic and any(c.isspace() for c in self.topic):
+            problems.append(("topic", f"must be a topic name without spaces, got {self.topic!r}"))
+        if self.topic and not self.key:
+            problems.append(("key", "must name the field that pairs a label record with its feature record"))
+        if self.topic and (not self.field or self.field == self.key):
+            problems.append(("field", "must name the label field of a label record (not the key)"))
+        if self.on_expiry not in ("negative", "default", "drop"):
+            problems.append(("on_expiry", f"must be negative, default or drop, got {self.on_expiry!r}"))
+        if self.time not in ("event", "ingest"):
+            problems.append(("time", f"must be event or ingest, got {self.time!r}"))
+        if self.at_max_pending not in ("expire", "pause"):
+            problems.append(("at_max_pending", f"must be expire or pause, got {self.at_max_pending!r}"))
+        if not 0.0 <= self.min_join_rate < 1.0:
+            problems.append(("min_join_rate", f"must be in [0, 1), got {self.min_join_rate}"))
+        return problems
+
+
+@dataclass(frozen=True)
 class DataConfig:
     format: str = opt(
         "json", "Record format: json | csv | arrow (IPC stream, many rows per message) | raw (little-endian float32, label last)."
@@ -182,6 +240,7 @@ class DataConfig:
         "dead_letter (reason decoder_crash, logged as an error; training goes on) | stop (exit 1 naming the record).",
     )
     csv: CsvConfig = section(CsvConfig, "CSV specifics.")
+    labels: LabelsConfig = section(LabelsConfig, "Labels on a topic of their own, joined to the feature records by a key.")
 
     @property
     def width(self) -> int:
@@ -231,6 +290,13 @@ class DataConfig:
                 problems.append(("csv.columns", f"must contain every feature and the label; missing {missing}"))
         if self.on_decoder_crash not in ("dead_letter", "stop"):
             problems.append(("on_decoder_crash", f"must be dead_letter or stop, got {self.on_decoder_crash!r}"))
+        if self.labels.enabled:
+            if self.format != "json":
+                problems.append(("labels.topic", f"joins JSON records (one key per record); data.format is {self.format}"))
+            if self.labels.key in (*self.features, *self.categorical):
+                problems.append(("labels.key", f"pairs the records and is not a feature: remove {self.labels.key!r} from the features"))
+            if self.feature_field and self.labels.key == self.feature_field:
+                problems.append(("labels.key", "must not be data.feature_field"))
         return problems + positive(self, "max_record_bytes")
 
 

@@ -23,6 +23,7 @@ stream to; :meth:`state_dict` returns the positions of every batch yielded so fa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -45,7 +46,7 @@ from streamtrain.streams.ring import TopicPartition as TP
 from streamtrain.streams.shared_ring import SharedRing
 from streamtrain.streams.slots import IngestHandle, SlotConsumer
 from streamtrain.streams.source import KafkaSource
-from streamtrain.streams.split import EVERYTHING, Share, default_workers
+from streamtrain.streams.split import EVERYTHING, Share, default_workers, pair_topics
 from streamtrain.streams.workers import MultiMirror, build_workers
 
 
@@ -79,6 +80,12 @@ class KafkaIterableDataset(IterableDataset):
         self.client_id = client_id
         self.share = share  # this rank's partitions, when training on several (streams/split.py)
         self.markers = markers  # where decoder-crash markers are kept (streams/quarantine.py); None: not kept
+        # data.labels: the consumer reads the label topic too, its partitions paired with the feature topic's
+        labels = getattr(data, "labels", None)
+        self.joined = bool(labels is not None and labels.enabled)
+        self.source_kafka = dataclasses.replace(kafka, topics=(*kafka.topics, labels.topic)) if self.joined else kafka
+        if self.joined:
+            pair_topics(labels.topic, kafka.topics[0])
         self.offsets = OffsetTracker()  # read (here), trained and durable (the daemon's trainer), committed
         self.ring: SlotConsumer | None = None
         self.source: KafkaSource | SourceMirror | MultiMirror | None = None
@@ -142,8 +149,10 @@ class KafkaIterableDataset(IterableDataset):
 
             def worker(ring: SharedRing, share: Share = self.share, lock: threading.Lock | None = None) -> IngestProcess:
                 positions = dict(self.offsets.read)
-                args = (self.kafka, self.data, rc, self.dead_letter_config, self.label_rule, ring, positions, self._stats)
-                return IngestProcess(*args, self._dl_counts, self.client_id, share=share, lock=lock, markers=self.markers)
+                args = (self.source_kafka, self.data, rc, self.dead_letter_config, self.label_rule, ring, positions, self._stats)
+                return IngestProcess(
+                    *args, self._dl_counts, self.client_id, share=share, lock=lock, markers=self.markers, done=self._done()
+                )
 
             if workers == 1:
                 self.ring = ring(rc.slots)
@@ -154,13 +163,23 @@ class KafkaIterableDataset(IterableDataset):
             self.ingest.start()
             return
         self.ring = Ring(rc.slots, rc.batch_size, self.data.width, pin_memory=pin, fields=len(self.data.categorical))
-        self.source = KafkaSource(self.kafka, self.client_id, self.share)
+        self.source = KafkaSource(self.source_kafka, self.client_id, self.share)
         if self._dlq is None:  # one for the dataset's life, so its counters survive restarts
             self._dlq = DeadLetterQueue(self.kafka, self.dead_letter_config)
         dlq = self._dlq
         dlq.stop = threading.Event()
         self.ingest = Ingest.from_config(
-            self.source, dlq, self.ring, self.kafka, self.data, rc, self.label_rule, dict(self.offsets.read), self._stats, self.markers
+            self.source,
+            dlq,
+            self.ring,
+            self.source_kafka,
+            self.data,
+            rc,
+            self.label_rule,
+            dict(self.offsets.read),
+            self._stats,
+            self.markers,
+            self._done(),
         )
         self.ingest.start()
 
@@ -242,6 +261,10 @@ class KafkaIterableDataset(IterableDataset):
                     return
                 done.synchronize()
             self.ring.release(copying.popleft().slot)
+
+    def _done(self) -> dict[TP, Any] | None:
+        """data.labels: the done offsets past the positions reading starts from (the snapshot's, or the trained ones)."""
+        return self.offsets.done_offsets() if self.joined else None
 
     def restart(self, positions: dict[TP, Position]) -> None:
         """Read again from ``positions`` (a roll-back): batches in the ring are dropped."""

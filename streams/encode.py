@@ -62,6 +62,8 @@ def encode(
         for name, values in cats.items():
             for r, v in zip(rows, values):
                 r[name] = v
+        if not label:  # feature records whose label comes on a topic of its own (data.labels)
+            return [json.dumps(r).encode() for r in rows]
         return [json.dumps({**r, label: v}).encode() for r, v in zip(rows, label_values)]
     if fmt == "csv":
         order = list(columns) if columns else [*names, *cats, label]

@@ -41,6 +41,10 @@ class Pending:
     ticket: Ticket | None = None  # its rejects' dead-letter writes: placed only once done
     row: int = 0  # next row to place
     done: int = 0  # messages fully handled
+    # data.labels (streams/join/): per row the (partition index, offset) pairs it makes done, feature's and label's (-1:
+    # none), and the offsets done without a row; they travel with the rows' slot.  ``after``: the positions once placed.
+    marks: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    after: dict[TP, Position] | None = None
 
 
 class SlotFiller:
@@ -56,12 +60,14 @@ class SlotFiller:
         self._slot: int | None = None
         self._fill = 0
         self._slot_positions: dict[TP, Position] = {}
+        self._slot_done: list[tuple[np.ndarray, np.ndarray]] = []  # (partition index, offset) arrays (data.labels)
+        self._tps: list[TP] = []
         self._oldest = math.inf
 
     @property
     def open(self) -> bool:
-        """Something waits to be published: rows, or positions alone."""
-        return bool(self._fill or self._slot_positions)
+        """Something waits to be published: rows, positions, or done offsets alone."""
+        return bool(self._fill or self._slot_positions or self._slot_done)
 
     def place(self, p: Pending) -> bool:
         """Copy ``p``'s rows into slots; False if the ring is full before all are placed."""
@@ -80,6 +86,8 @@ class SlotFiller:
                 self.ring.y_np[s, f : f + k] = p.y[r : r + k]
                 if p.ids.shape[1]:
                     self.ring.ids_np[s, f : f + k] = p.ids[r : r + k]
+                if p.marks is not None:  # the offsets these rows make done go in their slot
+                    self._note_done(p, p.marks[0][r : r + k].ravel(), p.marks[1][r : r + k].ravel())
                 if p.has_ts:
                     oldest = np.nanmin(p.ts[p.msg_of_row[r : r + k]])
                     if not math.isnan(oldest):
@@ -87,6 +95,11 @@ class SlotFiller:
                 self._fill += k
                 p.row += k
             self._advance_positions(p)
+            if p.row == total and p.marks is not None:
+                self._note_done(p, p.marks[2], p.marks[3])
+                for tp, pos in (p.after or {}).items():
+                    self.set_position(tp, pos)
+                p.marks = None
             if self._fill == self.ring.batch_size:
                 self.publish()
             if p.row == total:
@@ -105,6 +118,22 @@ class SlotFiller:
         if done < len(p.offset) and p.row_start[done] < p.row:
             # a record split across slots: note how many of its rows are placed
             self.set_position(p.tps[p.part[done]], (int(p.offset[done]), int(p.row_base[done] + p.row - p.row_start[done])))
+
+    def _note_done(self, p: Pending, part: np.ndarray, off: np.ndarray) -> None:
+        if len(part):
+            self._tps = p.tps
+            self._slot_done.append((part, off))
+            if self.deadline == math.inf:
+                self.deadline = time.monotonic() + self.max_wait_s
+
+    def _done_of_slot(self) -> dict[TP, np.ndarray] | None:
+        if not self._slot_done:
+            return None
+        part = np.concatenate([a for a, _ in self._slot_done])
+        off = np.concatenate([b for _, b in self._slot_done])
+        keep = part >= 0
+        part, off = part[keep], off[keep]
+        return {self._tps[i]: off[part == i] for i in np.unique(part).tolist()}
 
     def set_position(self, tp: TP, pos: Position) -> None:
         """``tp`` is at ``pos`` from now on; the next slot published tells the trainer."""
@@ -126,11 +155,16 @@ class SlotFiller:
                 return  # the ring is full: the next flush tries again
             self._fill = 0
         oldest = self._oldest if self._oldest != math.inf else math.nan
-        self.ring.publish(self._slot, self._fill, self._slot_positions, oldest)
+        done = self._done_of_slot()
+        if done is None:
+            self.ring.publish(self._slot, self._fill, self._slot_positions, oldest)
+        else:
+            self.ring.publish(self._slot, self._fill, self._slot_positions, oldest, done)
         self.stats.batches += 1
         self._slot = None
         self._fill = 0
         self._slot_positions = {}
+        self._slot_done = []
         self._oldest = math.inf
         self.deadline = math.inf
 

@@ -18,6 +18,7 @@ librdkafka's queue bound.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -32,14 +33,16 @@ from confluent_kafka import Message
 
 from streamtrain.streams.config import DataConfig, KafkaConfig, RingConfig
 from streamtrain.streams.deadletter import DeadLetter, DeadLetterQueue, Ticket
-from streamtrain.streams.decode import Decoder, LabelRule, make_decoder
+from streamtrain.streams.decode import Decoder, LabelRule, Reject, make_decoder
 from streamtrain.streams.errors import DeadLetterError, KafkaSourceError
-from streamtrain.streams.features import is_missing
+from streamtrain.streams.features import FeatureSpec, is_missing
 from streamtrain.streams.filler import Pending, SlotFiller
+from streamtrain.streams.join import Joiner, JoinStats
 from streamtrain.streams.quarantine import Quarantine
 from streamtrain.streams.slots import Position, RingClosed, SlotProducer
 from streamtrain.streams.slots import TopicPartition as TP
 from streamtrain.streams.source import KafkaSource
+from streamtrain.streams.split import pair_topics
 
 log = logging.getLogger("streamtrain.ingest")
 
@@ -63,6 +66,7 @@ class IngestStats:
     out_of_range: dict[str, int] = field(default_factory=dict)  # "topic|partition" -> times a position was out of range
     missing: dict[str, int] = field(default_factory=dict)  # feature -> numbers read as missing (imputed by the trainer)
     skipped_out_of_range: dict[str, int] = field(default_factory=dict)  # "topic|partition" -> records known to be skipped
+    join: JoinStats | None = None  # data.labels: the join's counters
 
 
 class Ingest:
@@ -81,13 +85,19 @@ class Ingest:
         positions: dict[TP, Position] | None = None,
         stats: IngestStats | None = None,
         markers: str | Path | None = None,
+        done: dict[TP, np.ndarray] | None = None,
     ) -> Ingest:
         """The ingest loop as the configuration sets it up (the same in a thread and in the ingest process).
 
         ``markers``: the directory of the decoder-crash markers (``streams/quarantine.py``); None: none kept.
+        ``done``: with ``data.labels``, the offsets past each position that a snapshot says are done.
         """
         thread = ring_config.ingest == "thread"
-        quarantine = Quarantine(make_decoder(data, label_rule), data, label_rule, markers, source.share, trust_own_marker=thread)
+        lt = data.labels
+        side = "features" if lt.enabled else ""
+        quarantine = Quarantine(
+            make_decoder(data, label_rule, side), data, label_rule, markers, source.share, trust_own_marker=thread, side=side
+        )
         ingest = cls(
             source,
             quarantine,
@@ -102,6 +112,18 @@ class Ingest:
             stats=stats,
             on_out_of_range=kafka.on_out_of_range,
         )
+        if lt.enabled:
+            pair_topics(lt.topic, kafka.topics[0])
+            ingest.label_quarantine = Quarantine(
+                make_decoder(data, label_rule, "labels"), data, label_rule, markers, source.share, trust_own_marker=thread, side="labels"
+            )
+            ingest.join = Joiner(lt, data.width, len(data.categorical), kafka.topics[0], lt.topic, ingest._tp_slot, done)
+            ingest.stats.join = ingest.stats.join or ingest.join.stats
+            ingest.join.stats = ingest.stats.join  # kept across stream restarts, like the rest of the stats
+            spec = FeatureSpec((), (lt.key,), keys=1)
+            ingest.missing_key = spec.missing_row(0)
+            for tp, pos in ingest.start_positions.items():
+                ingest.join.start(tp, pos[0])
         ingest.missing_names = tuple(data.features) if data.indicators else ()
         for name in ingest.missing_names:  # every imputed feature is on /metrics from the start, at 0
             ingest.stats.missing.setdefault(name, 0)
@@ -154,6 +176,11 @@ class Ingest:
         self._tp_index: dict[TP, int] = {}
         self._next_range_check = 0.0
         self._tps: list[TP] = []
+        self.join: Joiner | None = None  # data.labels: the join between the decoder and the ring
+        self.label_quarantine: Quarantine | None = None
+        self.missing_key = 0
+        self._next_tick = 0.0
+        self._sent_bases: dict[TP, int] = {}
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -244,6 +271,8 @@ class Ingest:
                 self.filler.flush_if_due()
                 return
         self.filler.flush_if_due()
+        if self.join is not None and time.monotonic() >= self._next_tick:
+            self._tick()
         if self.source.paused:
             self.source.resume()
         new = self.source.apply_new_partitions(self.start_positions)
@@ -295,6 +324,9 @@ class Ingest:
                     good.append(m)
         if not good:
             return
+        if self.join is not None:
+            self._ingest_joined(good)
+            return
         # one C-level pass per field, not a Python loop per message (docs/BENCHMARKS.md)
         values = list(map(Message.value, good))
         parts = self._partition_indices(good)
@@ -325,6 +357,99 @@ class Ingest:
         has_ts = not np.isnan(ts).all()
         self._waiting.append(
             Pending(x, y, ids, part, offset, ts, row_end - counts, row_end, row_base, msg_of_row, self._tps, has_ts, ticket)
+        )
+        self._advance()
+
+    # ------------------------------------------------------------------ data.labels: the join
+    def _ingest_joined(self, good: list) -> None:
+        """Feature and label records decoded apart, handed to the join; what leaves it goes to the ring."""
+        join = self.join
+        values = list(map(Message.value, good))
+        part = np.asarray(self._partition_indices(good), np.int32)
+        offset = np.fromiter(map(Message.offset, good), np.int64, len(good))
+        ts = np.fromiter(map(itemgetter(1), map(Message.timestamp, good)), np.float64, len(good)) / 1000.0
+        ts[ts <= 0] = np.nan
+        self.source.note_fetched()
+        self.stats.messages += len(good)
+        labels = np.asarray([tp[0] == join.ltopic for tp in self._tps], bool)[part]
+        rejects: list = []
+        t0 = time.perf_counter()
+        for is_label, quarantine in ((False, self.quarantine), (True, self.label_quarantine)):
+            idx = np.flatnonzero(labels == is_label)
+            if not len(idx):
+                continue
+            sub = [values[i] for i in idx]
+            decoded = quarantine.decode(sub, part[idx], offset[idx], self._tps, lambda i, idx=idx: _where(good[idx[i]]))
+            self.stats.bytes += decoded.nbytes
+            rejects.extend(dataclasses.replace(r, index=int(idx[r.index])) for r in decoded.rejects)
+            keys = decoded.ids[:, -1]
+            msg = idx[decoded.msg_index]
+            keyless = keys == self.missing_key
+            if keyless.any():
+                what = "label" if is_label else "feature"
+                rejects.extend(Reject(int(m), "missing_key", f"the {what} record has no {join.cfg.key!r} to join on") for m in msg[keyless])
+                keep = ~keyless
+                decoded.x, decoded.y, decoded.ids, keys, msg = decoded.x[keep], decoded.y[keep], decoded.ids[keep], keys[keep], msg[keep]
+            if not is_label and self.missing_names and decoded.x.size:
+                self._count_missing(decoded.x)
+            self.stats.rows += len(msg)
+            mp = part[msg]
+            for i in np.unique(mp).tolist():
+                rows = np.flatnonzero(mp == i)
+                tp = self._tps[i]
+                m = msg[rows]
+                if is_label:
+                    join.add_labels(tp[1], offset[m], ts[m], keys[rows], decoded.y[rows])
+                else:
+                    join.add_features(tp[1], offset[m], ts[m], keys[rows], decoded.x[rows], decoded.ids[rows, :-1])
+        self.stats.decode_seconds += time.perf_counter() - t0
+        for i in np.unique(part).tolist():
+            join.note_read(self._tps[i], int(offset[part == i].max()) + 1)
+        ticket = None
+        if rejects:
+            rejects.sort(key=lambda r: r.index)
+            ticket = self._reject(rejects, good)
+            for r in rejects:
+                join.reject(self._tps[part[r.index]], int(offset[r.index]))
+        self._tick(ticket)
+
+    def _tick(self, ticket: Ticket | None = None) -> None:
+        """Let the join expire what is due; queue what left it (rows, done offsets, positions) behind the batches waiting."""
+        join = self.join
+        self._next_tick = time.monotonic() + 0.02
+        join.tick(self.source.high_watermarks())
+        if join.full and not self.source.held:
+            log.warning("%d feature record(s) wait for labels (data.labels.max_pending): pausing the feature topic", join.alive_count)
+            self.source.hold(join.ftopic)
+        elif not join.full and self.source.held:
+            self.source.release()
+        out = join.take()
+        bases = join.bases()
+        moved = {tp: (o, 0) for tp, o in bases.items() if self._sent_bases.get(tp) != o}
+        if out is None and not moved and ticket is None:
+            return
+        self._sent_bases.update(bases)
+        if out is None:
+            out = _empty_joined(self.filler.ring)
+        n = len(out.y)
+        self._waiting.append(
+            Pending(
+                out.x,
+                out.y,
+                out.ids,
+                np.empty(0, np.int32),
+                np.empty(0, np.int64),
+                out.ts,
+                np.empty(0, np.int64),
+                np.empty(0, np.int64),
+                np.empty(0, np.int64),
+                np.arange(n, dtype=np.int64),
+                self._tps,
+                bool(n) and not np.isnan(out.ts).all(),
+                ticket,
+                marks=(out.marks_tp, out.marks_off, out.extra_tp, out.extra_off),
+                after=moved,
+            )
         )
         self._advance()
 
@@ -441,6 +566,24 @@ class Ingest:
             offset = self.source.assigned.get(tp, -1)
             if tp not in self.filler.positions and offset >= 0:
                 self.filler.set_position(tp, (offset, 0))
+            if self.join is not None and offset >= 0:
+                self.join.start(tp, offset)
+
+
+def _empty_joined(ring: SlotProducer):
+    from streamtrain.streams.join import Joined
+
+    z = np.empty(0, np.int64)
+    return Joined(
+        np.empty((0, ring.x_np.shape[2]), np.float32),
+        np.empty(0, np.float32),
+        np.empty((0, ring.ids_np.shape[2]), np.int64),
+        np.empty(0, np.float64),
+        np.empty((0, 2), np.int32),
+        np.empty((0, 2), np.int64),
+        z.astype(np.int32),
+        z,
+    )
 
 
 def _where(m: Message) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 from streamtrain.streams.config import DataConfig, DeadLetterConfig, KafkaConfig, RingConfig
 from streamtrain.streams.decode import LabelRule
 from streamtrain.streams.ingest import IngestStats
+from streamtrain.streams.join import JoinStats
 from streamtrain.streams.quarantine import keep_crashed_marker
 from streamtrain.streams.shared_ring import SharedRing
 from streamtrain.streams.slots import Position
@@ -102,6 +103,7 @@ class IngestProcess:
         share: Share = EVERYTHING,
         lock: threading.Lock | None = None,
         markers: str | None = None,
+        done: dict | None = None,
     ) -> None:
         self.ring = ring
         self.source = SourceMirror(kafka, client_id)
@@ -120,6 +122,7 @@ class IngestProcess:
             "client_id": client_id,
             "share": share,
             "markers": markers,
+            "done": done or {},
             "geometry": (ring.slots, ring.batch_size, ring.width, ring.fields),
             "log": (logging.getLogger("streamtrain").getEffectiveLevel(), os.environ.get("STREAMTRAIN_LOG_FORMAT", "text")),
         }
@@ -159,7 +162,11 @@ class IngestProcess:
             prev = self._last_child
             for f in fields(IngestStats):
                 new, old = s["stats"][f.name], prev["stats"][f.name]
-                if isinstance(new, dict):
+                if f.name == "join":
+                    if new is not None:
+                        self.stats.join = self.stats.join or JoinStats()
+                        _fold(self.stats.join, new, old or asdict(JoinStats()))
+                elif isinstance(new, dict):
                     total = getattr(self.stats, f.name)
                     for k, v in new.items():
                         total[k] = total.get(k, 0) + v - old.get(k, 0)
@@ -249,7 +256,9 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
     kafka, rc = p["kafka"], p["ring_config"]
     source = KafkaSource(kafka, p["client_id"], share=p["share"])
     dlq = DeadLetterQueue(kafka, p["dead_letter"])
-    ingest = Ingest.from_config(source, dlq, ring, kafka, p["data"], rc, p["label_rule"], p["positions"], markers=p["markers"])
+    ingest = Ingest.from_config(
+        source, dlq, ring, kafka, p["data"], rc, p["label_rule"], p["positions"], markers=p["markers"], done=p["done"]
+    )
     # Say "open, assigned" before the first batch: the trainer may train records the moment
     # they come, and /readyz must not answer "connecting" meanwhile (seen in CI).
     ingest.on_opened = lambda: ring.send(("status", _status(ingest, source, dlq)))
@@ -265,6 +274,21 @@ def _child(ring_fd: int, ann_fd: int, give_fd: int, control_fd: int) -> int:
         ring.send(("status", _status(ingest, source, dlq)))
         ring.send(("closed",))
     return 0
+
+
+def _fold(total: Any, new: dict[str, Any], old: dict[str, Any]) -> None:
+    """Add one child's change of the join's numbers (counters and gauges alike: the workers' sum) into ``total``."""
+    for name, v in new.items():
+        was = old.get(name)
+        cur = getattr(total, name)
+        if isinstance(v, dict):
+            for k, x in v.items():
+                cur[k] = cur.get(k, 0) + x - (was or {}).get(k, 0)
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                cur[i] += x - (was[i] if was else 0)
+        else:
+            setattr(total, name, cur + v - (was or 0))
 
 
 def _status(ingest: Any, source: KafkaSource, dlq: Any) -> dict[str, Any]:

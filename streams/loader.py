@@ -44,7 +44,7 @@ class Columns:
 
     features: tuple[str, ...] = ()  # feature columns in order; empty: every numeric column but label and key
     feature_field: str | None = None  # or one list column holding the whole feature vector
-    label: str = "y"
+    label: str = "y"  # "": none (feature records whose label comes on a topic of its own, data.labels)
     width: int = 0  # with feature_field: the vector length (0 = the first row's)
     key: str | None = None  # a column whose value becomes the record key
     categorical: tuple[str, ...] = ()  # columns passed on as they are (the daemon hashes them)
@@ -82,7 +82,7 @@ class Source:
         """``cols`` with the feature columns filled in and every named column checked against the input."""
         names = self.dataset.schema.names
         wanted = [*cols.features, *([cols.feature_field] if cols.feature_field else []), *cols.categorical, cols.label]
-        wanted += [cols.key] if cols.key else []
+        wanted = [c for c in wanted if c] + ([cols.key] if cols.key and cols.key not in cols.categorical else [])
         missing = [c for c in wanted if c not in names]
         if missing:
             hints = [f"{c!r}" + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(c, names, 1)) for c in missing]
@@ -105,16 +105,16 @@ class Source:
     def batches(self, cols: Columns, batch_rows: int = 65536) -> Iterator[Rows]:
         """The input's usable rows in record batches; ``cols`` must come from :meth:`resolve`."""
         wanted = [*cols.features, *([cols.feature_field] if cols.feature_field else []), *cols.categorical, cols.label]
-        wanted += [cols.key] if cols.key else []
+        wanted = [c for c in wanted if c] + ([cols.key] if cols.key and cols.key not in cols.categorical else [])
         width = cols.width
         try:
             # text formats: read the wanted columns with fixed types (a column of ints then floats would fail)
-            types = {c: pa.float64() for c in (*cols.features, cols.label)}
+            types = {c: pa.float64() for c in (*cols.features, cols.label) if c}
             if cols.label_names:
                 types[cols.label] = pa.string()
             if cols.feature_field:
                 types[cols.feature_field] = pa.list_(pa.float64())
-            if cols.key:
+            if cols.key and cols.key not in cols.categorical:
                 types[cols.key] = pa.string()
             dataset = pads.dataset(self.path, filesystem=self.filesystem, format=_file_format(self.format, types))
             for batch in dataset.to_batches(columns=wanted, batch_size=batch_rows):
@@ -128,7 +128,9 @@ class Source:
                 else:
                     x = np.empty((n, 0), np.float32)
                 labels = None
-                if cols.label_names:
+                if not cols.label:
+                    y = np.zeros(n, np.float32)
+                elif cols.label_names:
                     labels = pc.cast(batch.column(cols.label), pa.string()).to_pylist()
                     y = np.where([v is None for v in labels], np.nan, 0.0).astype(np.float32)
                 else:

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from streamtrain.streams.join.done import compact, decode, encode
 from streamtrain.streams.slots import Position
 from streamtrain.streams.slots import TopicPartition as TP
 
@@ -49,14 +52,40 @@ class OffsetTracker:
         self.durable: dict[TP, Position] = {}
         self.durable_step = 0
         self.committed: dict[TP, Position] = {}
+        # data.labels: offsets past the trained positions that are done (trained out of order, or done without a row),
+        # appended per batch and compacted when a snapshot is taken (streams/join/done.py)
+        self.done: dict[TP, list[np.ndarray]] = {}
 
     # ------------------------------------------------------------------ moving on
     def note_read(self, positions: dict[TP, Position]) -> None:
         """A batch was handed out: its positions are where the stream is read to."""
         self.read.update(positions)
 
-    def note_trained(self, positions: dict[TP, Position]) -> None:
+    def note_trained(self, positions: dict[TP, Position], done: dict[TP, np.ndarray] | None = None) -> None:
         self.trained.update(positions)
+        if done:
+            for tp, offsets in done.items():
+                self.done.setdefault(tp, []).append(offsets)
+
+    def done_rows(self, positions: dict[TP, Position] | None = None) -> list[list]:
+        """The done offsets past ``positions`` (default: the trained ones), as a snapshot's meta keeps them.
+
+        ``[[topic, partition, first, bitmap], ...]`` (``streams/join/done.py``); compacts what it keeps on the way.
+        """
+        positions = self.trained if positions is None else positions
+        rows = []
+        for tp, chunks in sorted(self.done.items()):
+            base = positions.get(tp, (0, 0))[0]
+            kept = compact(chunks, base)
+            self.done[tp] = [kept] if len(kept) else []
+            if len(kept):
+                rows.append([tp[0], tp[1], *encode(kept)])
+        return rows
+
+    def done_offsets(self) -> dict[TP, np.ndarray]:
+        """Every partition's done offsets past its trained position (what a new ingest skips when it reads from there)."""
+        self.done_rows()
+        return {tp: chunks[0] for tp, chunks in self.done.items() if chunks}
 
     def note_durable(self, step: int, positions: dict[TP, Position]) -> None:
         """A snapshot holding ``positions`` is on disk (called from the writer thread)."""
@@ -73,10 +102,11 @@ class OffsetTracker:
         """Whether a snapshot at ``step`` would hold anything the last durable one does not."""
         return (step, self.trained) != (self.durable_step, self.durable)
 
-    def resume(self, step: int, positions: dict[TP, Position]) -> None:
-        """Start over from a snapshot (at start-up, or a roll-back): every stage is at its positions."""
+    def resume(self, step: int, positions: dict[TP, Position], done: list[list] | None = None) -> None:
+        """Start over from a snapshot (at start-up, or a roll-back): every stage is at its positions (and done offsets)."""
         self.read = dict(positions)
         self.trained = dict(positions)
+        self.done = {(t, int(p)): [decode(first, bits)] for t, p, first, bits in done or () if (t, int(p)) in positions}
         self.note_durable(step, positions)
 
     # ------------------------------------------------------------------ lag

@@ -57,22 +57,26 @@ PROBE_TIMEOUT_S = 60.0  # a probe that runs longer counts as a crash (a decoder 
 _BATCH, _PROBED, _ALONE = "batch", "probed", "alone"  # what the marker says was being decoded
 
 
-def marker_path(directory: str | Path, share: Share = EVERYTHING) -> Path:
-    """The marker file of one ingest loop (rank and worker: each writes its own)."""
-    return Path(directory) / f"r{share.rank}-w{share.worker}.decoding"
+def marker_path(directory: str | Path, share: Share = EVERYTHING, side: str = "") -> Path:
+    """The marker file of one ingest loop (rank and worker: each writes its own; a join's label decoder one more)."""
+    return Path(directory) / f"r{share.rank}-w{share.worker}{'.' + side if side == 'labels' else ''}.decoding"
 
 
 def keep_crashed_marker(directory: str | Path | None, share: Share, why: str) -> None:
     """The ingest process ended unasked: keep what it was decoding for the next start (called by its parent)."""
     if directory is None:
         return
-    path = marker_path(directory, share)
-    try:
-        with open(path, "rb") as f:
-            if f.read(1) in (b"", b"\n"):
-                return  # it was not decoding: the crash was elsewhere
-        os.replace(path, path.with_suffix(".crashed"))
-    except OSError:
+    kept = False
+    for path in (marker_path(directory, share), marker_path(directory, share, "labels")):
+        try:
+            with open(path, "rb") as f:
+                if f.read(1) in (b"", b"\n"):
+                    continue  # it was not decoding: the crash was elsewhere
+            os.replace(path, path.with_suffix(".crashed"))
+            kept = True
+        except OSError:
+            continue
+    if not kept:
         return
     log.error("the ingest process died while decoding a batch (%s); its records are checked on the next start", why)
 
@@ -88,6 +92,7 @@ class Quarantine:
         directory: str | Path | None = None,
         share: Share = EVERYTHING,
         trust_own_marker: bool = False,
+        side: str = "",
     ) -> None:
         """``directory``: where the markers live (None: in-process bisection only).
 
@@ -99,6 +104,7 @@ class Quarantine:
         self.rule = rule
         self.policy = getattr(data, "on_decoder_crash", "dead_letter")
         self.share = share
+        self.side = side  # make_decoder's side: a join decodes its feature and its label records apart
         self.crashed = 0  # records rejected as decoder_crash by this loop
         self._suspects: dict[TP, dict[int, str]] = {}  # offsets to check before decoding, by what the marker said
         self._fd: int | None = None
@@ -106,7 +112,7 @@ class Quarantine:
         if directory is not None:
             self._load(Path(directory), trust_own_marker)
             os.makedirs(directory, exist_ok=True)
-            self._fd = os.open(marker_path(directory, share), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = os.open(marker_path(directory, share, side), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
 
     # ------------------------------------------------------------------ the loop's call
     def decode(
@@ -200,8 +206,9 @@ class Quarantine:
     # ------------------------------------------------------------------ crashes of the process
     def _load(self, directory: Path, trust_own: bool) -> None:
         """Suspects from the markers that a crashed ingest left (its parent renamed them ``*.crashed``)."""
-        files = sorted(directory.glob("*.crashed"))
-        own = marker_path(directory, self.share)
+        labels = self.side == "labels"
+        files = sorted(f for f in directory.glob("*.crashed") if f.name.endswith(".labels.crashed") == labels)
+        own = marker_path(directory, self.share, self.side)
         if trust_own and own.is_file():
             files.append(own)
         for path in files:
@@ -288,7 +295,7 @@ class Quarantine:
 
     def _child(self, values: Sequence[bytes | None], idx: list[int], one_at_a_time: bool) -> tuple[Reject | None, bool]:
         """Decode ``values[idx]`` in a throwaway child: how it died (a reject of the record it was on), or None."""
-        blob = pickle.dumps((self.data, self.rule, [values[i] for i in idx], one_at_a_time), protocol=pickle.HIGHEST_PROTOCOL)
+        blob = pickle.dumps((self.data, self.rule, self.side, [values[i] for i in idx], one_at_a_time), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "streamtrain.streams.quarantine"], input=blob, capture_output=True, timeout=PROBE_TIMEOUT_S
@@ -399,8 +406,8 @@ def _probe() -> int:
     One at a time, it writes the position of each record before decoding it (and flushes),
     so the parent knows which one it died on.
     """
-    data, rule, values, one_at_a_time = pickle.load(sys.stdin.buffer)
-    decoder = make_decoder(data, rule)
+    data, rule, side, values, one_at_a_time = pickle.load(sys.stdin.buffer)
+    decoder = make_decoder(data, rule, side)
     for i, chunk in enumerate([[v] for v in values] if one_at_a_time else [values]):
         if one_at_a_time:
             os.write(1, b"%d\n" % i)

@@ -47,6 +47,7 @@ class Batch:
     slot: int = -1
     copy_done: Any = None
     ids: torch.Tensor | None = None  # (n, categorical fields) int64: rows of the hashed table; None: no categorical field
+    done: dict[TopicPartition, Any] | None = None  # data.labels: offsets past the positions these rows make done (numpy int64)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -56,7 +57,7 @@ class Batch:
         if self.x.is_pinned():
             return self
         ids = self.ids.pin_memory() if self.ids is not None else None
-        return Batch(self.x.pin_memory(), self.y.pin_memory(), dict(self.positions), self.oldest_timestamp, -1, ids=ids)
+        return Batch(self.x.pin_memory(), self.y.pin_memory(), dict(self.positions), self.oldest_timestamp, -1, ids=ids, done=self.done)
 
 
 class Ring:
@@ -102,9 +103,11 @@ class Ring:
                 raise RingClosed
             return self._free.popleft() if self._free else None
 
-    def publish(self, slot: int, n: int, positions: dict[TopicPartition, Position], oldest_timestamp: float) -> None:
+    def publish(
+        self, slot: int, n: int, positions: dict[TopicPartition, Position], oldest_timestamp: float, done: dict | None = None
+    ) -> None:
         with self._cond:
-            self._ready.append((slot, n, positions, oldest_timestamp))
+            self._ready.append((slot, n, positions, oldest_timestamp) if done is None else (slot, n, positions, oldest_timestamp, done))
             self._cond.notify_all()
 
     def give_back(self, slot: int) -> None:
@@ -148,13 +151,13 @@ def slot_views(x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None
 def next_ready(ready: deque, views: tuple[tuple[torch.Tensor, ...], ...], closed: bool) -> Batch | None:
     """The oldest announced batch as views of its slot; None if there is none; RingClosed once closed and drained."""
     if ready:
-        slot, n, positions, ts = ready.popleft()
+        slot, n, positions, ts, *done = ready.popleft()
         x, y = views[0][slot], views[1][slot]
         ids = views[2][slot] if len(views) > 2 else None
         if n != len(y):
             x, y = x[:n], y[:n]
             ids = ids[:n] if ids is not None else None
-        return Batch(x, y, positions, ts, slot, ids=ids)
+        return Batch(x, y, positions, ts, slot, ids=ids, done=done[0] if done else None)
     if closed:
         raise RingClosed
     return None

@@ -324,8 +324,12 @@ class ChildRing:
             self._take_credits(timeout)
         return bool(self._credits) or self._closed
 
-    def publish(self, slot: int, n: int, positions: dict[TopicPartition, Position], oldest_timestamp: float) -> None:
-        self.send(("batch", slot, n, positions, oldest_timestamp))
+    def publish(
+        self, slot: int, n: int, positions: dict[TopicPartition, Position], oldest_timestamp: float, done: dict | None = None
+    ) -> None:
+        self.send(
+            ("batch", slot, n, positions, oldest_timestamp) if done is None else ("batch", slot, n, positions, oldest_timestamp, done)
+        )
 
     def give_back(self, slot: int) -> None:
         """An acquired slot left unfilled at shutdown: the process ends, nothing to do."""

@@ -130,6 +130,7 @@ class KafkaSource:
         self.assigned: dict[TP, int] = {}  # partition -> the offset reading started at
         self.paused = False
         self.pauses = 0
+        self.held: str | None = None  # a topic paused apart (data.labels.max_pending: the feature topic)
         self._pending_new: list[TopicPartition] = []
         self._lock = threading.Lock()
         self._listed_hwm: dict[TP, int] = {}
@@ -182,8 +183,20 @@ class KafkaSource:
 
     def resume(self) -> None:
         if self.paused:
-            self.consumer.resume([TopicPartition(t, p) for t, p in self.assigned])
+            self.consumer.resume([TopicPartition(t, p) for t, p in self.assigned if t != self.held])
             self.paused = False
+
+    def hold(self, topic: str) -> None:
+        """Stop fetching ``topic`` alone (the others are read on) until :meth:`release`."""
+        self.held = topic
+        if self.consumer is not None:
+            self.consumer.pause([TopicPartition(t, p) for t, p in self.assigned if t == topic])
+            self.pauses += 1
+
+    def release(self) -> None:
+        topic, self.held = self.held, None
+        if self.consumer is not None and not self.paused:
+            self.consumer.resume([TopicPartition(t, p) for t, p in self.assigned if t == topic])
 
     def message_error(self, err: KafkaError) -> None:
         """A message-level error from consume(): counted and logged; fatal ones raise."""

@@ -19,9 +19,17 @@ from typing import NamedTuple
 
 from streamtrain.streams.slots import TopicPartition as TP
 
+# data.labels: the label topic's partition p is read with the feature topic's partition p (label topic -> feature topic)
+PAIRED: dict[str, str] = {}
+
+
+def pair_topics(label_topic: str, feature_topic: str) -> None:
+    """Give ``label_topic``'s partitions the readers of ``feature_topic``'s (set in every process that splits)."""
+    PAIRED[label_topic] = feature_topic
+
 
 def key(tp: TP) -> int:
-    return zlib.crc32(tp[0].encode()) + tp[1]
+    return zlib.crc32(PAIRED.get(tp[0], tp[0]).encode()) + tp[1]
 
 
 def owner(tp: TP, count: int) -> int:

@@ -279,7 +279,21 @@ tests:
         values: '0+10x40'
       - series: 'streamtrain_prequential_predicted_positive_total{{job="streamtrain",instance="b"}}'
         values: '0+20x40'
+      - series: 'streamtrain_join_guard{{job="streamtrain",instance="a"}}'
+        values: '0x10 1x10 0x20'
     alert_rule_test:
+      - eval_time: 12m
+        alertname: StreamtrainJoinBroken
+        exp_alerts: []
+      - eval_time: 18m
+        alertname: StreamtrainJoinBroken
+        exp_alerts:
+          - exp_labels: {{severity: critical, job: streamtrain, instance: a}}
+            exp_annotations:
+              summary: "no label joins (the label topic stopped?): the guard holds the expiries back, untrained"
+      - eval_time: 25m
+        alertname: StreamtrainJoinBroken
+        exp_alerts: []
       - eval_time: 10m
         alertname: StreamtrainNotTraining
         exp_alerts: []
@@ -359,6 +373,23 @@ TASK_ONLY = {
     "streamtrain_prequential_calibration_bin_observed_total": "classification",
     "streamtrain_prequential_predicted_positive_total": "binary",
     "streamtrain_prequential_positives_total": "binary",
+    # data.labels (a label topic joined by key): tests/test_join.py checks them on a joining daemon
+    **dict.fromkeys(
+        [
+            "streamtrain_labels_joined_total",
+            "streamtrain_labels_expired_total",
+            "streamtrain_labels_expired_early_total",
+            "streamtrain_labels_late_total",
+            "streamtrain_labels_unmatched_total",
+            "streamtrain_join_pending",
+            "streamtrain_join_pending_bytes",
+            "streamtrain_join_held",
+            "streamtrain_join_guard",
+            "streamtrain_join_paused",
+            "streamtrain_label_delay_seconds_bucket",
+        ],
+        "join",
+    ),
 }
 
 
@@ -483,8 +514,9 @@ def test_every_metric_the_dashboard_and_alerts_name_exists_in_a_live_daemon(tmp_
 
 
 def serves(kind: str, task: str) -> bool:
-    """Whether a daemon of ``task`` serves a metric of TASK_ONLY ``kind``."""
-    return kind == task or (kind == "classification" and task in ("binary", "multiclass"))
+    """Whether a daemon of ``task`` serves a metric of TASK_ONLY ``kind`` (``task``: e.g. ``binary+join`` for one joining labels)."""
+    tasks = set(task.split("+"))
+    return kind in tasks or (kind == "classification" and bool(tasks & {"binary", "multiclass"}))
 
 
 def query_problems(text: str, task: str, only: set[str] | None = None) -> None:

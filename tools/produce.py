@@ -67,6 +67,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--input-label", help="input column holding the label (default: the label name)")
     p.add_argument("--key", metavar="COLUMN", help="json/csv/raw: use this input column as the record key (partitioning)")
+    p.add_argument(
+        "--labels",
+        action="store_true",
+        help="with --config naming data.labels.topic: write the input as label records (data.labels.key and .field) to "
+        "the label topic; without it the input goes to the feature topic as feature records (the key, no label). Both "
+        "are keyed by data.labels.key, so a record and its label land in the same partition",
+    )
     p.add_argument("--rate", type=float, help="at most this many rows a second")
     p.add_argument("--limit", type=int, help="stop after this many rows")
     p.add_argument(

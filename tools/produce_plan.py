@@ -43,7 +43,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if cfg is None:
             raise ConfigError([f"{args.config}: invalid (see above)"])
         kafka, data, dl = cfg.kafka, cfg.data, cfg.dead_letter
+        if data.labels.enabled:  # the two topics of a join: feature records, or with --labels the label records
+            kafka, data, key = _join_side(kafka, data, getattr(args, "labels", False))
+            args.key = args.key or key
     else:
+        if getattr(args, "labels", False):
+            raise ConfigError(["--labels needs --config with data.labels.topic (the label topic, key and field)"])
         if args.overrides:
             raise ConfigError(["--set needs --config (flags set everything else)"])
         kafka, data, dl = KafkaConfig(), DataConfig(), DeadLetterConfig()
@@ -86,7 +91,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     else:
         cols = Columns(tuple(raw["features"]), None, label_col, 0, args.key, **kept)
     cols = first.resolve(cols)
-    width = len(cols.features) or cols.width or first.vector_width(cols.feature_field)
+    width = len(cols.features) or cols.width or (first.vector_width(cols.feature_field) if cols.feature_field else 0)
     if raw["format"] in ("json", "csv", "arrow") and not raw["features"] and not raw["feature_field"]:
         raw["features"] = list(cols.features)  # records named like the input columns
     if raw["format"] == "raw" or raw["feature_field"]:
@@ -130,6 +135,20 @@ def make_plan(args: argparse.Namespace) -> Plan:
         sources.append(open_source(uri, args.input_format))
         sources[-1].resolve(cols)  # the same columns, or an InputError naming the input
     return Plan(topic, kafka, data, cols, settings, sources, args.rows_per_message)
+
+
+def _join_side(kafka: KafkaConfig, data: DataConfig, labels: bool) -> tuple[KafkaConfig, DataConfig, str]:
+    """What ``produce`` writes for a join: feature records (the key, no label) or label records (the key and the label).
+
+    Both keyed by the join key, so Kafka's partitioner puts a record and its label in the same partition number.
+    """
+    lt = data.labels
+    off = dataclasses.replace(lt, topic="")
+    if labels:
+        side = dataclasses.replace(data, features=(), feature_field=None, categorical=(lt.key,), label=lt.field, labels=off)
+        return dataclasses.replace(kafka, topics=(lt.topic,)), side, lt.key
+    side = dataclasses.replace(data, categorical=(*data.categorical, lt.key), label="", labels=off)
+    return kafka, side, lt.key
 
 
 def cfg_classes(args: argparse.Namespace) -> tuple[str, ...]:

@@ -179,10 +179,16 @@ def _prequential_text(preq: dict[str, Any] | None) -> str:
 
 
 def _positions(meta: dict) -> list[dict[str, Any]]:
+    from streamtrain.streams.join.done import decode
+
+    done = {(t, p): len(decode(first, bits)) for t, p, first, bits in meta.get("done") or []}  # data.labels
     out = []
     for entry in meta.get("positions") or []:
         topic, partition, offset, rows = entry
-        out.append({"topic": topic, "partition": partition, "offset": offset, "rows": rows})
+        row = {"topic": topic, "partition": partition, "offset": offset, "rows": rows}
+        if "done" in meta:
+            row["done_past"] = done.get((topic, partition), 0)
+        out.append(row)
     return out
 
 
@@ -236,7 +242,8 @@ def _show(store: SnapshotStore, info: SnapshotInfo, as_json: bool) -> int:
     field("versions", ", ".join(f"{k} {v}" for k, v in doc["versions"].items()))
     field("positions", "(the next record to train, per partition; rows = rows of it already trained)")
     for p in doc["positions"]:
-        print(f"  {p['topic']} [{p['partition']}]  offset {p['offset']:,}" + (f"  rows {p['rows']}" if p["rows"] else ""))
+        done = f"  (+{p['done_past']:,} done past it: joined out of order)" if p.get("done_past") else ""
+        print(f"  {p['topic']} [{p['partition']}]  offset {p['offset']:,}" + (f"  rows {p['rows']}" if p["rows"] else "") + done)
     field("config", "(secrets redacted)")
     print("  " + yaml.safe_dump(doc["config"], sort_keys=False).rstrip().replace("\n", "\n  "))
     return EXIT_OK if verified else EXIT_FAILED

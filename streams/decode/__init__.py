@@ -27,9 +27,26 @@ from streamtrain.streams.features import FeatureSpec
 __all__ = ["REASONS", "Decoded", "Decoder", "LabelRule", "Reject", "each_record", "make_decoder"]
 
 
-def make_decoder(data: object, rule: LabelRule) -> Decoder:
-    """The decoder for a :class:`streamtrain.streams.config.DataConfig`-shaped object."""
+def make_decoder(data: object, rule: LabelRule, side: str = "") -> Decoder:
+    """The decoder for a :class:`streamtrain.streams.config.DataConfig`-shaped object.
+
+    ``side``: with ``data.labels.topic`` (``streams/join/``), ``"features"`` for the feature
+    records (no label; the key's 64-bit hash as the last ids column) or ``"labels"`` for the
+    label records (the key's hash as the one ids column, the label).
+    """
+    if side:
+        return wrap_decoder(_join_decoder(data, rule, side))
     return wrap_decoder(_decoder(data, rule))
+
+
+def _join_decoder(data: object, rule: LabelRule, side: str) -> Decoder:
+    lt = data.labels
+    spec = FeatureSpec.from_data(data)
+    if side == "features":
+        spec = FeatureSpec(spec.numbers, (*spec.categorical, lt.key), spec.buckets, spec.missing, spec.max_category_bytes, keys=1)
+        return JsonDecoder(tuple(data.features), None, data.feature_field, data.width, rule, data.max_record_bytes, spec)
+    spec = FeatureSpec((), (lt.key,), spec.buckets, spec.missing, spec.max_category_bytes, keys=1)
+    return JsonDecoder((), lt.field, None, 0, rule, data.max_record_bytes, spec)
 
 
 def _decoder(data: object, rule: LabelRule) -> Decoder:

@@ -21,7 +21,17 @@ from streamtrain.streams.errors import DecodeError
 from streamtrain.streams.features.spec import MISSING_NUMBER
 
 T = TypeVar("T")
-REASONS = ("undecodable", "oversized", "wrong_shape", "missing_label", "non_finite", "bad_label", "unknown_class", "decoder_crash")
+REASONS = (
+    "undecodable",
+    "oversized",
+    "wrong_shape",
+    "missing_label",
+    "non_finite",
+    "bad_label",
+    "unknown_class",
+    "decoder_crash",
+    "missing_key",
+)
 
 _LEAF = 8  # below this many records a failing chunk is decoded one record at a time
 _MAX_CUTS = 16  # records a parser's error may name in one chunk before the rest is bisected (each cut copies the rest)

@@ -37,7 +37,7 @@ class JsonDecoder:
     def __init__(
         self,
         features: tuple[str, ...],
-        label: str,
+        label: str | None,
         feature_field: str | None,
         width: int,
         rule: LabelRule,
@@ -60,8 +60,10 @@ class JsonDecoder:
         number = (_NUMBER | None, None) if self.impute else (_NUMBER,)
         label_type = float | bool | str if rule.classes else float | bool
         fields = [(f"a{i}", vector) if feature_field else (f"a{i}", *number) for i in range(len(names))]
-        fields += [(f"c{j}", _CATEGORY, None) for j in range(len(cats))] + [("label", label_type)]
-        rename = {**{f"a{i}": n for i, n in enumerate(names)}, **{f"c{j}": c for j, c in enumerate(cats)}, "label": label}
+        fields += [(f"c{j}", _CATEGORY, None) for j in range(len(cats))] + ([("label", label_type)] if label else [])
+        rename = {**{f"a{i}": n for i, n in enumerate(names)}, **{f"c{j}": c for j, c in enumerate(cats)}}
+        if label:  # None: the label comes on a topic of its own (streams/join/); y is 0 until the join sets it
+            rename["label"] = label
         row = msgspec.defstruct("Row", fields, rename=rename, gc=False, kw_only=True)
         self._make = row
         self._row = msgspec.json.Decoder(row).decode
@@ -101,7 +103,7 @@ class JsonDecoder:
         y = None
         if self.feature_field:
             x = np.fromiter(chain.from_iterable(map(attrgetter("a0"), rows)), np.float32, n * w).reshape(n, w)
-        elif w and not self._categories and not self.rule.classes:  # numbers and label only: one pass over the rows
+        elif w and not self._categories and not self.rule.classes and self.label:  # numbers and label only: one pass over the rows
             table = np.fromiter(chain.from_iterable(map(msgspec.structs.astuple, rows)), np.float32, n * (w + 1)).reshape(n, w + 1)
             x, y = table[:, :w], table[:, w]
         elif w:
@@ -115,6 +117,8 @@ class JsonDecoder:
             absent = np.isnan(x)
             if absent.any():
                 x = np.where(absent, MISSING_NUMBER, x)
+        if y is None and not self.label:
+            y = np.zeros(n, np.float32)
         if y is None:
             labels = list(map(self._label, rows))
             try:
@@ -161,11 +165,12 @@ class JsonDecoder:
                 except TypeError as exc:
                     raise DecodeError("wrong_shape", f"field {name!r}: {exc}") from None
             cats.append(v)
-        fy = _label_value(record, self.label, bool(self.rule.classes))
+        fy = _label_value(record, self.label, bool(self.rule.classes)) if self.label else 0.0
         _check_finite([v for v in numbers if v is not None], fy if isinstance(fy, float) else 0.0)
+        labelled = {"label": fy} if self.label else {}
         if self.feature_field:
-            return self._make(a0=numbers, **{f"c{j}": v for j, v in enumerate(cats)}, label=fy)
-        return self._make(**{f"a{i}": v for i, v in enumerate(numbers)}, **{f"c{j}": v for j, v in enumerate(cats)}, label=fy)
+            return self._make(a0=numbers, **{f"c{j}": v for j, v in enumerate(cats)}, **labelled)
+        return self._make(**{f"a{i}": v for i, v in enumerate(numbers)}, **{f"c{j}": v for j, v in enumerate(cats)}, **labelled)
 
 
 def _float(v: int | float, what: str) -> float:

@@ -37,13 +37,17 @@ class FeatureSpec:
     buckets: int = 1 << 20
     missing: str = "impute"  # impute | reject
     max_category_bytes: int = 256
+    keys: int = 0  # the last ``keys`` categorical fields are join keys: their whole 64-bit hash, not a table row
     _seeds: tuple[int, ...] = field(default=(), repr=False, compare=False)
     _missing_rows: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         seeds = tuple(field_seed(f) for f in self.categorical)
         object.__setattr__(self, "_seeds", seeds)
-        object.__setattr__(self, "_missing_rows", tuple(int(missing_hash(s) % np.uint64(self.buckets)) for s in seeds))
+        rows = [int(missing_hash(s) % np.uint64(self.buckets)) for s in seeds]
+        for j in range(len(seeds) - self.keys, len(seeds)):
+            rows[j] = int(np.uint64(missing_hash(seeds[j])).view(np.int64))
+        object.__setattr__(self, "_missing_rows", tuple(rows))
 
     @classmethod
     def from_data(cls, data: object) -> FeatureSpec:
@@ -84,7 +88,7 @@ class FeatureSpec:
             raise DecodeError(
                 "wrong_shape", f"field {self.categorical[j]!r}: a value is over {self.max_category_bytes} bytes (data.max_category_bytes)"
             )
-        hashed = buckets_of(hash_bytes(data, self._seeds[j]), self.buckets)
+        hashed = self._reduce(j, hash_bytes(data, self._seeds[j]))
         if present is None:
             return hashed
         out = np.full(n, self._missing_rows[j], np.int64)
@@ -130,7 +134,13 @@ class FeatureSpec:
                     "wrong_shape",
                     f"column {self.categorical[j]!r}: a value is over {self.max_category_bytes} bytes (data.max_category_bytes)",
                 )
-        return buckets_of(hash_arrow(array, self._seeds[j]), self.buckets)
+        return self._reduce(j, hash_arrow(array, self._seeds[j]))
+
+    def _reduce(self, j: int, hashes: np.ndarray) -> np.ndarray:
+        """A table row, or for a join key the hash itself (as int64)."""
+        if j >= len(self.categorical) - self.keys:
+            return hashes.view(np.int64)
+        return buckets_of(hashes, self.buckets)
 
     def missing_row(self, j: int) -> int:
         return self._missing_rows[j]
