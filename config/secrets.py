@@ -30,7 +30,7 @@ _REF = re.compile(r"\$\{([a-z]+):([^}]*)\}")
 _SECRET_WORDS = {"password", "passwd", "passphrase", "secret", "token", "credentials", "apikey", "key"}
 # ...unless its last word says it names a place or a size, not the secret itself
 # (ssl.key.location is a path; ssl.key.password and ssl.key.pem are secrets).
-_NOT_SECRET_LAST = {"location", "path", "file", "dir", "id", "name", "dim", "size", "len", "length", "type", "count"}
+_NOT_SECRET_LAST = {"location", "path", "file", "dir", "id", "name", "dim", "size", "len", "length", "type", "count", "field"}
 # Secret though no word says so.
 _SECRET_KEYS = {"sasl.oauthbearer.config", "sasl.jaas.config"}
 

@@ -160,8 +160,8 @@ class LabelsConfig:
     """Labels that come later, on a topic of their own, joined to the feature records by a key (``streams/join/``)."""
 
     topic: str = opt("", "Topic of the label records; empty: every record carries its own label (data.label).")
-    key: str = opt("request_id", "Field in both a feature record and a label record that pairs them (a string or an integer).")
-    field: str = opt("label", "The label's field in a label record (a number, true/false, or a class name of trainer.classes).")
+    key_field: str = opt("request_id", "Field in both a feature record and a label record that pairs them (a string or an integer).")
+    label_field: str = opt("label", "The label's field in a label record (a number, true/false, or a class name of trainer.classes).")
     window_seconds: float = opt(1800.0, "How long a feature record waits for its label (and a label for its features).")
     on_expiry: str = opt(
         "negative",
@@ -197,10 +197,10 @@ class LabelsConfig:
         problems = positive(self, "window_seconds", "max_pending", "guard_min_expired", "guard_seconds")
         if self.topic and any(c.isspace() for c in self.topic):
             problems.append(("topic", f"must be a topic name without spaces, got {self.topic!r}"))
-        if self.topic and not self.key:
-            problems.append(("key", "must name the field that pairs a label record with its feature record"))
-        if self.topic and (not self.field or self.field == self.key):
-            problems.append(("field", "must name the label field of a label record (not the key)"))
+        if self.topic and not self.key_field:
+            problems.append(("key_field", "must name the field that pairs a label record with its feature record"))
+        if self.topic and (not self.label_field or self.label_field == self.key_field):
+            problems.append(("label_field", "must name the label field of a label record (not the key)"))
         if self.on_expiry not in ("negative", "default", "drop"):
             problems.append(("on_expiry", f"must be negative, default or drop, got {self.on_expiry!r}"))
         if self.time not in ("event", "ingest"):
@@ -293,10 +293,11 @@ class DataConfig:
         if self.labels.enabled:
             if self.format != "json":
                 problems.append(("labels.topic", f"joins JSON records (one key per record); data.format is {self.format}"))
-            if self.labels.key in (*self.features, *self.categorical):
-                problems.append(("labels.key", f"pairs the records and is not a feature: remove {self.labels.key!r} from the features"))
-            if self.feature_field and self.labels.key == self.feature_field:
-                problems.append(("labels.key", "must not be data.feature_field"))
+            if self.labels.key_field in (*self.features, *self.categorical):
+                key = self.labels.key_field
+                problems.append(("labels.key_field", f"pairs the records and is not a feature: remove {key!r} from the features"))
+            if self.feature_field and self.labels.key_field == self.feature_field:
+                problems.append(("labels.key_field", "must not be data.feature_field"))
         return problems + positive(self, "max_record_bytes")
 
 

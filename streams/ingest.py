@@ -34,7 +34,7 @@ from confluent_kafka import Message
 from streamtrain.streams.config import DataConfig, KafkaConfig, RingConfig
 from streamtrain.streams.deadletter import DeadLetter, DeadLetterQueue, Ticket
 from streamtrain.streams.decode import Decoder, LabelRule, Reject, make_decoder
-from streamtrain.streams.errors import DeadLetterError, KafkaSourceError
+from streamtrain.streams.errors import ConfigError, DeadLetterError, KafkaSourceError
 from streamtrain.streams.features import FeatureSpec, is_missing
 from streamtrain.streams.filler import Pending, SlotFiller
 from streamtrain.streams.join import Joiner, JoinStats
@@ -120,7 +120,7 @@ class Ingest:
             ingest.join = Joiner(lt, data.width, len(data.categorical), kafka.topics[0], lt.topic, ingest._tp_slot, done)
             ingest.stats.join = ingest.stats.join or ingest.join.stats
             ingest.join.stats = ingest.stats.join  # kept across stream restarts, like the rest of the stats
-            spec = FeatureSpec((), (lt.key,), keys=1)
+            spec = FeatureSpec((), (lt.key_field,), keys=1)
             ingest.missing_key = spec.missing_row(0)
             for tp, pos in ingest.start_positions.items():
                 ingest.join.start(tp, pos[0])
@@ -235,6 +235,8 @@ class Ingest:
         while not self.stop_event.is_set():
             try:
                 self.source.open(self.start_positions)
+                if self.join is not None:
+                    self._check_pairs()
                 self._note_starts(list(self.source.assigned))
                 self.opened.set()
                 self.on_opened()
@@ -245,6 +247,18 @@ class Ingest:
                 if self.stop_event.wait(delay):
                     return
                 delay = min(delay * 2, 10.0)
+
+    def _check_pairs(self) -> None:
+        """Partition p of the feature topic pairs with partition p of the label topic: they need as many partitions."""
+        counts = self.source.partition_counts
+        f, lt = self.join.ftopic, self.join.ltopic
+        if f in counts and lt in counts and counts[f] != counts[lt]:
+            raise ConfigError(
+                [
+                    f"data.labels.topic: {lt!r} has {counts[lt]} partition(s) and the feature topic {f!r} {counts[f]}; partition p "
+                    "of one joins partition p of the other, so both need as many (and the same key on both sides)"
+                ]
+            )
 
     def _watch(self) -> None:
         """Metadata refresh off the ingest thread: new partitions, broker reachability, listed watermarks."""
@@ -387,7 +401,8 @@ class Ingest:
             keyless = keys == self.missing_key
             if keyless.any():
                 what = "label" if is_label else "feature"
-                rejects.extend(Reject(int(m), "missing_key", f"the {what} record has no {join.cfg.key!r} to join on") for m in msg[keyless])
+                why = f"the {what} record has no {join.cfg.key_field!r} to join on"
+                rejects.extend(Reject(int(m), "missing_key", why) for m in msg[keyless])
                 keep = ~keyless
                 decoded.x, decoded.y, decoded.ids, keys, msg = decoded.x[keep], decoded.y[keep], decoded.ids[keep], keys[keep], msg[keep]
             if not is_label and self.missing_names and decoded.x.size:

@@ -131,6 +131,7 @@ class KafkaSource:
         self.paused = False
         self.pauses = 0
         self.held: str | None = None  # a topic paused apart (data.labels.max_pending: the feature topic)
+        self.partition_counts: dict[str, int] = {}  # per topic, as the last metadata said
         self._pending_new: list[TopicPartition] = []
         self._lock = threading.Lock()
         self._listed_hwm: dict[TP, int] = {}
@@ -249,6 +250,7 @@ class KafkaSource:
             if tmd is None or tmd.error is not None:
                 continue
             found.extend((topic, p) for p in sorted(tmd.partitions))
+            self.partition_counts[topic] = len(tmd.partitions)
         return found if self.share.everything else [tp for tp in found if self.share.owns(tp)]
 
     def _assign(self, partitions: list[TP], positions: dict[TP, Position], timeout: float, new: bool) -> dict[TP, str]:

@@ -70,9 +70,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--labels",
         action="store_true",
-        help="with --config naming data.labels.topic: write the input as label records (data.labels.key and .field) to "
+        help="with --config naming data.labels.topic: write the input as label records (data.labels.key_field and .field) to "
         "the label topic; without it the input goes to the feature topic as feature records (the key, no label). Both "
-        "are keyed by data.labels.key, so a record and its label land in the same partition",
+        "are keyed by data.labels.key_field, so a record and its label land in the same partition",
     )
     p.add_argument("--rate", type=float, help="at most this many rows a second")
     p.add_argument("--limit", type=int, help="stop after this many rows")

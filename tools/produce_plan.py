@@ -145,10 +145,10 @@ def _join_side(kafka: KafkaConfig, data: DataConfig, labels: bool) -> tuple[Kafk
     lt = data.labels
     off = dataclasses.replace(lt, topic="")
     if labels:
-        side = dataclasses.replace(data, features=(), feature_field=None, categorical=(lt.key,), label=lt.field, labels=off)
-        return dataclasses.replace(kafka, topics=(lt.topic,)), side, lt.key
-    side = dataclasses.replace(data, categorical=(*data.categorical, lt.key), label="", labels=off)
-    return kafka, side, lt.key
+        side = dataclasses.replace(data, features=(), feature_field=None, categorical=(lt.key_field,), label=lt.label_field, labels=off)
+        return dataclasses.replace(kafka, topics=(lt.topic,)), side, lt.key_field
+    side = dataclasses.replace(data, categorical=(*data.categorical, lt.key_field), label="", labels=off)
+    return kafka, side, lt.key_field
 
 
 def cfg_classes(args: argparse.Namespace) -> tuple[str, ...]:

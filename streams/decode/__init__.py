@@ -43,10 +43,10 @@ def _join_decoder(data: object, rule: LabelRule, side: str) -> Decoder:
     lt = data.labels
     spec = FeatureSpec.from_data(data)
     if side == "features":
-        spec = FeatureSpec(spec.numbers, (*spec.categorical, lt.key), spec.buckets, spec.missing, spec.max_category_bytes, keys=1)
+        spec = FeatureSpec(spec.numbers, (*spec.categorical, lt.key_field), spec.buckets, spec.missing, spec.max_category_bytes, keys=1)
         return JsonDecoder(tuple(data.features), None, data.feature_field, data.width, rule, data.max_record_bytes, spec)
-    spec = FeatureSpec((), (lt.key,), spec.buckets, spec.missing, spec.max_category_bytes, keys=1)
-    return JsonDecoder((), lt.field, None, 0, rule, data.max_record_bytes, spec)
+    spec = FeatureSpec((), (lt.key_field,), spec.buckets, spec.missing, spec.max_category_bytes, keys=1)
+    return JsonDecoder((), lt.label_field, None, 0, rule, data.max_record_bytes, spec)
 
 
 def _decoder(data: object, rule: LabelRule) -> Decoder:

@@ -2,7 +2,7 @@
 
 Partition ``p`` of the feature topic pairs with partition ``p`` of the label topic (both
 keyed and partitioned alike by the producers; ``streams/split.py`` keeps a pair with one
-reader).  A record's key is the 64-bit hash of its ``data.labels.key`` value
+reader).  A record's key is the 64-bit hash of its ``data.labels.key_field`` value
 (``features/hashing.py``, the hash of the categorical fields without the modulo).
 
 Per pair, in the order the ingest loop hands records over:
@@ -24,9 +24,12 @@ records whose labels are merely unread.
 
 **The guard.**  When, over the last ``guard_seconds`` of wall time, at least
 ``guard_min_expired`` records came due and the joined fraction is at or below
-``min_join_rate``, the label topic has most likely stopped: expiries are *held* (they
-stay waiting, still joinable) instead of training the model that nothing is ever
-clicked.  Once joins come again the held records expire in order.
+``min_join_rate``, the label topic has most likely stopped: expiries are *held* (their
+offsets keep the position) instead of training the model that nothing is ever clicked.
+Once joins come again the held records expire in order.  The guard changes when an expiry
+is trained, never with which label: a label later than its record's window is late,
+held or not.  Only records that come due near the wall clock count (in event time, a
+stream read again after a restart, or caught up after an outage, is not a broken join).
 
 **Exactly once.**  Every offset leaves the join once: in a row (with its label's offset
 beside it when joined), or as *extra* done (a dropped expiry, a late or unmatched label).
@@ -57,9 +60,9 @@ DELAY_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 2
 # Python's share of what waits, beyond the slab's arrays (dict entries for keys, deque cells, label objects),
 # per record: measured by ``python -m bench.join`` (tracemalloc), so streamtrain_join_pending_bytes is close to what
 # the process holds
-FEATURE_OVERHEAD = 200
-LABEL_OVERHEAD = 260
-EXPIRED_KEY_OVERHEAD = 90
+FEATURE_OVERHEAD = 155
+LABEL_OVERHEAD = 250
+EXPIRED_KEY_OVERHEAD = 150
 _M = 0xFFFFFFFF
 
 
@@ -119,7 +122,7 @@ class _Pair:
         self.label_tail: dict[int, _Label] = {}  # key -> its newest (keys waiting twice only)
         self.label_order: deque[_Label] = deque()
         self.expired_keys: dict[int, float] = {}  # key -> when its record expired (a later label is late)
-        self.expired_order: deque[tuple[float, int]] = deque()
+        self.expired_order: deque[tuple[float, list[int]]] = deque()  # (when, keys) per expiry, oldest first
         self.wm_f = -math.inf  # newest timestamp read from each side
         self.wm_l = -math.inf
         self.next_f = -1  # where reading goes on, per side (-1: nothing read yet)
@@ -312,7 +315,7 @@ class Joiner:
                 self._link(p, k, s)
         p.order.extend(((self.seq[slots] << 32) | slots).tolist())
         self.alive_count += n
-        p.peak = max(p.peak, len(p.head))
+        p.peak = max(p.peak, len(p.head), len(p.expired_keys), len(p.labels))
 
     def _store(self, slots: np.ndarray, partition: int, off, t, keys, x, ids) -> None:
         n = len(slots)
@@ -387,8 +390,10 @@ class Joiner:
         head, fts, window = p.head, self.ts, self.window
         for k, o, tt, yy in zip(keys.tolist(), off.tolist(), t.tolist(), y.tolist()):
             s = head.get(k)
-            if s is not None and tt - fts[s] > window and not self.hold[s]:
-                s = None  # its feature record's window has passed (it expires at the next tick): late (a held one still joins)
+            if s is not None and not self.alive[s]:
+                raise AssertionError(f"join index of {self.ftopic}[{partition}] names a record that left (slot {s})")
+            if s is not None and tt - fts[s] > window:
+                s = None  # its feature record's window has passed (it expires at the next tick, or is held): late
                 self.stats.late += 1
                 self._extra(li, o)
                 continue
@@ -460,9 +465,9 @@ class Joiner:
         for p in self.pairs.values():
             c = p.clock = max(p.clock, self._pair_clock(p, now, ends))
             self._expire_labels(p, c)
-            self._expire_features(p, c, now, holding)
-            if not holding and p.held:
+            if not holding and p.held:  # first: held records are older than any that comes due now (a key's oldest leaves first)
                 self._release_held(p, c)
+            self._expire_features(p, c, now, holding)
         self._bound(holding)
         if now >= self._next_shrink:
             self._shrink()
@@ -500,9 +505,11 @@ class Joiner:
             self._unmatched(p, lab)
         eo = p.expired_order
         while eo and eo[0][0] + self.window <= c:
-            t, k = eo.popleft()
-            if p.expired_keys.get(k) == t:
-                del p.expired_keys[k]
+            t, keys = eo.popleft()
+            ek = p.expired_keys
+            for k in keys:
+                if ek.get(k) == t:
+                    del ek[k]
 
     def _unmatched(self, p: _Pair, lab: _Label) -> None:
         """A label whose features did not come within the window: done, not trained."""
@@ -528,7 +535,8 @@ class Joiner:
             tags.append(q.popleft())
         if not due:
             return
-        self._guard.add(now, due=len(due))
+        if c >= now - self._guard.seconds:  # live: an old stream read again (a restart, a catch-up) is not a broken join
+            self._guard.add(now, due=len(due))
         if holding:
             self.hold[due] = True
             p.held.extend(tags)
@@ -580,7 +588,7 @@ class Joiner:
         for k, s in zip(keys, slots):
             self._unlink(p, k, s)
         p.expired_keys.update(dict.fromkeys(keys, c))
-        p.expired_order.extend((c, k) for k in keys)
+        p.expired_order.append((c, keys))
         n = len(slots)
         if self.drop:
             self.stats.expired["drop"] += n
@@ -610,10 +618,11 @@ class Joiner:
     def _shrink(self) -> None:
         """Rebuild a pair's dicts once they hold a quarter of their peak (a dict keeps its size when emptied)."""
         for p in self.pairs.values():
-            if p.peak > 4096 and len(p.head) < p.peak // 4:
+            size = max(len(p.head), len(p.expired_keys), len(p.labels))
+            if p.peak > 4096 and size < p.peak // 4:
                 p.head, p.more, p.tail = dict(p.head), dict(p.more), dict(p.tail)
-                p.expired_keys = dict(p.expired_keys)
-                p.peak = len(p.head)
+                p.expired_keys, p.labels, p.label_tail = dict(p.expired_keys), dict(p.labels), dict(p.label_tail)
+                p.peak = size
 
     def _joined(self, delay: float, now: float) -> None:
         st = self.stats
