@@ -35,8 +35,13 @@ def rate(
     optimizer: dict | None = None,
     params: dict | None = None,
     fields: int = 0,
+    candidates: int = 1,
 ) -> float:
-    """Samples/s of ``Trainer.step`` over ``steps`` steps (after 200 to warm up); ``fields``: categorical fields (Zipf ids)."""
+    """Samples/s of ``Trainer.step`` over ``steps`` steps (after 200 to warm up); ``fields``: categorical fields (Zipf ids).
+
+    ``candidates``: that many learners side by side (``trainer.candidates``: the default and learning rates 10 %, 20 %, ...
+    above it), each taking every batch.
+    """
     params = params if params is not None else ({"hidden": [64]} if model == "mlp" else {})
     data = {"format": "raw", "num_features": width}
     if fields:
@@ -51,6 +56,7 @@ def rate(
             "num_threads": 1,
             **({"num_classes": 3} if task == "multiclass" else {}),
             **(optimizer or {}),
+            **({"candidates": [{"trainer.lr": (optimizer or {}).get("lr", 1e-3) * (1 + 0.1 * i)} for i in range(1, candidates)]}),
         },
         "ring": {"batch_size": batch_size},
         "snapshot": {"dir": tempfile.mkdtemp(prefix="streamtrain-bench-"), "every_seconds": 0},
@@ -119,14 +125,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--calibration", action="store_true", help="also the calibration sums' cost per step alone (one torch thread)")
+    ap.add_argument(
+        "--candidates", default="", help="e.g. 1,2,4,8: each case with that many learners side by side (trainer.candidates), looped"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("streamtrain").setLevel(logging.WARNING)
+    counts = [int(k) for k in args.candidates.split(",") if k] or [1]
     for case in [c for c in args.cases.split(",") if c]:
         model, bs, task, opt, params, fields = CASES[case]
         steps = args.steps if not fields else max(50, args.steps // 10)
-        r = rate(model, bs, task, steps, args.device, width=4 if fields else 16, optimizer=opt, params=params, fields=fields)
-        print(f"{case}: {r:,.0f} samples/s", flush=True)
+        one = None
+        for k in counts:
+            width = 4 if fields else 16
+            r = rate(model, bs, task, steps, args.device, width=width, optimizer=opt, params=params, fields=fields, candidates=k)
+            one = one or r
+            label = f"{case}" if counts == [1] else f"{case}, {k} candidate(s)"
+            print(f"{label}: {r:,.0f} samples/s" + (f" ({one / r:.2f}x the time of one)" if counts != [1] else ""), flush=True)
     if args.calibration:
         torch.set_num_threads(1)
         for task in ("binary", "multiclass"):

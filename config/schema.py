@@ -112,6 +112,18 @@ class TrainerConfig:
     )
     max_rollbacks: int = opt(3, "Roll-backs in a row without a new snapshot before giving up (training diverges again and again).")
     ewma_alpha: float = opt(0.05, "Smoothing of the loss/metric gauges (exponentially weighted, per step).")
+    candidates: tuple[dict[str, Any], ...] = opt(
+        (),
+        "Candidates trained beside the default on the same batches, each a mapping of trainer.* / model.* overrides "
+        "(e.g. [{trainer.lr: 0.01}, {model.params.hidden: [128]}]); the best by recent prequential loss is the champion "
+        "that snapshots serve (docs/LEARNING.md, Candidates).",
+    )
+    candidates_half_life: float = opt(20000.0, "Candidates: the comparison's memory, in samples (older batches weigh half as much).")
+    candidates_margin: float = opt(
+        0.01, "Candidates: promoted when the recent loss is lower than the champion's by more than this (relative) ..."
+    )
+    candidates_z: float = opt(3.0, "... and the paired per-batch difference's z-score is above this ...")
+    candidates_min_samples: int = opt(5000, "... over at least this many samples since the champion was chosen.")
 
     def __post_init__(self) -> None:
         if self.classes and not self.num_classes and self.task == "multiclass":
@@ -157,6 +169,9 @@ class TrainerConfig:
             problems.append(("grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}"))
         if not 0 < self.ewma_alpha <= 1:
             problems.append(("ewma_alpha", f"must be in (0, 1], got {self.ewma_alpha}"))
+        if not 0 <= self.candidates_margin < 1:
+            problems.append(("candidates_margin", f"must be in [0, 1), got {self.candidates_margin}"))
+        problems += positive(self, "candidates_half_life") + non_negative(self, "candidates_z", "candidates_min_samples")
         return (
             problems
             + non_negative(self, "weight_decay", "momentum", "num_threads", "huber_delta")
@@ -167,7 +182,17 @@ class TrainerConfig:
 @dataclass(frozen=True)
 class DriftConfig:
     detector: str = opt("adwin", "Drift detector on the prequential error: adwin | page_hinkley | off.")
-    action: str = opt("reset_optimizer", "On a drift: log (metric + log line) | reset_optimizer | lr_boost (docs/LEARNING.md).")
+    action: str = opt(
+        "reset_optimizer",
+        "On a drift: log (metric + log line) | reset_optimizer | lr_boost | challenger (a fresh model trains beside the "
+        "champion from the drift warning on, and replaces it when better; docs/LEARNING.md).",
+    )
+    warning_delta: float = opt(0.01, "challenger, adwin: the warning detector's delta (looser than delta: it warns first).")
+    challenger_max_samples: int = opt(
+        20000,
+        "challenger: dropped if not promoted within this many samples (a confirmed drift more than 5 x cooldown_samples "
+        "after the warning that started it starts it over).",
+    )
     delta: float = opt(0.002, "adwin: confidence of each test (smaller: fewer false alarms, later detections).")
     threshold: float = opt(50.0, "page_hinkley: alarm threshold, in units of the batch error.")
     cooldown_samples: int = opt(1000, "Detections within this many samples of the last drift are the same drift.")
@@ -178,13 +203,15 @@ class DriftConfig:
         problems = []
         if self.detector not in ("adwin", "page_hinkley", "off"):
             problems.append(("detector", f"must be adwin, page_hinkley or off, got {self.detector!r}"))
-        if self.action not in ("log", "reset_optimizer", "lr_boost"):
-            problems.append(("action", f"must be log, reset_optimizer or lr_boost, got {self.action!r}"))
+        if self.action not in ("log", "reset_optimizer", "lr_boost", "challenger"):
+            problems.append(("action", f"must be log, reset_optimizer, lr_boost or challenger, got {self.action!r}"))
+        if not 0 < self.warning_delta < 1:
+            problems.append(("warning_delta", f"must be in (0, 1), got {self.warning_delta}"))
         if not 0 < self.delta < 1:
             problems.append(("delta", f"must be in (0, 1), got {self.delta}"))
         if not self.lr_boost_factor >= 1:
             problems.append(("lr_boost_factor", f"must be >= 1, got {self.lr_boost_factor}"))
-        return problems + positive(self, "threshold", "lr_boost_samples") + non_negative(self, "cooldown_samples")
+        return problems + positive(self, "threshold", "lr_boost_samples", "challenger_max_samples") + non_negative(self, "cooldown_samples")
 
 
 @dataclass(frozen=True)
@@ -292,6 +319,13 @@ class Config:
                     ("data.labels.on_expiry", "negative is for classifiers; for regression use default (with labels.default) or drop")
                 )
         problems += _model_problems(self)
+        if self.trainer.candidates:
+            from streamtrain.config.candidates import candidate_configs
+
+            try:
+                candidate_configs(self)
+            except ConfigError as exc:
+                problems += [_split_path(p) for p in exc.problems]
         return problems
 
 

@@ -10,7 +10,10 @@ few steps) and count once.  The action, ``drift.action``:
 - ``reset_optimizer``: also forget the optimizer's state (Adam's moments, SGD's momentum),
   so it adapts to the new concept at its full step size;
 - ``lr_boost``: also raise the learning rate ``lr_boost_factor`` times, the boost fading
-  linearly back to the schedule's rate over ``lr_boost_samples`` samples.
+  linearly back to the schedule's rate over ``lr_boost_samples`` samples;
+- ``challenger``: a second, looser detector (``warning_delta``, or half the threshold) gives
+  a *warning* first, as in ARF; at a warning a fresh model starts training beside the
+  champion on the same batches and replaces it when it is better (``daemon/candidates.py``).
 
 The detector and any boost in progress are training state (saved in every snapshot), so
 a restart decides exactly as the run it resumes.
@@ -28,7 +31,7 @@ from streamtrain.daemon.drift import make_detector
 
 log = logging.getLogger("streamtrain.drift")
 
-ACTIONS = ("log", "reset_optimizer", "lr_boost")
+ACTIONS = ("log", "reset_optimizer", "lr_boost", "challenger")
 ERROR_CAP = 10.0  # one wild regression error must not dominate the detector's window
 
 
@@ -45,6 +48,11 @@ class DriftMonitor:
         self.last_drift = 0.0  # Unix time
         self.last_drift_sample = -(10**18)
         self.boost_left = 0  # samples of the lr boost still to go
+        self.warner = None  # challenger: the warning detector
+        if self.enabled and cfg.action == "challenger":
+            loose = {"delta": cfg.warning_delta} if cfg.detector == "adwin" else {"threshold": cfg.threshold / 2}
+            self.warner = make_detector(cfg.detector, **loose)
+        self.warned = False  # the last step's error tripped the warning detector (upwards)
 
     def observe(self, error: float, n: int, optimizer: torch.optim.Optimizer) -> bool:
         """Feed one step's error over ``n`` samples; True when it is a new drift (the action has been taken)."""
@@ -52,6 +60,10 @@ class DriftMonitor:
             return False
         self.samples += n
         self.boost_left = max(0, self.boost_left - n)
+        self.warned = False
+        if self.warner is not None:
+            was = self.warner.estimation
+            self.warned = self.warner.update(min(error, ERROR_CAP)) and self.warner.estimation > was
         before = self.detector.estimation
         if not self.detector.update(min(error, ERROR_CAP)):
             return False
@@ -101,6 +113,7 @@ class DriftMonitor:
             "last_drift": self.last_drift,
             "last_drift_sample": self.last_drift_sample,
             "boost_left": self.boost_left,
+            **({"warner": self.warner.state_dict()} if self.warner is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -119,3 +132,5 @@ class DriftMonitor:
         self.last_drift = float(state["last_drift"])
         self.last_drift_sample = int(state["last_drift_sample"])
         self.boost_left = int(state["boost_left"])
+        if self.warner is not None and state.get("warner"):
+            self.warner.load_state_dict(state["warner"])

@@ -167,6 +167,7 @@ class ScrapeSources:
     consumer: Callable[[], tuple[bool, int, dict[str, int]]] | None = None  # (paused, pauses, errors by name)
     ready: Callable[[], bool] | None = None
     learning: Callable[[], LearningTotals] | None = None
+    candidates: Callable[[], dict[str, Any]] | None = None  # Candidates.report() (trainer.candidates, drift.action: challenger)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -201,6 +202,41 @@ _BINS = {
     "observed": "Classification: what happened in each bin (binary: positive labels; multiclass: top class right); "
     "sum(abs(rate(predicted) - rate(observed))) / rate(samples): the windowed ECE.",
 }
+
+
+def candidate_families(r: dict[str, Any]):
+    """Candidates trained side by side: the champion, each one's own prequential totals, the promotions."""
+    info = GaugeMetricFamily("streamtrain_champion_info", "1 for the candidate that is champion (served).", labels=["candidate"])
+    samples = CounterMetricFamily(
+        "streamtrain_candidate_prequential_samples", "Samples each candidate scored before learning them.", labels=["candidate"]
+    )
+    loss = CounterMetricFamily(
+        "streamtrain_candidate_prequential_loss",
+        "Sum of each candidate's prequential loss; rate(loss) / rate(samples) compares them on the same rows.",
+        labels=["candidate"],
+    )
+    recent = GaugeMetricFamily(
+        "streamtrain_candidate_recent_loss", "Each candidate's decayed mean loss, as the comparison sees it.", labels=["candidate"]
+    )
+    for name, (n, total) in sorted(r["own"].items()):
+        info.add_metric([name], 1.0 if name == r["champion"] else 0.0)
+        samples.add_metric([name], n)
+        loss.add_metric([name], total)
+        if not math.isnan(r["recent"].get(name, math.nan)):
+            recent.add_metric([name], r["recent"][name])
+    yield info
+    yield samples
+    yield loss
+    yield recent
+    promotions = CounterMetricFamily(
+        "streamtrain_promotions",
+        "Candidates promoted to champion (better: by the paired comparison; challenger: the drift challenger won), "
+        "and challengers dropped, by reason (this process).",
+        labels=["reason"],
+    )
+    for reason in ("better", "challenger", "challenger_dropped"):
+        promotions.add_metric([reason], r["promotions"].get(reason, 0))
+    yield promotions
 
 
 def join_families(j):
@@ -365,6 +401,9 @@ class ScrapeCollector:
             yield GaugeMetricFamily("streamtrain_ready", "1 when /readyz answers ready.", value=int(s.ready()))
         if s.learning is not None:
             yield from self._learning(s.learning())
+        report = s.candidates() if s.candidates is not None else None
+        if report:
+            yield from candidate_families(report)
 
     def _learning(self, t: LearningTotals):
         names = ["samples", "loss", *(("abs_error", "squared_error") if t.task == "regression" else ("correct",))]

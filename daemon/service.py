@@ -123,6 +123,7 @@ def _wire(cfg: Config, trainer: Trainer, metrics: Metrics, health: Health) -> No
     src.lag = trainer.lag
     src.trained_positions = lambda: dict(trainer.trained)
     src.learning = trainer.learning_totals
+    src.candidates = lambda: trainer.learner.report() if hasattr(trainer.learner, "report") else None  # trainer.candidates
     src.ring = lambda: (ds.ring.fill(), ds.ring.slots)
 
     def consumer() -> tuple[bool, int, dict[str, int]]:

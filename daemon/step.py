@@ -169,6 +169,13 @@ class Learner:
         self.metric_ewma = math.nan
         self._plateau_losses: list[float] = []
 
+    def initial_weights(self) -> dict[str, Any]:
+        """The model's weights, for the other ranks to start from (``load_initial_weights``)."""
+        return self.model.state_dict()
+
+    def load_initial_weights(self, weights: dict[str, Any]) -> None:
+        self.model.load_state_dict(weights)
+
     @property
     def metric_name(self) -> str:
         return "mae" if self.cfg.trainer.task == "regression" else "accuracy"

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from streamtrain.config.schema import Config, config_to_dict
+from streamtrain.daemon.candidates import make_learner
 from streamtrain.daemon.committer import Committer
 from streamtrain.daemon.errors import TrainingError
 from streamtrain.daemon.metrics import LearningTotals, Metrics
@@ -100,7 +101,7 @@ class Trainer:
         ``stream=False`` leaves Kafka out (tests and tools feed :meth:`step` themselves).
         """
         cfg, tc, world = self.cfg, self.cfg.trainer, self.world
-        self.learner = Learner(cfg, world)
+        self.learner = make_learner(cfg, world)
         if world.ranked:
             self.coll = Collectives(world, self.learner.device, tc.rank_timeout_s)
         self.tensorboard = TensorBoard(cfg.logging.tensorboard_dir) if cfg.logging.tensorboard_dir and world.leader else None
@@ -155,10 +156,10 @@ class Trainer:
 
     def _restore_ranks(self, restored: tuple[SnapshotInfo, dict[str, Any]] | None) -> tuple[SnapshotInfo, dict[str, Any]] | None:
         """Rank 0's snapshot (or its fresh model) on every rank: they all start from the same state."""
-        fresh = None if restored is not None or not self.world.leader else self.learner.model.state_dict()
+        fresh = None if restored is not None or not self.world.leader else self.learner.initial_weights()
         restored, fresh = self.coll.broadcast((restored, fresh))
         if restored is None:
-            self.learner.model.load_state_dict(fresh)  # the same initial weights, whatever each rank's RNG
+            self.learner.load_initial_weights(fresh)  # the same initial weights, whatever each rank's RNG
         elif self.world.leader:
             was = restored[0].meta.get("world_size", 1)
             if was != self.world.size:

@@ -390,6 +390,16 @@ TASK_ONLY = {
         ],
         "join",
     ),
+    # several candidates: tests/test_candidates.py checks them on a daemon with candidates
+    **dict.fromkeys(
+        [
+            "streamtrain_champion_info",
+            "streamtrain_candidate_prequential_loss_total",
+            "streamtrain_candidate_prequential_samples_total",
+            "streamtrain_promotions_total",
+        ],
+        "candidates",
+    ),
 }
 
 
