@@ -188,6 +188,10 @@ class DriftConfig:
         "champion from the drift warning on, and replaces it when better; docs/LEARNING.md).",
     )
     warning_delta: float = opt(0.01, "challenger, adwin: the warning detector's delta (looser than delta: it warns first).")
+    challenger: str = opt(
+        "fresh",
+        "challenger: what starts at a warning: fresh (a new model of the champion's config) | reset (the champion, its optimizer reset).",
+    )
     challenger_max_samples: int = opt(
         20000,
         "challenger: dropped if not promoted within this many samples (a confirmed drift more than 5 x cooldown_samples "
@@ -205,6 +209,8 @@ class DriftConfig:
             problems.append(("detector", f"must be adwin, page_hinkley or off, got {self.detector!r}"))
         if self.action not in ("log", "reset_optimizer", "lr_boost", "challenger"):
             problems.append(("action", f"must be log, reset_optimizer, lr_boost or challenger, got {self.action!r}"))
+        if self.challenger not in ("fresh", "reset"):
+            problems.append(("challenger", f"must be fresh or reset, got {self.challenger!r}"))
         if not 0 < self.warning_delta < 1:
             problems.append(("warning_delta", f"must be in (0, 1), got {self.warning_delta}"))
         if not 0 < self.delta < 1:

@@ -31,6 +31,7 @@ every rank, so every rank promotes at the same step.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any
@@ -268,13 +269,20 @@ class Candidates:
 
     def _start_challenger(self, name: str, lead: Learner) -> None:
         fresh = Learner(self._challenger_config(), self.world)
-        fresh.normalizer.load_state_dict(lead.normalizer.state_dict())  # the data's scale is known; the mapping is not
-        fresh.target.load_state_dict(lead.target.state_dict())
+        if self.cfg.drift.challenger == "reset":  # the champion as it is, with a fresh optimizer (its moments forgotten)
+            fresh.load_state_dict(copy.deepcopy(lead.state_dict()), "the champion", self.cfg.model.name)
+            fresh.optimizer.state.clear()
+            if fresh.sparse_optimizer is not None:
+                fresh.sparse_optimizer.state.clear()
+        else:  # a fresh model: the data's scale is known, the mapping is not
+            fresh.normalizer.load_state_dict(lead.normalizer.state_dict())
+            fresh.target.load_state_dict(lead.target.state_dict())
         fresh.samples = lead.samples
         self.learners[name] = fresh
         self.race.add(name)
         self.challenger_born = lead.samples
-        log.warning("drift warning at sample %d: a challenger (a fresh model) trains beside the champion %r", lead.samples, self.champion)
+        what = "the champion with a fresh optimizer" if self.cfg.drift.challenger == "reset" else "a fresh model"
+        log.warning("drift warning at sample %d: a challenger (%s) trains beside the champion %r", lead.samples, what, self.champion)
 
     def _challenger_config(self) -> Config:
         return self.lead.cfg  # the champion's config: a fresh model of it (drift.action challenger: it warns, acts on nothing)

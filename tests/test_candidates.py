@@ -91,6 +91,18 @@ def test_a_drift_warning_starts_a_fresh_challenger_that_wins_after_the_flip():
     assert c.champion == "default" and set(c.learners) == {"default"}, "the challenger took the beaten champion's place"
 
 
+def test_a_reset_challenger_starts_as_the_champion_with_its_optimizer_forgotten():
+    c = Candidates(config(lr=0.01, optimizer="adam", drift={"action": "challenger", "challenger": "reset"}))
+    batches = list(stream(30_000, flip_at=15_000, seed=5))
+    for b in batches:
+        c.step(b)
+        if "challenger" in c.learners:
+            break
+    ch, lead = c.learners["challenger"], c.lead
+    assert all(torch.equal(a, b) for a, b in zip(ch.model.parameters(), lead.model.parameters()))
+    assert not ch.optimizer.state and lead.optimizer.state, "the same weights, the optimizer's moments forgotten"
+
+
 def test_a_restart_mid_comparison_resumes_it_exactly():
     """Snapshot the candidates half way (state_dict through torch.save), restore into new ones, go on: the same promotion
     at the same sample, the same champion weights, as an uninterrupted run."""
