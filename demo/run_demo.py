@@ -47,6 +47,26 @@ def metric(text: str, name: str) -> float | None:
     return None
 
 
+def fresh_out() -> Path:
+    """demo-out/, emptied: the broker's log and the snapshots of this run."""
+    out = ROOT / "demo-out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    return out
+
+
+def ports_taken(command: str) -> bool:
+    """Whether the broker's or the metrics port is in use (said, with what to do)."""
+    import socket
+
+    for port in (BROKER_PORT, METRICS_PORT):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                print(f"port {port} is in use; stop what listens there and run `{command}` again")
+                return True
+    return False
+
+
 def produce(bootstrap: str, stop: threading.Event, rate: float, sent: list[int]) -> None:
     stream = SyntheticStream(16, seed=7)
     producer = TestProducer(bootstrap)
@@ -68,17 +88,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=25.0, help="how long the daemon trains")
     ap.add_argument("--rate", type=float, default=20000.0, help="records per second produced")
     args = ap.parse_args()
-    out = ROOT / "demo-out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    for port in (BROKER_PORT, METRICS_PORT):
-        import socket
-
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                print(f"port {port} is in use; stop what listens there and run `make demo` again")
-                return 1
-
+    out = fresh_out()
+    if ports_taken("make demo"):
+        return 1
     print(f"==> starting the embedded Kafka broker (Tansu) on 127.0.0.1:{BROKER_PORT}")
     broker = start_tansu(BROKER_PORT, log_path=str(out / "broker.log"))
     daemon = producer = None

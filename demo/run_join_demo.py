@@ -18,9 +18,7 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo.broker import TestProducer, create_topic, start_tansu  # noqa: E402
-from demo.run_demo import BROKER_PORT, METRICS_PORT, metric, scrape  # noqa: E402
+from demo.run_demo import BROKER_PORT, fresh_out, metric, ports_taken, scrape  # noqa: E402
 
 IMPRESSIONS, CLICKS = "demo.impressions", "demo.clicks"
 
@@ -70,14 +68,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the daemon trains")
     ap.add_argument("--rate", type=float, default=2000.0, help="impressions per second")
     args = ap.parse_args()
-    out = ROOT / "demo-out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    for port in (BROKER_PORT, METRICS_PORT):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                print(f"port {port} is in use; stop what listens there and run `make demo-join` again")
-                return 1
+    out = fresh_out()
+    if ports_taken("make demo-join"):
+        return 1
     print(f"==> starting the embedded Kafka broker (Tansu) on 127.0.0.1:{BROKER_PORT}")
     broker = start_tansu(BROKER_PORT, log_path=str(out / "broker.log"))
     daemon = producer = None

@@ -206,3 +206,22 @@ def test_the_demo_runs_and_the_daemon_stops_cleanly():
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "==> daemon exited 0" in r.stdout and "newest: step" in r.stdout, r.stdout[-2000:]
+
+
+def test_the_join_demo_runs_and_joins(tmp_path):
+    """`make demo-join`: impressions and their clicks on two topics, joined and trained (shortened)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.daemon_util import ROOT
+
+    for port in (19092, 19100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port} is in use")
+    r = subprocess.run([sys.executable, "demo/run_join_demo.py", "--seconds", "12"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "==> daemon exited 0" in r.stdout and "newest snapshot" in r.stdout, r.stdout[-2000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 7]
+    assert rows and float(rows[-1][2].replace(",", "")) > 0, r.stdout[-2000:]  # joined
