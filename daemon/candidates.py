@@ -337,6 +337,12 @@ class Candidates:
         for name, sub in cand["states"].items():
             if name in self.learners:
                 self.learners[name].load_state_dict(sub, where, trained_with)
+        configs = dict(candidate_configs(self.cfg))
+        for name in [n for n in self.learners if n != champion and n not in cand["states"]]:  # not in the snapshot
+            if name in configs:  # a candidate added to the config since: it starts now
+                self.learners[name] = Learner(configs[name], self.world)
+            else:  # a challenger started after the snapshot (a roll-back to it): gone with what came after
+                self._drop(name)
         self.prequential.load_state_dict(state.get("prequential", {}))
 
 

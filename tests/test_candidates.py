@@ -103,6 +103,21 @@ def test_a_reset_challenger_starts_as_the_champion_with_its_optimizer_forgotten(
     assert not ch.optimizer.state and lead.optimizer.state, "the same weights, the optimizer's moments forgotten"
 
 
+def test_a_roll_back_to_a_snapshot_before_the_challenger_drops_it():
+    c = Candidates(config(drift={"action": "challenger"}))
+    batches = list(stream(30_000, flip_at=10_000, seed=3))
+    for b in batches[:100]:
+        c.step(b)
+    before = copy.deepcopy(c.state_dict())
+    for b in batches[100:]:
+        c.step(b)
+        if "challenger" in c.learners:
+            break
+    assert "challenger" in c.learners
+    c.load_state_dict(before, "test", "logistic")
+    assert set(c.learners) == {"default"} and c.lead.samples == before["trainer"]["samples"]
+
+
 def test_a_restart_mid_comparison_resumes_it_exactly():
     """Snapshot the candidates half way (state_dict through torch.save), restore into new ones, go on: the same promotion
     at the same sample, the same champion weights, as an uninterrupted run."""
