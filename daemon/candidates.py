@@ -58,7 +58,6 @@ class Race:
         # vs the champion, on the rows both scored: decayed sums of 1, d, d^2 and 1 (squared decay) per step, of the
         # champion's mean loss per step, and the samples paired (not decayed)
         self.diff = {n: [0.0] * 6 for n in names}
-        self.since = 0  # samples since the champion was chosen
 
     def add(self, name: str) -> None:
         self.names.append(name)
@@ -90,7 +89,6 @@ class Race:
             x = base - total / n  # > 0: the candidate did better on these rows
             d[0], d[1], d[2], d[3] = decay * d[0] + 1.0, decay * d[1] + x, decay * d[2] + x * x, decay**2 * d[3] + 1.0
             d[4], d[5] = decay * d[4] + base, d[5] + n
-        self.since += n
 
     def mean_loss(self, name: str) -> float:
         return self.loss[name] / self.weight[name] if self.weight[name] else math.nan
@@ -116,7 +114,6 @@ class Race:
 
     def reset(self) -> None:
         """A new champion: differences start over against it."""
-        self.since = 0
         for d in self.diff.values():
             d[:] = [0.0] * 6
 
@@ -125,8 +122,7 @@ class Race:
             "names": list(self.names),
             "loss": dict(self.loss),
             "weight": dict(self.weight),
-            "diff": dict(self.diff),
-            "since": self.since,
+            "diff": {k: list(v) for k, v in self.diff.items()},  # copies: the snapshot is written off the training thread
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -135,7 +131,6 @@ class Race:
                 self.loss[name] = float(state["loss"][name])
                 self.weight[name] = float(state["weight"][name])
                 self.diff[name] = [float(v) for v in state["diff"][name]] + [0.0] * (6 - len(state["diff"][name]))
-        self.since = int(state.get("since", 0))
 
 
 class Candidates:

@@ -76,6 +76,40 @@ def test_a_good_record_decodes_the_same_among_hostile_ones(fmt, data):
     assert not [r for r in out.rejects if r.index == good_at[0]]
 
 
+JOIN = {"topic": "clicks", "key_field": "request_id", "label_field": "clicked"}
+
+
+def join_record(side: str, i: int) -> bytes:
+    """A good record of one side of a join (data.labels): an impression, or its click."""
+    if side == "features":
+        return json.dumps({"request_id": f"r{i}", "a": float(i), "b": float(-i), "c": i / 4}).encode()
+    return json.dumps({"request_id": f"r{i}", "clicked": i % 2 == 0}).encode()
+
+
+@pytest.mark.parametrize("side", ["features", "labels"])
+@PROPERTY
+@given(data=st.data())
+def test_the_join_decoders_never_raise_and_account_for_each_message_once(side, data):
+    """The two decoders of a join (feature records without a label, label records with only key and label) hold the
+    same promise as every decoder; each row carries its key's 64-bit hash as the last ids column."""
+    from bench.hostile import data_config
+    from streamtrain.streams.decode import LabelRule, make_decoder
+
+    dec = make_decoder(data_config("json", labels=JOIN), LabelRule("binary"), side)
+    values = []
+    for _ in range(data.draw(st.integers(1, 30))):
+        i = data.draw(st.integers(0, 10_000))
+        how = data.draw(st.sampled_from(["good", "mutated", "bytes"]))
+        v = join_record(side, i) if how != "bytes" else data.draw(st.binary(max_size=300))
+        if how == "mutated":
+            op = data.draw(st.sampled_from(OPERATORS))
+            v = mutate(v, op, data.draw(st.integers(0, 400)), data.draw(st.integers(0, 255)), join_record(side, i + 1))
+        values.append(v)
+    check_batch("json", dec, values)
+    out = dec.decode(values)
+    assert out.ids.shape[1] == 1, "the key: a categorical column of its own, last"
+
+
 @PROPERTY
 @given(data=st.data(), fmt=st.sampled_from(["json", "csv", "arrow"]))
 def test_the_quarantine_takes_out_exactly_the_records_that_crash_the_decoder(data, fmt):

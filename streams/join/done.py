@@ -8,7 +8,7 @@ their rows, are kept by the trainer's ``OffsetTracker`` as arrays appended per b
 are compacted (below the position dropped, made one sorted array) only when a snapshot is
 taken.  In a snapshot's meta they are ``[[topic, partition, first, "<base64>"], ...]``:
 the offsets from ``first`` on as a bitmap (``numpy.packbits``, little bit order), deflated
-(zlib) and base64-encoded: a window of 1 M offsets of which 5 % are done takes about 60 KB
+(zlib) and base64-encoded: a window of 1 M offsets of which 5 % are done takes about 70 KB
 in meta.json, one of which half are done at random about 165 KB (``python -m bench.join``).
 """
 

@@ -279,6 +279,17 @@ class Joiner:
         i = int(np.searchsorted(d, offset))
         return i < len(d) and int(d[i]) == offset
 
+    def _arriving(self, topic: str, partition: int, off: np.ndarray, *cols: np.ndarray) -> tuple | None:
+        """Records of one partition read: reading goes on past them; those not done already, with their pair (None: none)."""
+        if not len(off):
+            return None
+        tp = (topic, partition)
+        self.note_read(tp, int(off[-1]) + 1)
+        fresh = self._fresh(tp, off)
+        if fresh is not None:
+            off, *cols = (a[fresh] for a in (off, *cols))
+        return (self.pair(partition), tp, off, *cols) if len(off) else None
+
     def _times(self, ts: np.ndarray, now: float) -> np.ndarray:
         if not self.event_time:
             return np.full(len(ts), now)
@@ -286,16 +297,10 @@ class Joiner:
 
     def add_features(self, partition: int, off: np.ndarray, ts: np.ndarray, keys: np.ndarray, x: np.ndarray, ids: np.ndarray) -> None:
         """Feature records of one partition, in offset order (``ids`` without the key column)."""
-        if not len(off):
+        got = self._arriving(self.ftopic, partition, off, ts, keys, x, ids)
+        if got is None:
             return
-        tp = (self.ftopic, partition)
-        p = self.pair(partition)
-        p.next_f = max(p.next_f, int(off[-1]) + 1)
-        fresh = self._fresh(tp, off)
-        if fresh is not None:
-            off, ts, keys, x, ids = off[fresh], ts[fresh], keys[fresh], x[fresh], ids[fresh]
-        if not len(off):
-            return
+        p, tp, off, ts, keys, x, ids = got
         now = self.clock()
         t = self._times(ts, now)
         p.wm_f = max(p.wm_f, float(t.max()))
@@ -373,16 +378,10 @@ class Joiner:
 
     def add_labels(self, partition: int, off: np.ndarray, ts: np.ndarray, keys: np.ndarray, y: np.ndarray) -> None:
         """Label records of one partition, in offset order."""
-        if not len(off):
+        got = self._arriving(self.ltopic, partition, off, ts, keys, y)
+        if got is None:
             return
-        tp = (self.ltopic, partition)
-        p = self.pair(partition)
-        p.next_l = max(p.next_l, int(off[-1]) + 1)
-        fresh = self._fresh(tp, off)
-        if fresh is not None:
-            off, ts, keys, y = off[fresh], ts[fresh], keys[fresh], y[fresh]
-        if not len(off):
-            return
+        p, tp, off, ts, keys, y = got
         now = self.clock()
         t = self._times(ts, now)
         p.wm_l = max(p.wm_l, float(t.max()))
