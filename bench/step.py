@@ -36,11 +36,12 @@ def rate(
     params: dict | None = None,
     fields: int = 0,
     candidates: int = 1,
+    stack: str = "auto",
 ) -> float:
     """Samples/s of ``Trainer.step`` over ``steps`` steps (after 200 to warm up); ``fields``: categorical fields (Zipf ids).
 
     ``candidates``: that many learners side by side (``trainer.candidates``: the default and learning rates 10 %, 20 %, ...
-    above it), each taking every batch.
+    above it), each taking every batch; ``stack``: ``trainer.candidates_stack`` (auto: as one stacked model, off: looped).
     """
     params = params if params is not None else ({"hidden": [64]} if model == "mlp" else {})
     data = {"format": "raw", "num_features": width}
@@ -57,6 +58,7 @@ def rate(
             **({"num_classes": 3} if task == "multiclass" else {}),
             **(optimizer or {}),
             **({"candidates": [{"trainer.lr": (optimizer or {}).get("lr", 1e-3) * (1 + 0.1 * i)} for i in range(1, candidates)]}),
+            "candidates_stack": stack,
         },
         "ring": {"batch_size": batch_size},
         "snapshot": {"dir": tempfile.mkdtemp(prefix="streamtrain-bench-"), "every_seconds": 0},
@@ -125,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--calibration", action="store_true", help="also the calibration sums' cost per step alone (one torch thread)")
-    ap.add_argument(
-        "--candidates", default="", help="e.g. 1,2,4,8: each case with that many learners side by side (trainer.candidates), looped"
-    )
+    ap.add_argument("--candidates", default="", help="e.g. 1,2,4,8: each case with that many learners side by side (trainer.candidates)")
+    ap.add_argument("--stack", default="auto", help="with --candidates: auto (stacked), off (looped), or auto,off (both, side by side)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("streamtrain").setLevel(logging.WARNING)
@@ -138,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         one = None
         for k in counts:
             width = 4 if fields else 16
-            r = rate(model, bs, task, steps, args.device, width=width, optimizer=opt, params=params, fields=fields, candidates=k)
-            one = one or r
-            label = f"{case}" if counts == [1] else f"{case}, {k} candidate(s)"
-            print(f"{label}: {r:,.0f} samples/s" + (f" ({one / r:.2f}x the time of one)" if counts != [1] else ""), flush=True)
+            for stack in args.stack.split(",") if k > 1 else ["auto"]:
+                r = rate(model, bs, task, steps, args.device, width, opt, params, fields, candidates=k, stack=stack)
+                one = one or r
+                how = "" if k == 1 else ", stacked" if stack == "auto" else ", looped"
+                label = f"{case}" if counts == [1] else f"{case}, {k} candidate(s){how}"
+                print(f"{label}: {r:,.0f} samples/s" + (f" ({one / r:.2f}x the time of one)" if counts != [1] else ""), flush=True)
     if args.calibration:
         torch.set_num_threads(1)
         for task in ("binary", "multiclass"):

@@ -124,6 +124,11 @@ class TrainerConfig:
     )
     candidates_z: float = opt(3.0, "... and the paired per-batch difference's z-score is above this ...")
     candidates_min_samples: int = opt(5000, "... over at least this many samples since the champion was chosen.")
+    candidates_stack: str = opt(
+        "auto",
+        "Candidates of one model config (differing in trainer.* only): auto = trained as one stacked model (one forward, "
+        "backward and update for all, docs/LEARNING.md) | off = one step each.",
+    )
 
     def __post_init__(self) -> None:
         if self.classes and not self.num_classes and self.task == "multiclass":
@@ -169,6 +174,8 @@ class TrainerConfig:
             problems.append(("grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}"))
         if not 0 < self.ewma_alpha <= 1:
             problems.append(("ewma_alpha", f"must be in (0, 1], got {self.ewma_alpha}"))
+        if self.candidates_stack not in ("auto", "off"):
+            problems.append(("candidates_stack", f"must be auto or off, got {self.candidates_stack!r}"))
         if not 0 <= self.candidates_margin < 1:
             problems.append(("candidates_margin", f"must be in [0, 1), got {self.candidates_margin}"))
         problems += positive(self, "candidates_half_life") + non_negative(self, "candidates_z", "candidates_min_samples")
@@ -247,6 +254,11 @@ class PublishConfig:
     program: bool = opt(True, "Also write the torch.export program (model.pt2: standardization included, no model code needed).")
     topic: str | None = opt(
         None, "Kafka topic (compacted: key = name) told about every version published; same cluster and client settings as kafka.*."
+    )
+    candidates: bool = opt(
+        False,
+        "Also publish each candidate that is not the champion (trainer.candidates, a drift challenger) as <name>.<candidate>, "
+        "to be shadow-served beside the champion (docs/OPERATIONS.md).",
     )
 
     def _validate(self) -> list[tuple[str, str]]:

@@ -39,32 +39,38 @@ WIDTH = len(PARTS) * BINS
 EDGES = tuple(f"{b / BINS:.1f}" for b in range(BINS))  # each bin by its lower edge (the Prometheus label)
 
 
-def batch_sums(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+def batch_sums(out: torch.Tensor, y: torch.Tensor, task: str, stacked: bool = False) -> torch.Tensor:
     """The calibration sums of one batch's prequential predictions: ``WIDTH`` values, ``PARTS`` by bin.
 
     ``out``: the model's logits (n, 1) or (n,) for binary, (n, classes) for multiclass;
     ``y``: the labels.  One scatter of the four per-sample values into their bins (the
     totals are the bins' sums): a dozen small ops (``python -m bench.step --cases ''
-    --calibration`` times them).
+    --calibration`` times them).  ``stacked``: ``out`` leads with k candidates' outputs for
+    the same batch (``daemon/stack.py``), and the sums are (k, ``WIDTH``), still one scatter.
     """
     import torch  # here, not at the top: the metrics and the totals are read where torch is not loaded
 
     out = out.detach().float()
     if task == "binary":
-        p = torch.sigmoid(out.reshape(-1))
-        observed = (y.reshape(-1) > 0.5).to(p.dtype)
+        p = torch.sigmoid(out.reshape(len(out), -1) if stacked else out.reshape(-1))
+        observed = (y.reshape(-1) > 0.5).to(p.dtype).expand_as(p)
         miss = p - observed
         brier = miss * miss
     else:
-        probs = torch.softmax(out, dim=1)
-        p, top = probs.max(1)
-        labels = y.long().reshape(-1, 1)
-        observed = (top == labels[:, 0]).to(p.dtype)
+        probs = torch.softmax(out, dim=-1)
+        p, top = probs.max(-1)
+        labels = y.reshape(-1).long().expand(p.shape)
+        observed = (top == labels).to(p.dtype)
         # sum_k (p_k - [y = k])^2 = sum_k p_k^2 - 2 p_y + 1
-        brier = torch.linalg.vector_norm(probs, dim=1).square_().sub_(probs.gather(1, labels)[:, 0], alpha=2).add_(1)
+        brier = torch.linalg.vector_norm(probs, dim=-1).square_().sub_(probs.gather(-1, labels[..., None])[..., 0], alpha=2).add_(1)
     bins = torch.bucketize(p, _boundaries(p.device), right=True)
     values = torch.stack([torch.ones_like(p), p, observed, brier])
-    return p.new_zeros(len(PARTS), BINS).index_add_(1, bins, values).reshape(-1)
+    if not stacked:
+        return p.new_zeros(len(PARTS), BINS).index_add_(1, bins, values).reshape(-1)
+    k = len(p)  # each candidate's bins after the one before's: one scatter for all of them
+    bins = bins + torch.arange(0, k * BINS, BINS, device=p.device)[:, None]
+    sums = p.new_zeros(len(PARTS), k * BINS).index_add_(1, bins.reshape(-1), values.reshape(len(PARTS), -1))
+    return sums.reshape(len(PARTS), k, BINS).transpose(0, 1).reshape(k, -1)
 
 
 _BOUNDARIES: dict = {}

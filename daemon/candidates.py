@@ -32,14 +32,16 @@ every rank, so every rank promotes at the same step.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from typing import Any
 
 from streamtrain.config.candidates import DEFAULT, candidate_configs
-from streamtrain.config.schema import Config
+from streamtrain.config.schema import Config, config_to_dict
 from streamtrain.daemon.prequential import Prequential
 from streamtrain.daemon.ranks import ALONE, World
+from streamtrain.daemon.stack import Stack, groups
 from streamtrain.daemon.step import Learner, StepResult
 from streamtrain.streams.errors import ConfigError
 from streamtrain.streams.ring import Batch
@@ -149,6 +151,7 @@ class Candidates:
         self.promotions: dict[str, int] = {}  # reason -> promotions (counted by this process)
         self.challenger_born = 0  # samples at which the drift challenger started (0: none)
         self.on_promotion = lambda old, new, reason: None
+        self.stacks: list[Stack] | None = None  # learners of one shape trained as one (daemon/stack.py); None: to be planned
 
     def __getattr__(self, name: str) -> Any:  # model, device, metric_name, lr, drift, ...: the champion's
         return getattr(self.learners[self.__dict__["champion"]], name)
@@ -173,8 +176,11 @@ class Candidates:
         results: dict[str, StepResult] = {}
         losses: dict[str, float] = {}
         before = {n: _totals(learner.prequential) for n, learner in self.learners.items()}
+        stepped: dict[int, StepResult] = {}
+        for stack in self._stacked():  # the same order on every rank: the plan follows from the config and the state
+            stepped.update(zip(map(id, stack.learners), stack.step(batch, ranked)))
         for name, learner in self.learners.items():
-            results[name] = learner.step(batch, ranked)
+            results[name] = stepped[id(learner)] if id(learner) in stepped else learner.step(batch, ranked)
         n = 0
         for name, learner in self.learners.items():
             after = _totals(learner.prequential)
@@ -189,6 +195,30 @@ class Candidates:
             self._maybe_promote()
         self._drift_challenger(results[self.champion])
         return results[self.champion]
+
+    def _stacked(self) -> list[Stack]:
+        """The stacks of the learners as they are now (planned after any change to who they are)."""
+        if self.stacks is None:
+            self.stacks = []
+            if self.cfg.trainer.candidates_stack == "auto":
+                for group in groups(list(self.learners.values())):
+                    stack = Stack(group)
+                    why = stack.probe()
+                    if why is not None:
+                        stack.dissolve()
+                        log.info("candidates: %d of one shape each step on their own (the stacked model fails: %s)", len(group), why)
+                        continue
+                    self.stacks.append(stack)
+            if self.stacks:
+                names = {id(learner): name for name, learner in self.learners.items()}
+                log.info("candidates stacked: %s", "; ".join(", ".join(names[id(m)] for m in s.learners) for s in self.stacks))
+        return self.stacks
+
+    def _unstack(self) -> None:
+        """Before the learners change (one added, dropped, renamed, or loaded): each its own again; planned anew at the next step."""
+        for stack in self.stacks or ():
+            stack.dissolve()
+        self.stacks = None
 
     def _track(self, own: Prequential, before: tuple) -> None:
         """Add the champion's scores of this step to the served track."""
@@ -228,6 +258,7 @@ class Candidates:
         )
         self.promotions[reason] = self.promotions.get(reason, 0) + 1
         if reason == "challenger":  # it takes the place, and the name, of the champion it beat; that one is dropped
+            self._unstack()
             beaten = self.learners.pop(old)
             del beaten
             self.race.remove(old)
@@ -263,6 +294,7 @@ class Candidates:
         self._start_challenger(name, lead)
 
     def _start_challenger(self, name: str, lead: Learner) -> None:
+        self._unstack()
         fresh = Learner(self._challenger_config(), self.world)
         if self.cfg.drift.challenger == "reset":  # the champion as it is, with a fresh optimizer (its moments forgotten)
             fresh.load_state_dict(copy.deepcopy(lead.state_dict()), "the champion", self.cfg.model.name)
@@ -283,6 +315,7 @@ class Candidates:
         return self.lead.cfg  # the champion's config: a fresh model of it (drift.action challenger: it warns, acts on nothing)
 
     def _drop(self, name: str) -> None:
+        self._unstack()
         del self.learners[name]
         self.race.remove(name)
         self.challenger_born = 0
@@ -298,6 +331,8 @@ class Candidates:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        for stack in self.stacks or ():
+            stack.sync()
         state = self.lead.state_dict()
         own = state["prequential"]
         state["prequential"] = self.prequential.state_dict()
@@ -311,6 +346,7 @@ class Candidates:
         return state
 
     def load_state_dict(self, state: dict[str, Any], where: str, trained_with: str) -> None:
+        self._unstack()
         cand = state.get("candidates")
         if cand is None:  # a snapshot of one learner: it is the default, the others start fresh
             self.learners[DEFAULT].load_state_dict(state, where, trained_with)
@@ -343,6 +379,22 @@ class Candidates:
 
 def _totals(p: Prequential) -> tuple:
     return (p.samples, p.loss, p.correct, p.abs_error, p.squared_error, list(p.bins))
+
+
+def served_meta(learner: Learner | Candidates, cfg: Config) -> dict[str, Any]:
+    """A snapshot's meta.json entries for what it serves: the config its model was built from -- the champion's, its
+    overrides applied (a candidate of another width is exported as one) -- and, with candidates, who is champion and the
+    model and trainer sections of each of the others (``publish.candidates`` exports them)."""
+    if not isinstance(learner, Candidates):
+        return {"model": cfg.model.name, "config": config_to_dict(cfg)}
+    lead = learner.lead.cfg
+    served = dataclasses.replace(lead, trainer=dataclasses.replace(lead.trainer, candidates=cfg.trainer.candidates))
+    others = {}
+    for name, other in learner.learners.items():
+        if name != learner.champion:
+            sections = config_to_dict(other.cfg)
+            others[name] = {"model": sections["model"], "trainer": sections["trainer"]}
+    return {"model": lead.model.name, "config": config_to_dict(served), "candidates": {"champion": learner.champion, "others": others}}
 
 
 def make_learner(cfg: Config, world: World = ALONE) -> Learner | Candidates:

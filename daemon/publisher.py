@@ -6,7 +6,10 @@ The model is exported as ``daemon/export.py`` does for ``snapshots export`` (the
 ``<publish.dir>/<publish.name>/<step>/``, written atomically by
 :func:`streamtrain.serve.repository.write_version`; the newest ``publish.keep`` stay.
 With ``publish.topic`` a record per version (key = the name) tells serving fleets about
-it without polling.
+it without polling.  With ``publish.candidates`` each candidate that is not the champion
+is published too, as ``<publish.name>.<candidate>`` (its name made a path component), from
+the same snapshot and at the same version: a shadow server can answer with it beside the
+champion's.
 
 Like the committer, nothing here may hold up training or snapshots: exporting takes tens
 of milliseconds to seconds, and a slow disk longer.  Only the newest snapshot waiting
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,11 @@ log = logging.getLogger("streamtrain.publish")
 _EXPORTED = ("model", "normalizer", "target")
 
 
+def shadow_name(name: str, candidate: str) -> str:
+    """``model`` and ``lr=0.003,hidden=[128]`` -> ``model.lr_0.003_hidden_128``: a candidate's name in the repository."""
+    return f"{name}.{re.sub(r'[^A-Za-z0-9._-]+', '_', candidate).strip('_.') or 'candidate'}"
+
+
 class Publisher:
     """Turns durable snapshots into versions in the model repository; see the module docstring."""
 
@@ -54,10 +63,9 @@ class Publisher:
         self._durable = 0  # durable snapshots seen, for publish.every_snapshots
         self._producer: Producer | None = None
         self._topic_ready = False
-        cleanup_debris(self.root, cfg.name)
-        newest = list_versions(self.root, cfg.name)
-        self.newest = newest[0].version if newest else -1  # versions only grow
-        if newest:
+        self.newests: dict[str, int] = {}  # by name in the repository: the newest version there (versions only grow)
+        self.newest = self._newest(cfg.name)
+        if self.newest >= 0:
             metrics.published_version.set(self.newest)
         self._worker = NewestOnly("streamtrain-publisher", lambda item: self.publish(*item), self._failed)
 
@@ -70,6 +78,9 @@ class Publisher:
         if not final and self._durable % self.cfg.every_snapshots:
             return
         exported = {k: state[k] for k in _EXPORTED if k in state}
+        if self.cfg.candidates and "candidates" in state:  # the others' models, from the same snapshot
+            others = state["candidates"]["states"]
+            exported["candidates"] = {n: {k: sub[k] for k in _EXPORTED if k in sub} for n, sub in others.items()}
         replaced = self._worker.submit((info, exported))
         if replaced is not None:
             self.metrics.publish_skipped.labels("superseded").inc()
@@ -91,12 +102,39 @@ class Publisher:
     def _failed(item: tuple[SnapshotInfo, dict[str, Any]], exc: Exception) -> None:
         log.error("publishing snapshot %s failed unexpectedly", item[0].name, exc_info=exc)
 
+    def _newest(self, name: str) -> int:
+        if name not in self.newests:
+            cleanup_debris(self.root, name)
+            versions = list_versions(self.root, name)
+            self.newests[name] = versions[0].version if versions else -1
+        return self.newests[name]
+
     def publish(self, info: SnapshotInfo, state: dict[str, Any]) -> dict | None:
-        """Write version ``info.step`` now (on the calling thread); returns its manifest, or None if skipped or failed."""
+        """Write version ``info.step`` now (on the calling thread); returns its manifest, or None if skipped or failed.
+
+        Then (``publish.candidates``) each other candidate's, under its own name; what becomes of those is logged and
+        counted as for the champion, and does not change what this returns.
+        """
+        manifest = self._publish_as(self.cfg.name, info, state)
+        if manifest is not None:
+            self.newest = manifest["version"]
+            self.metrics.published_version.set(self.newest)
+        others = (info.meta.get("candidates") or {}).get("others", {})
+        for candidate, sub in state.get("candidates", {}).items():
+            if candidate in others:  # the model and trainer sections it was built and trained with
+                config = {**info.meta["config"], **others[candidate]}
+                meta = {**info.meta, "model": config["model"]["name"], "config": config}
+                self._publish_as(
+                    shadow_name(self.cfg.name, candidate), SnapshotInfo(info.path, info.name, info.step, info.created, meta), sub
+                )
+        return manifest
+
+    def _publish_as(self, name: str, info: SnapshotInfo, state: dict[str, Any]) -> dict | None:
         cfg, version = self.cfg, info.step
-        if version <= self.newest:
+        newest = self._newest(name)
+        if version <= newest:
             self.metrics.publish_skipped.labels("not_newer").inc()
-            log.info("snapshot %s not published: version %d is not newer than %d in the repository", info.name, version, self.newest)
+            log.info("snapshot %s not published as %s: version %d is not newer than %d in the repository", info.name, name, version, newest)
             return None
         started = time.monotonic()
 
@@ -115,43 +153,42 @@ class Publisher:
             "prequential": meta.get("prequential"),
         }
         try:
-            manifest = write_version(self.root, cfg.name, version, write_files, about)
+            manifest = write_version(self.root, name, version, write_files, about)
         except VersionExistsError:
             self.metrics.publish_skipped.labels("not_newer").inc()
-            log.info("snapshot %s not published: version %d is in the repository already", info.name, version)
+            log.info("snapshot %s not published as %s: version %d is in the repository already", info.name, name, version)
             return None
         except Exception as exc:  # a failed publish is counted and logged; training goes on
             self.metrics.publish_failures.labels("write").inc()
-            log.error("could not publish snapshot %s as version %d of %s: %s", info.name, version, cfg.name, exc)
+            log.error("could not publish snapshot %s as version %d of %s: %s", info.name, version, name, exc)
             return None
-        self.newest = version
+        self.newests[name] = version
         seconds = time.monotonic() - started
-        pruned = prune(self.root, cfg.name, cfg.keep, protect=version)
+        pruned = prune(self.root, name, cfg.keep, protect=version)
         self.metrics.models_published.inc()
-        self.metrics.published_version.set(version)
         self.metrics.publish_duration.observe(seconds)
         log.info(
             "published version %d of %s in %.2f s (%s)%s",
             version,
-            cfg.name,
+            name,
             seconds,
-            self.root / cfg.name / str(version),
+            self.root / name / str(version),
             f"; pruned {', '.join(map(str, pruned))}" if pruned else "",
         )
         if cfg.topic:
-            self._announce(manifest)
+            self._announce(name, manifest)
         return manifest
 
     # ------------------------------------------------------------------ the topic
-    def _announce(self, manifest: dict) -> None:
+    def _announce(self, name: str, manifest: dict) -> None:
         """One record on ``publish.topic``: key = the name, value = where the version is and what it holds."""
         cfg = self.cfg
         files = manifest["files"]
         value = {
-            "name": cfg.name,
+            "name": name,
             "version": manifest["version"],
-            "path": f"{cfg.name}/{manifest['version']}",
-            "dir": str((self.root / cfg.name / str(manifest["version"])).resolve()),
+            "path": f"{name}/{manifest['version']}",
+            "dir": str((self.root / name / str(manifest["version"])).resolve()),
             "sha256": files["model.pt"]["sha256"],
             "files": {f: e["sha256"] for f, e in files.items()},
             **{k: manifest[k] for k in ("step", "snapshot", "created", "samples", "positions", "prequential", "published")},
@@ -163,14 +200,14 @@ class Publisher:
             self._ensure_topic()
             errors: list[KafkaError] = []
             self._producer.produce(
-                cfg.topic, json.dumps(value).encode(), cfg.name.encode(), on_delivery=lambda err, _m: err and errors.append(err)
+                cfg.topic, json.dumps(value).encode(), name.encode(), on_delivery=lambda err, _m: err and errors.append(err)
             )
             left = self._producer.flush(30.0)
             if errors or left:
                 raise RuntimeError(errors[0].str() if errors else "no acknowledgement within 30 s")
         except Exception as exc:
             self.metrics.publish_failures.labels("topic").inc()
-            log.error("version %d of %s is in the repository, but telling %s failed: %s", manifest["version"], cfg.name, cfg.topic, exc)
+            log.error("version %d of %s is in the repository, but telling %s failed: %s", manifest["version"], name, cfg.topic, exc)
 
     def _ensure_topic(self) -> None:
         """Create ``publish.topic`` compacted (one partition) when it does not exist; leave an existing one alone."""

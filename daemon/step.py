@@ -119,6 +119,19 @@ def model_inputs_of(cfg: Config) -> Inputs:
     )
 
 
+def sum_over_ranks(params: list[torch.Tensor], sums: torch.Tensor, coll: Collectives) -> torch.Tensor:
+    """Sum ``params``' gradients (zeros where this rank has none) and ``sums`` over the ranks: one all-reduce; the summed ``sums``."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [sums.reshape(-1).to(torch.float32)])
+    coll.all_reduce(flat)
+    at = 0
+    for p, g in zip(params, grads):
+        k = g.numel()
+        p.grad = flat[at : at + k].view_as(g).to(g.dtype)
+        at += k
+    return flat[at:].view_as(sums)
+
+
 class Learner:
     """Model, optimizer and everything else a step updates; built from the config, restored from a snapshot."""
 
@@ -224,24 +237,7 @@ class Learner:
         host knows the gradients are finite, so ``GradScaler.step``'s own read of its
         overflow flag is not needed (a finite norm means no overflow).
         """
-        tc = self.cfg.trainer
-        x = batch.x.to(self.device, non_blocking=True)
-        y = batch.y.to(self.device, non_blocking=True)
-        ids = batch.ids.to(self.device, non_blocking=True) if self.takes_ids else None
-        if self.device.type == "cuda":  # the ring gets the slot back once this copy is done, whatever the host waits for
-            batch.copy_done = torch.cuda.Event()
-            batch.copy_done.record(torch.cuda.current_stream(self.device))
-        # features are known before the prediction; a skipped step's records count too
-        if ranked is None:
-            self.normalizer.update(x)
-            n, fold_labels = len(batch), None
-        else:
-            turn, coll = ranked
-            n = turn.samples
-            w = x.shape[1]
-            counts = turn.moments[2 * w + 2 :] if self.normalizer.missing else None  # present values per column
-            self._fold(self.normalizer, turn.moments[: 2 * w], n, x, coll, counts)
-            fold_labels = lambda y2: self._fold(self.target, turn.moments[2 * w : 2 * w + 2], n, y2, coll)  # noqa: E731
+        x, y, ids, n, fold_labels = self._inputs(batch, ranked)
         xn = self.normalizer.inputs(x)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             out = self.model(xn, ids) if self.takes_ids else self.model(xn)
@@ -249,7 +245,7 @@ class Learner:
         self.scaler.scale(loss).backward()
         sums = torch.stack([loss.detach(), *stats])
         if self.calibrated:  # the probabilities' calibration sums ride along in the same read
-            sums = torch.cat([sums, calibration.batch_sums(out, y, tc.task)])
+            sums = torch.cat([sums, calibration.batch_sums(out, y, self.cfg.trainer.task)])
         if ranked is not None:
             sums = self._sum_over_ranks(sums, ranked[1])
         self.scaler.unscale_(self.optimizer)
@@ -260,39 +256,69 @@ class Learner:
             norm = clip_all(self.dense_params, self.sparse_params, self.clip_norm)
         # the step's one device sync: the training loss, the prequential sums, the gradient norm
         values = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()
-        loss_value, loss_sum, hits_or_abs, sq, scaled_abs = values[:5]
-        grad_norm, calibration_sums = values[-1], values[5:-1]
-        metric = hits_or_abs / n
-        result = StepResult(loss_sum / n, metric, math.nan)
-        if not math.isfinite(loss_value):
-            result.skipped = "loss_nonfinite"
+        result = self.judge(values, n)
+        if result.skipped:
             self.scaler.update()  # fp16: lowers the loss scale, as after any overflow; no optimizer step
         else:
-            result.grad_norm = grad_norm
-            if not math.isfinite(grad_norm):
-                result.skipped = "amp_overflow" if self.scaler.is_enabled() else "grad_nonfinite"
-                self.scaler.update()  # fp16: lowers the loss scale; no optimizer step
-            else:
-                boosted = self.drift.boost(self._drift_target)
-                self.optimizer.step()  # the gradients are finite (unscaled already): what scaler.step would do
-                if self.sparse_optimizer is not None:
-                    self.sparse_optimizer.step()  # the rows this batch holds
-                self.drift.unboost(self._drift_target, boosted)
-                self.scaler.update()
-                self._schedule(loss_value)
+            boosted = self.drift.boost(self._drift_target)
+            self.optimizer.step()  # the gradients are finite (unscaled already): what scaler.step would do
+            if self.sparse_optimizer is not None:
+                self.sparse_optimizer.step()  # the rows this batch holds
+            self.drift.unboost(self._drift_target, boosted)
+            self.scaler.update()
+            self.schedule(values[0])
         self.optimizer.zero_grad(set_to_none=True)
         if self.sparse_optimizer is not None:
             self.sparse_optimizer.zero_grad(set_to_none=True)
+        return self.account(result, n, values)
+
+    def _inputs(self, batch: Batch, ranked: tuple[Turn, Collectives] | None) -> tuple:
+        """The batch on the device, its features folded into the standardizer: ``x, y, ids, n, fold_labels``."""
+        x = batch.x.to(self.device, non_blocking=True)
+        y = batch.y.to(self.device, non_blocking=True)
+        ids = batch.ids.to(self.device, non_blocking=True) if self.takes_ids else None
+        if self.device.type == "cuda":  # the ring gets the slot back once this copy is done, whatever the host waits for
+            batch.copy_done = torch.cuda.Event()
+            batch.copy_done.record(torch.cuda.current_stream(self.device))
+        # features are known before the prediction; a skipped step's records count too
+        if ranked is None:
+            self.normalizer.update(x)
+            return x, y, ids, len(batch), None
+        turn, coll = ranked
+        n = turn.samples
+        w = x.shape[1]
+        counts = turn.moments[2 * w + 2 :] if self.normalizer.missing else None  # present values per column
+        self._fold(self.normalizer, turn.moments[: 2 * w], n, x, coll, counts)
+        fold_labels = lambda y2: self._fold(self.target, turn.moments[2 * w : 2 * w + 2], n, y2, coll)  # noqa: E731
+        return x, y, ids, n, fold_labels
+
+    def judge(self, values: list[float], n: int) -> StepResult:
+        """The step's result from its one read (the loss, the prequential sums, the calibration sums, the gradient norm last):
+        ``skipped`` says why the weights must stay untouched."""
+        loss_value, loss_sum, hits_or_abs = values[:3]
+        result = StepResult(loss_sum / n, hits_or_abs / n, math.nan)
+        if not math.isfinite(loss_value):
+            result.skipped = "loss_nonfinite"
+        else:
+            result.grad_norm = values[-1]
+            if not math.isfinite(result.grad_norm):
+                result.skipped = "amp_overflow" if self.scaler.is_enabled() else "grad_nonfinite"
+        return result
+
+    def account(self, result: StepResult, n: int, values: list[float]) -> StepResult:
+        """After the update (or its skip): the counts, the prequential totals, the drift monitor, the running averages."""
         if result.skipped:
             return result
+        tc = self.cfg.trainer
+        _, loss_sum, hits_or_abs, sq, scaled_abs = values[:5]
         self.step_count += 1
         self.samples += n
         if tc.task == "regression":
             self.prequential.add(n, loss_sum, abs_error=hits_or_abs, squared_error=sq)
             error = scaled_abs / n
         else:
-            self.prequential.add(n, loss_sum, correct=round(hits_or_abs), calibration=calibration_sums)
-            error = 1.0 - metric
+            self.prequential.add(n, loss_sum, correct=round(hits_or_abs), calibration=values[5:-1])
+            error = 1.0 - result.metric
         result.drift = self.drift.observe(error, n, self._drift_target)
         a = tc.ewma_alpha
         self.loss_ewma = result.loss if math.isnan(self.loss_ewma) else (1 - a) * self.loss_ewma + a * result.loss
@@ -344,19 +370,10 @@ class Learner:
         """Sum the gradients (zeros where this rank has none) and ``sums`` over the ranks: one all-reduce (and the sparse rows)."""
         if self.sparse_params:
             sparse_sum_over_ranks(self.sparse_params, coll)
-        params = self.dense_params
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [sums.to(torch.float32)])
-        coll.all_reduce(flat)
-        at = 0
-        for p, g in zip(params, grads):
-            k = g.numel()
-            p.grad = flat[at : at + k].view_as(g).to(g.dtype)
-            at += k
-        return flat[at:]
+        return sum_over_ranks(self.dense_params, sums, coll)
 
     def _loss(
-        self, out: torch.Tensor, y: torch.Tensor, total: int | None = None, fold_labels: Any = None
+        self, out: torch.Tensor, y: torch.Tensor, total: int | None = None, fold_labels: Any = None, stacked: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The training loss, and the batch's prequential sums: loss, hits or |error|, squared error, |error| / label std.
 
@@ -368,39 +385,43 @@ class Learner:
         of every rank), so the gradients summed over the ranks are those of the mean over
         all of them; ``fold_labels(y)`` folds the labels of every rank into the label's
         statistics instead of this batch's alone.
+
+        ``stacked``: ``out`` leads with the outputs of k stacked candidates
+        (``daemon/stack.py``) for the same batch; every loss and sum is then one per
+        candidate, of shape (k,), and the labels are folded in once.
         """
         tc = self.cfg.trainer
-        zero = out.new_zeros(())
-        reduction, count = ("mean", len(y)) if total is None else ("sum", total)
+        zero = out.new_zeros(out.shape[:1] if stacked else ())
+        count = len(y) if total is None else total
 
-        def over(loss: torch.Tensor) -> torch.Tensor:
-            return loss if total is None else loss / total
+        def over(per_sample: torch.Tensor) -> torch.Tensor:  # the batch's mean, or this rank's share of every rank's
+            return per_sample.mean(-1) if total is None else per_sample.sum(-1) / total
 
         if tc.task == "multiclass":
             labels = y.long()
-            loss = over(F.cross_entropy(out, labels, reduction=reduction))
-            return loss, (loss.detach() * count, (out.detach().argmax(1) == labels).sum().float(), zero, zero)
-        out = out.reshape(-1)
+            logits = out.movedim(-1, 1) if stacked else out  # the classes along dim 1
+            loss = over(F.cross_entropy(logits, labels.expand(out.shape[:-1]), reduction="none"))
+            return loss, (loss.detach() * count, (out.detach().argmax(-1) == labels).sum(-1).float(), zero, zero)
+        out = out.reshape(len(out), -1) if stacked else out.reshape(-1)
         if tc.task == "binary":
-            loss = over(F.binary_cross_entropy_with_logits(out, y, reduction=reduction))
-            return loss, (loss.detach() * count, ((out.detach() > 0) == (y > 0.5)).sum().float(), zero, zero)
+            loss = over(F.binary_cross_entropy_with_logits(out, y.expand_as(out), reduction="none"))
+            return loss, (loss.detach() * count, ((out.detach() > 0) == (y > 0.5)).sum(-1).float(), zero, zero)
         target = self.target
         err = torch.addcmul(target.shift - y, out.detach(), target.std)  # the prequential prediction's error
         inv_std = target.scale[0]  # the statistics before this batch's labels (update() replaces the tensors)
         (fold_labels or target.update)(y[:, None])
-        sq = torch.dot(err, err)
-        abs_sum = err.abs().sum()
+        sq = err.square().sum(-1)
+        abs_sum = err.abs().sum(-1)
         if tc.loss == "huber":
-            per_sample = F.huber_loss(out * target.std + target.shift, y, delta=tc.huber_delta, reduction="none")
-            mean = per_sample.mean() if total is None else per_sample.sum() / total
-            loss = mean * target.scale[0] ** 2
-            preq = F.huber_loss(err, torch.zeros_like(err), delta=tc.huber_delta, reduction="sum")
+            per_sample = F.huber_loss(out * target.std + target.shift, y.expand_as(out), delta=tc.huber_delta, reduction="none")
+            loss = over(per_sample) * target.scale[0] ** 2
+            preq = F.huber_loss(err, torch.zeros_like(err), delta=tc.huber_delta, reduction="none").sum(-1)
         else:
-            loss = over(F.mse_loss(out, (y - target.shift) * target.scale, reduction=reduction))
+            loss = over(F.mse_loss(out, ((y - target.shift) * target.scale).expand_as(out), reduction="none"))
             preq = sq
         return loss, (preq, abs_sum, sq, abs_sum * inv_std)
 
-    def _schedule(self, loss: float) -> None:
+    def schedule(self, loss: float) -> None:
         s = self.cfg.trainer.schedule
         if self.scheduler is None:
             return

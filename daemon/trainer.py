@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from streamtrain.config.schema import Config, config_to_dict
-from streamtrain.daemon.candidates import make_learner
+from streamtrain.config.schema import Config
+from streamtrain.daemon.candidates import make_learner, served_meta
 from streamtrain.daemon.committer import Committer
 from streamtrain.daemon.errors import TrainingError
 from streamtrain.daemon.metrics import LearningTotals, Metrics
@@ -437,8 +437,7 @@ class Trainer:
             "metric": {self.learner.metric_name: None if math.isnan(learner.metric_ewma) else learner.metric_ewma},
             "prequential": learner.prequential.summary(self.cfg.trainer.task),
             "drift": {"detected": learner.drift.drifts, "last": learner.drift.last_drift or None},
-            "model": self.cfg.model.name,
-            "config": config_to_dict(self.cfg),
+            **served_meta(learner, self.cfg),  # the champion's model and config (daemon/candidates.py)
             "versions": {"streamtrain": VERSION, "torch": torch.__version__},
         }
 

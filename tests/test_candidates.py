@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import re
 import time
 
@@ -147,6 +148,79 @@ def test_a_restart_mid_comparison_resumes_it_exactly():
     assert whole.prequential.loss == pytest.approx(cut.prequential.loss, rel=1e-12)
 
 
+MLP16 = {"name": "mlp", "params": {"hidden": [16]}}
+STACKED = [  # task, model, optimizer, candidates, the stacks' sizes
+    ("binary", {"name": "logistic"}, "sgd", [{"trainer.lr": 0.3}, {"trainer.weight_decay": 0.01, "trainer.momentum": 0.9}], [3]),
+    ("binary", MLP16, "adamw", [{"trainer.lr": 0.003}, {"trainer.lr": 0.03, "trainer.weight_decay": 0.1}], [3]),
+    ("multiclass", MLP16, "adam", [{"trainer.weight_decay": 0.01, "trainer.grad_clip_norm": 0.1}, {"model.params.hidden": [8]}], [2]),
+    ("regression", MLP16, "adamw", [{"trainer.betas": [0.8, 0.99]}, {"trainer.seed": 3}], [3]),
+    ("regression", {"name": "linear"}, "sgd", [{"trainer.lr": 0.003}, {"trainer.lr": 1e4}], [3]),  # the last one diverges
+]
+
+
+def _stepped(cfg, steps: int = 40, state=None):
+    """Candidates of ``cfg`` over fixed batches; half way, one candidate's optimizer state is reset (as a drift's
+    reset_optimizer does) and another's learning rate changed (as a schedule or an LR boost does)."""
+    c = Candidates(cfg)
+    if state is not None:
+        c.load_state_dict(state, "test", cfg.model.name)
+    g = torch.Generator().manual_seed(0)
+    names = list(c.learners)
+    for i in range(steps):
+        x = torch.randn(16, 8, generator=g)
+        task = cfg.trainer.task
+        y = {"binary": (x[:, 0] > 0).float(), "multiclass": (x[:, 0] > 0).float() + (x[:, 1] > 0).float()}.get(task, x.sum(1) * 3 + 5)
+        if i == steps // 2:
+            c.learners[names[1]].optimizer.state.clear()
+            c.learners[names[0]].optimizer.param_groups[0]["lr"] *= 0.5
+        c.step(Batch(x, y))
+    return c
+
+
+def _assert_alike(a: Candidates, b: Candidates) -> None:
+    a.state_dict(), b.state_dict()  # what a snapshot takes (a stack writes its step counts in)
+    for name in a.learners:
+        la, lb = a.learners[name], b.learners[name]
+        assert (la.step_count, la.prequential.samples) == (lb.step_count, lb.prequential.samples), name
+        assert lb.prequential.loss == pytest.approx(la.prequential.loss, rel=1e-4), name
+        assert lb.prequential.bins == pytest.approx(la.prequential.bins, rel=1e-4, abs=1e-3), name
+        for p, q in zip(la.model.parameters(), lb.model.parameters()):
+            assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), (name, (p - q).abs().max())
+        sa, sb = la.optimizer.state_dict()["state"], lb.optimizer.state_dict()["state"]
+        assert sa.keys() == sb.keys(), name
+        for i in sa:
+            for key in sa[i]:
+                assert torch.allclose(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key]), rtol=1e-3, atol=1e-5), (name, key)
+
+
+@pytest.mark.parametrize("task,model,optimizer,candidates,sizes", STACKED, ids=[f"{c[0]}-{c[1]['name']}-{c[2]}" for c in STACKED])
+def test_stacked_candidates_learn_as_looped_ones(task, model, optimizer, candidates, sizes):
+    """Candidates of one shape trained as one stacked model: each one's weights, optimizer state and scores are those it
+    has stepping on its own, to float rounding -- with its own learning rate, weight decay, betas, momentum, clipping and
+    seed; a reset of its optimizer or a new learning rate reaches it alone; a candidate that diverges skips its steps alone;
+    one of another shape steps on its own beside the stack."""
+    kw = dict(model=model, optimizer=optimizer, candidates=candidates, task=task, **({"num_classes": 3} if task == "multiclass" else {}))
+    looped = _stepped(config(candidates_stack="off", **kw))
+    stacked = _stepped(config(**kw))
+    assert [len(s.learners) for s in stacked.stacks] == sizes and looped.stacks == []
+    _assert_alike(looped, stacked)
+    if candidates[-1] == {"trainer.lr": 1e4}:
+        assert stacked.learners["lr=10000"].step_count < stacked.lead.step_count, "its non-finite steps skipped, the others' not"
+
+
+def test_a_snapshot_of_stacked_candidates_is_one_of_looped_ones():
+    """Stacked candidates' state through torch.save, loaded with stacking off (and the other way): the same run on."""
+    kw = dict(model=MLP16, optimizer="adamw", candidates=[{"trainer.lr": 0.003}, {"trainer.weight_decay": 0.1}])
+    for first, then in (("auto", "off"), ("off", "auto")):
+        half = _stepped(config(candidates_stack=first, **kw), steps=20)
+        buf = io.BytesIO()
+        torch.save(half.state_dict(), buf)
+        state = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+        a = _stepped(config(candidates_stack=first, **kw), state=copy.deepcopy(state))
+        b = _stepped(config(candidates_stack=then, **kw), state=state)
+        _assert_alike(a, b)
+
+
 def test_the_race_is_a_paired_test():
     """The same losses plus a constant: a clear winner; the same noise on both: no signal."""
     r = Race(["a", "b"], half_life=10_000)
@@ -193,6 +267,7 @@ def test_two_ranks_promote_at_the_same_step_and_a_restart_keeps_the_champion(tmp
             break
         assert d.proc.poll() is None and time.monotonic() < deadline, d.log()[-4000:]
         time.sleep(0.3)
+    assert "candidates stacked: default, lr=0.02" in d.log(), "the two linear models step as one stacked model"
     for m in ms:
         assert m['streamtrain_champion_info{candidate="lr=0.02"}'] == 1 and m['streamtrain_champion_info{candidate="default"}'] == 0
         assert m['streamtrain_candidate_prequential_samples_total{candidate="default"}'] > 0

@@ -19,13 +19,15 @@ from tests.kafka_util import read_topic, unique_name
 FEATURES = ["a", "b", "c"]
 
 
-def trainer(tmp_path, task: str = "regression", model: dict | None = None, data: dict | None = None, **publish) -> Trainer:
-    """A trainer fed without Kafka that publishes into ``tmp_path / "repo"``."""
+def trainer(
+    tmp_path, task: str = "regression", model: dict | None = None, data: dict | None = None, settings: dict | None = None, **publish
+) -> Trainer:
+    """A trainer fed without Kafka that publishes into ``tmp_path / "repo"`` (``settings``: more of ``trainer.*``)."""
     raw = {
         "kafka": {"topics": ["events"]},
         "data": {"format": "json", "features": FEATURES, "label": "y", **(data or {})},
         "model": model or {"name": "mlp", "params": {"hidden": [8]}},
-        "trainer": {"task": task, "lr": 0.01, **({"num_classes": 3} if task == "multiclass" else {})},
+        "trainer": {"task": task, "lr": 0.01, **({"num_classes": 3} if task == "multiclass" else {}), **(settings or {})},
         "snapshot": {"dir": str(tmp_path / "snaps"), "keep": 10},
         "publish": {"dir": str(tmp_path / "repo"), "name": "m", **publish},
     }
@@ -87,6 +89,34 @@ def test_each_durable_snapshot_becomes_a_version_and_the_newest_k_stay(tmp_path)
     assert sorted(os.listdir(tmp_path / "repo" / "m")) == ["30", "40"], "no temporary directory is left"
     assert value(t, "streamtrain_models_published_total") == 4 and value(t, "streamtrain_published_model_version") == 40
     assert value(t, 'streamtrain_publish_failures_total{stage="write"}') == 0
+    t.close()
+
+
+def test_the_champion_is_published_as_built_and_the_other_candidates_beside_it(tmp_path):
+    """With candidates, the version under publish.name is the champion's model built with its own overrides (a candidate
+    of another width, promoted, is exported at its width); with publish.candidates each other candidate is published
+    from the same snapshot as <name>.<candidate>, its program predicting as its learner does."""
+    cands = [{"model.params.hidden": [16]}, {"trainer.lr": 0.05}]
+    t = trainer(tmp_path, settings={"candidates": cands}, candidates=True)
+    train(t, 10)
+    t.learner._promote("hidden=[16]", "better", 0.05)  # as the race does when it wins
+    train(t, 5)
+    snapshot(t)
+    repo = tmp_path / "repo"
+    assert sorted(p.name for p in repo.iterdir()) == ["m", "m.default", "m.lr_0.05"]
+    x = torch.randn(32, 3) * torch.tensor([10.0, 0.1, 3.0]) + torch.tensor([100.0, -5.0, 0.0])
+    for name, candidate in (("m", "hidden=[16]"), ("m.default", "default"), ("m.lr_0.05", "lr=0.05")):
+        (version,) = list_versions(repo, name)
+        assert version.version == 15
+        learner = t.learner.learners[candidate]
+        weights = torch.load(version.path / "model.pt", weights_only=True)
+        assert all(torch.equal(weights[k], v) for k, v in learner.model.state_dict().items()), name
+        program = torch.export.load(version.path / "model.pt2").module()
+        with torch.no_grad():
+            want = learner.model(learner.normalizer.inputs(x)).reshape(-1) * learner.target.std + learner.target.shift
+            assert torch.allclose(program(x).reshape(-1), want, rtol=1e-5, atol=1e-4), name
+    assert weights["net.0.weight"].shape[0] == 8 and torch.load(repo / "m" / "15" / "model.pt")["net.0.weight"].shape[0] == 16
+    assert value(t, "streamtrain_published_model_version") == 15 and value(t, "streamtrain_models_published_total") == 3
     t.close()
 
 
