@@ -113,6 +113,9 @@ def test_step_prints_each_case(capsys):
         assert f"{case}: " in out and "samples/s" in out
     for task in ("binary", "multiclass"):
         assert f"calibration sums, {task} batch 256: " in out
+    assert step.main(["--cases", "logistic-1", "--steps", "20", "--candidates", "1,2", "--stack", "auto,off"]) == 0
+    out = capsys.readouterr().out
+    assert "logistic-1, 2 candidate(s), stacked: " in out and "logistic-1, 2 candidate(s), looped: " in out
 
 
 def test_serve_prints_requests_and_latency_for_each_batch(capsys):
