@@ -105,3 +105,78 @@ def measures(task: str, mean_loss: float, bins: list[float]) -> dict:
         entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else 0.0
         out["normalized_entropy"] = mean_loss / entropy if entropy else None
     return out
+
+
+# ---------------------------------------------------------------------- online temperature scaling
+class Temperature:
+    """Online temperature scaling (``trainer.calibration: temperature``): the served probabilities are those of the
+    logits times an inverse temperature ``beta``, fitted on the prequential stream.
+
+    The fit uses what every prequential figure uses: each step's logits for its batch
+    *before* the model learns it, data the model has not seen.  The log loss of ``beta *
+    logits`` is convex in ``beta`` (its second derivative is the variance of the logits
+    under the predicted distribution), so each step takes one Newton step: the batch's
+    summed gradient over the curvature summed over the last ``half_life`` samples
+    (decayed).  That is a step of about one over the samples remembered, the same at any
+    batch size, and it follows a model whose confidence changes as it trains.  ``beta``
+    stays 1 until ``warm_samples`` have been seen, and within ``[BETA_MIN, BETA_MAX]``.
+
+    The batch sums come from :func:`temperature_sums` in the step's one read; ranks sum
+    them like the other totals, so every rank holds the same ``beta``.
+    """
+
+    BETA_MIN, BETA_MAX = 0.02, 50.0
+
+    def __init__(self, half_life: float, warm_samples: int = 1000) -> None:
+        self.half_life = half_life
+        self.warm_samples = warm_samples
+        self.beta = 1.0
+        self.curvature = 0.0  # decayed sum of the per-sample second derivatives
+        self.samples = 0
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.beta
+
+    def update(self, gradient: float, curvature: float, n: int) -> None:
+        """One step's sums (over its ``n`` samples, at the current ``beta``): the Newton step."""
+        if not (n > 0 and math.isfinite(gradient) and math.isfinite(curvature)):
+            return
+        self.curvature = 0.5 ** (n / self.half_life) * self.curvature + curvature
+        self.samples += n
+        if self.samples >= self.warm_samples and self.curvature > 0:
+            self.beta = min(max(self.beta - gradient / self.curvature, self.BETA_MIN), self.BETA_MAX)
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "curvature": self.curvature, "samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.beta = float(state["beta"])
+            self.curvature = float(state["curvature"])
+            self.samples = int(state["samples"])
+
+
+def temperature_sums(logits: torch.Tensor, y: torch.Tensor, task: str, beta: torch.Tensor | float, stacked: bool = False) -> torch.Tensor:
+    """The gradient and the curvature, in ``beta``, of the log loss of ``beta * logits``, summed over the batch: (2,).
+
+    Binary, ``s = beta z``: ``(sigmoid(s) - y) z`` and ``sigmoid(s) (1 - sigmoid(s)) z^2``; multiclass, ``p =
+    softmax(beta z)``: ``E_p[z] - z_y`` and ``Var_p[z]``.  ``stacked``: ``logits`` lead with k candidates' and ``beta``
+    is (k,), one each; the sums are (k, 2).
+    """
+    import torch
+
+    z = logits.detach().float()
+    if task == "binary":
+        z = z.reshape(len(z), -1) if stacked else z.reshape(-1)
+        b = beta.reshape(-1, 1) if stacked else beta
+        p = torch.sigmoid(b * z)
+        g = (p - (y.reshape(-1) > 0.5).to(p.dtype)) * z
+        h = p * (1 - p) * z * z
+    else:
+        b = beta.reshape(-1, 1, 1) if stacked else beta
+        p = torch.softmax(b * z, dim=-1)
+        mean = (p * z).sum(-1)
+        g = mean - z.gather(-1, y.long().reshape(-1, 1).expand(*z.shape[:-1], 1))[..., 0]
+        h = (p * z * z).sum(-1) - mean * mean
+    return torch.stack([g.sum(-1), h.sum(-1)], dim=-1)

@@ -37,7 +37,9 @@ from streamtrain.models.served import Served
 __all__ = ["EXPORT_FORMATS", "export_model", "serving_spec", "sidecar_path", "standardization", "target_standardization"]
 
 EXPORT_FORMATS = ("state_dict", "program")
-SPEC_VERSION = 3  # 2: outputs.destandardize (regression trains on the standardized label); 3: categorical, missing, classes
+# 2: outputs.destandardize (regression trains on the standardized label); 3: categorical, missing, classes;
+# 4: outputs.calibration (a fitted temperature)
+SPEC_VERSION = 4
 
 _OUTPUTS = {
     "regression": "one value per sample: output * std + mean (outputs.destandardize) is the prediction in the label's units; "
@@ -141,6 +143,17 @@ def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -
                 "mean": float(y_mean[0]),
                 "std": float(y_std[0]),
             },
+            **(
+                {
+                    "calibration": {
+                        "included_in_program": fmt == "program",
+                        "formula": "logits = output * logit_scale (1 / the temperature fitted online), then sigmoid or softmax",
+                        "logit_scale": logit_scale(state),
+                    }
+                }
+                if logit_scale(state) is not None
+                else {}
+            ),
         },
         "label": data.get("label"),
         "snapshot": {
@@ -179,7 +192,20 @@ def served_module(meta: dict, state: dict, weights: dict) -> Served:
     model = build_model(cfg["model"]["name"], dict(cfg["model"].get("params") or {}), inputs)
     model.load_state_dict(weights)
     target = target_standardization(meta, state) if cfg["trainer"].get("task") == "regression" else (None, None)
-    return Served(model, *standardization(meta, state), *target, missing=_missing(meta), takes_ids=inputs.categorical > 0).eval()
+    return Served(
+        model,
+        *standardization(meta, state),
+        *target,
+        missing=_missing(meta),
+        takes_ids=inputs.categorical > 0,
+        logit_scale=logit_scale(state),
+    ).eval()
+
+
+def logit_scale(state: dict) -> float | None:
+    """The fitted temperature's inverse (``trainer.calibration: temperature``), or None: the logits as they are."""
+    fitted = state.get("calibration")
+    return float(fitted["beta"]) if fitted else None
 
 
 def _program(meta: dict, state: dict, weights: dict) -> torch.export.ExportedProgram:

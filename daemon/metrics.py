@@ -71,6 +71,11 @@ class Metrics:
             "streamtrain_prequential_metric", "Exponentially weighted prequential metric (accuracy or mae).", ["metric"], registry=r
         )
         self.learning_rate = Gauge("streamtrain_learning_rate", "Current learning rate.", registry=r)
+        self.calibration_temperature = Gauge(
+            "streamtrain_calibration_temperature",
+            "trainer.calibration temperature: what the served probabilities divide the logits by, fitted online (1: as given).",
+            registry=r,
+        )
         self.embedding_rows = Gauge(
             "streamtrain_embedding_rows", "Rows of the model's categorical tables (data.hash_buckets per table).", registry=r
         )

@@ -43,7 +43,7 @@ __all__ = ["Publisher"]
 log = logging.getLogger("streamtrain.publish")
 
 # what the export reads of a snapshot's state; the rest (optimizer, RNG) is not held on to
-_EXPORTED = ("model", "normalizer", "target")
+_EXPORTED = ("model", "normalizer", "target", "calibration")
 
 
 def shadow_name(name: str, candidate: str) -> str:

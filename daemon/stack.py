@@ -37,7 +37,6 @@ import math
 import torch
 from torch.func import functional_call, vmap
 
-from streamtrain.daemon import calibration
 from streamtrain.daemon.ranks import Collectives, Turn
 from streamtrain.daemon.step import Learner, StepResult, sum_over_ranks
 from streamtrain.streams.ring import Batch
@@ -76,6 +75,7 @@ def shape_of(learner: Learner) -> tuple | None:
         tc.huber_delta,
         tc.standardize,
         tc.standardize_target,
+        tc.calibration,
         learner.inputs,
     )
 
@@ -152,17 +152,17 @@ class Stack:
     def step(self, batch: Batch, ranked: tuple[Turn, Collectives] | None = None) -> list[StepResult]:
         """One prequential step of every learner on ``batch``: their results, in their order (as each one's ``step``)."""
         lead = self.lead
-        task = lead.cfg.trainer.task
         self._adopt()
         x, y, ids, n, fold_labels = lead._inputs(batch, ranked)
         xn = lead.normalizer.inputs(x)
         with torch.autocast(lead.device.type, dtype=lead.amp_dtype or torch.float32, enabled=lead.amp_dtype is not None):
             out = self.forward(self.params, xn, ids)
-        loss, stats = lead._loss(out.float(), y, None if ranked is None else n, fold_labels, stacked=True)
+        beta = None
+        if lead.temperature is not None:  # each candidate's own fitted temperature
+            beta = torch.tensor([learner.temperature.beta for learner in self.learners], device=out.device)
+        loss, stats = lead._loss(out.float(), y, None if ranked is None else n, fold_labels, stacked=True, beta=beta)
         loss.sum().backward()  # each slice's gradient is its own candidate's
-        sums = torch.stack([loss.detach(), *stats], dim=1)
-        if lead.calibrated:
-            sums = torch.cat([sums, calibration.batch_sums(out, y, task, stacked=True)], dim=1)
+        sums = torch.cat([torch.stack([loss.detach(), *stats], dim=1), *lead.calibration_sums(out, y, beta, stacked=True)], dim=1)
         for name in self.trained:  # a parameter the forward did not use has no gradient: a zero one
             if self.params[name].grad is None:
                 self.params[name].grad = torch.zeros_like(self.params[name])

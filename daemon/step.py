@@ -132,6 +132,11 @@ def sum_over_ranks(params: list[torch.Tensor], sums: torch.Tensor, coll: Collect
     return flat[at:].view_as(sums)
 
 
+def _per(beta: Any, like: torch.Tensor, stacked: bool) -> Any:
+    """``beta`` to multiply ``like`` by: a number, or when stacked one per candidate (k,) shaped to broadcast."""
+    return beta.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype) if stacked else beta
+
+
 class Learner:
     """Model, optimizer and everything else a step updates; built from the config, restored from a snapshot."""
 
@@ -175,6 +180,7 @@ class Learner:
         self.target = RunningStandardizer(1, self.device, enabled=tc.task == "regression" and tc.standardize_target)
         self.prequential = Prequential()
         self.calibrated = cfg.trainer.task != "regression"
+        self.temperature = calibration.Temperature(tc.calibration_half_life) if tc.calibration == "temperature" else None
         self.drift = DriftMonitor(cfg.drift)
         self.step_count = 0
         self.samples = 0
@@ -241,11 +247,10 @@ class Learner:
         xn = self.normalizer.inputs(x)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             out = self.model(xn, ids) if self.takes_ids else self.model(xn)
-        loss, stats = self._loss(out.float(), y, None if ranked is None else n, fold_labels)
+        beta = None if self.temperature is None else self.temperature.beta
+        loss, stats = self._loss(out.float(), y, None if ranked is None else n, fold_labels, beta=beta)
         self.scaler.scale(loss).backward()
-        sums = torch.stack([loss.detach(), *stats])
-        if self.calibrated:  # the probabilities' calibration sums ride along in the same read
-            sums = torch.cat([sums, calibration.batch_sums(out, y, self.cfg.trainer.task)])
+        sums = torch.cat([torch.stack([loss.detach(), *stats]), *self.calibration_sums(out, y, beta)])
         if ranked is not None:
             sums = self._sum_over_ranks(sums, ranked[1])
         self.scaler.unscale_(self.optimizer)
@@ -271,6 +276,18 @@ class Learner:
         if self.sparse_optimizer is not None:
             self.sparse_optimizer.zero_grad(set_to_none=True)
         return self.account(result, n, values)
+
+    def calibration_sums(self, out: torch.Tensor, y: torch.Tensor, beta: Any, stacked: bool = False) -> list[torch.Tensor]:
+        """What the step adds to its one read for the probabilities: their calibration sums (as served: ``beta``
+        times the logits) and, fitting a temperature, the gradient and curvature in ``beta``; nothing for regression."""
+        if not self.calibrated:
+            return []
+        task = self.cfg.trainer.task
+        if beta is None:
+            return [calibration.batch_sums(out, y, task, stacked)]
+        b = beta.reshape(-1, *([1] * (out.dim() - 1))) if stacked else beta
+        served = calibration.batch_sums(out.detach() * b, y, task, stacked)
+        return [torch.cat([served, calibration.temperature_sums(out, y, task, beta, stacked)], dim=-1)]
 
     def _inputs(self, batch: Batch, ranked: tuple[Turn, Collectives] | None) -> tuple:
         """The batch on the device, its features folded into the standardizer: ``x, y, ids, n, fold_labels``."""
@@ -317,7 +334,10 @@ class Learner:
             self.prequential.add(n, loss_sum, abs_error=hits_or_abs, squared_error=sq)
             error = scaled_abs / n
         else:
-            self.prequential.add(n, loss_sum, correct=round(hits_or_abs), calibration=values[5:-1])
+            bins = values[5 : 5 + calibration.WIDTH]
+            self.prequential.add(n, loss_sum, correct=round(hits_or_abs), calibration=bins)
+            if self.temperature is not None:
+                self.temperature.update(*values[5 + calibration.WIDTH : 7 + calibration.WIDTH], n)
             error = 1.0 - result.metric
         result.drift = self.drift.observe(error, n, self._drift_target)
         a = tc.ewma_alpha
@@ -373,7 +393,13 @@ class Learner:
         return sum_over_ranks(self.dense_params, sums, coll)
 
     def _loss(
-        self, out: torch.Tensor, y: torch.Tensor, total: int | None = None, fold_labels: Any = None, stacked: bool = False
+        self,
+        out: torch.Tensor,
+        y: torch.Tensor,
+        total: int | None = None,
+        fold_labels: Any = None,
+        stacked: bool = False,
+        beta: Any = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The training loss, and the batch's prequential sums: loss, hits or |error|, squared error, |error| / label std.
 
@@ -389,6 +415,10 @@ class Learner:
         ``stacked``: ``out`` leads with the outputs of k stacked candidates
         (``daemon/stack.py``) for the same batch; every loss and sum is then one per
         candidate, of shape (k,), and the labels are folded in once.
+
+        ``beta``: classification with a fitted temperature (``daemon/calibration.py``,
+        (k,) when stacked) -- the model trains on its logits, and the prequential loss is
+        that of the probabilities served, ``beta`` times them.
         """
         tc = self.cfg.trainer
         zero = out.new_zeros(out.shape[:1] if stacked else ())
@@ -399,13 +429,22 @@ class Learner:
 
         if tc.task == "multiclass":
             labels = y.long()
-            logits = out.movedim(-1, 1) if stacked else out  # the classes along dim 1
-            loss = over(F.cross_entropy(logits, labels.expand(out.shape[:-1]), reduction="none"))
-            return loss, (loss.detach() * count, (out.detach().argmax(-1) == labels).sum(-1).float(), zero, zero)
+
+            def cross_entropy(logits: torch.Tensor) -> torch.Tensor:  # per sample; the classes along dim 1
+                return F.cross_entropy(logits.movedim(-1, 1) if stacked else logits, labels.expand(out.shape[:-1]), reduction="none")
+
+            loss = over(cross_entropy(out))
+            served = loss.detach() * count if beta is None else cross_entropy(out.detach() * _per(beta, out, stacked)).sum(-1)
+            return loss, (served, (out.detach().argmax(-1) == labels).sum(-1).float(), zero, zero)
         out = out.reshape(len(out), -1) if stacked else out.reshape(-1)
         if tc.task == "binary":
             loss = over(F.binary_cross_entropy_with_logits(out, y.expand_as(out), reduction="none"))
-            return loss, (loss.detach() * count, ((out.detach() > 0) == (y > 0.5)).sum(-1).float(), zero, zero)
+            if beta is None:
+                served = loss.detach() * count
+            else:
+                scaled = out.detach() * _per(beta, out, stacked)
+                served = F.binary_cross_entropy_with_logits(scaled, y.expand_as(out), reduction="none").sum(-1)
+            return loss, (served, ((out.detach() > 0) == (y > 0.5)).sum(-1).float(), zero, zero)
         target = self.target
         err = torch.addcmul(target.shift - y, out.detach(), target.std)  # the prequential prediction's error
         inv_std = target.scale[0]  # the statistics before this batch's labels (update() replaces the tensors)
@@ -447,6 +486,7 @@ class Learner:
             "normalizer": self.normalizer.state_dict(),
             "target": self.target.state_dict(),
             "prequential": self.prequential.state_dict(),
+            **({"calibration": self.temperature.state_dict()} if self.temperature is not None else {}),
             "drift": self.drift.state_dict(),
             "rng": rng,
             "trainer": {
@@ -483,6 +523,8 @@ class Learner:
         if "target" in state:
             self.target.load_state_dict(state["target"])
         self.prequential.load_state_dict(state.get("prequential", {}))
+        if self.temperature is not None:  # a snapshot from before the temperature was fitted: it starts at 1
+            self.temperature.load_state_dict(state.get("calibration", {}))
         self.drift.load_state_dict(state.get("drift", {}))
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":

@@ -364,6 +364,8 @@ class Trainer:
         m.prequential_metric.labels(self.learner.metric_name).set(self.learner.metric_ewma)
         m.grad_norm.set(result.grad_norm)
         m.learning_rate.set(lr)
+        if self.learner.temperature is not None:
+            m.calibration_temperature.set(self.learner.temperature.temperature)
         if not math.isnan(batch.oldest_timestamp):
             m.freshness.observe(max(0.0, time.time() - batch.oldest_timestamp))
         if self.tensorboard is not None and self.step_count % self.cfg.logging.tensorboard_every_steps == 0:

@@ -30,8 +30,9 @@ class Served(nn.Module):
     """What serving runs: raw numbers (NaN where missing) and table rows in, the trainer's prediction out.
 
     Standardization (with a missing number the running mean and its "was missing" mark,
-    :func:`~streamtrain.daemon.normalizer.model_inputs`, the trainer's own), the model, and
-    for regression the output back in label units.  The program format exports this
+    :func:`~streamtrain.daemon.normalizer.model_inputs`, the trainer's own), the model,
+    for regression the output back in label units, and for a classifier with a fitted
+    temperature the logits times its inverse (``logit_scale``).  The program format exports this
     module; ``streamtrain serve`` runs it over the state-dict format.
     """
 
@@ -44,6 +45,7 @@ class Served(nn.Module):
         y_std: torch.Tensor | None = None,
         missing: bool = False,
         takes_ids: bool = False,
+        logit_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -55,10 +57,15 @@ class Served(nn.Module):
         if self.destandardize:
             self.register_buffer("y_mean", y_mean)
             self.register_buffer("y_std", y_std)
+        self.calibrated = logit_scale is not None and logit_scale != 1.0
+        if self.calibrated:  # a fitted temperature (trainer.calibration): the logits served are these times its inverse
+            self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         xn = model_inputs(x, self.mean, self.scale, True, self.missing)
         out = self.model(xn, ids) if self.takes_ids else self.model(xn)
         if self.destandardize:
             out = out * self.y_std + self.y_mean  # as the trainer's prequential prediction
+        if self.calibrated:
+            out = out * self.logit_scale
         return out

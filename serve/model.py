@@ -133,6 +133,8 @@ def load_version(path: str | Path, name: str) -> ServedModel:
         scale = torch.tensor(inputs["standardize"]["scale"], dtype=torch.float32)
         dst = outputs.get("destandardize") or {"mean": 0.0, "std": 1.0}
         y_mean, y_std = float(dst["mean"]), float(dst["std"])
+        fitted = outputs.get("calibration")  # a temperature fitted online: the logits times logit_scale
+        logit_scale = float(fitted["logit_scale"]) if fitted else None
         features = tuple(str(f) for f in inputs.get("features") or ())
         created = float(spec.get("snapshot", {}).get("created") or manifest.get("created") or 0.0)
         hashing = inputs.get("hash") or {}
@@ -155,6 +157,8 @@ def load_version(path: str | Path, name: str) -> ServedModel:
         raise VersionRefused(f"{SIDECAR}: the standardization or feature list does not have the model's {width} inputs")
     if not (torch.isfinite(mean).all() and torch.isfinite(scale).all() and math.isfinite(y_mean) and math.isfinite(y_std)):
         raise VersionRefused(f"{SIDECAR}: non-finite standardization")
+    if logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise VersionRefused(f"{SIDECAR}: outputs.calibration.logit_scale must be a positive number, got {logit_scale}")
     try:
         weights = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -165,7 +169,9 @@ def load_version(path: str | Path, name: str) -> ServedModel:
     except Exception as exc:
         raise VersionRefused(f"the weights do not fit model {model_name!r} {params}: {str(exc).splitlines()[0][:300]}") from exc
     destandardize = (torch.tensor([y_mean]), torch.tensor([y_std])) if task == "regression" else (None, None)
-    module = Served(model, mean, scale, *destandardize, missing=fields.impute, takes_ids=bool(fields.categorical)).eval()
+    module = Served(
+        model, mean, scale, *destandardize, missing=fields.impute, takes_ids=bool(fields.categorical), logit_scale=logit_scale
+    ).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     served = ServedModel(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamtrain.config.schema import config_from_dict
-from streamtrain.daemon.calibration import BINS, WIDTH, batch_sums, measures, totals
+from streamtrain.config.schema import config_from_dict, config_to_dict
+from streamtrain.daemon.calibration import BINS, WIDTH, Temperature, batch_sums, measures, temperature_sums, totals
 from streamtrain.daemon.prequential import Prequential
 from streamtrain.daemon.step import Learner
 from streamtrain.streams.ring import Batch
@@ -82,12 +82,12 @@ def test_measures_are_none_before_anything_or_without_both_classes():
     assert set(measures("multiclass", math.nan, nothing)) == {"brier", "ece"}
 
 
-def learner(task: str) -> Learner:
+def learner(task: str, **trainer) -> Learner:
     raw = {
         "kafka": {"topics": ["t"]},
         "data": {"format": "json", "features": ["a", "b"], "label": "y"},
         "model": {"name": "logistic", "params": {"num_classes": 3} if task == "multiclass" else {}},
-        "trainer": {"task": task, **({"num_classes": 3} if task == "multiclass" else {})},
+        "trainer": {"task": task, **({"num_classes": 3} if task == "multiclass" else {}), **trainer},
         "snapshot": {"dir": "/nonexistent"},
     }
     return Learner(config_from_dict(raw))
@@ -127,3 +127,110 @@ def test_calibration_totals_survive_a_snapshot_and_an_older_snapshot_starts_them
     older.load_state_dict(old)
     assert older.samples == 80 and older.bins == [0.0] * WIDTH
     assert older.summary("binary")["ece"] is None and older.summary("binary")["accuracy"] is not None
+
+
+def overconfident(task: str, n: int, true_beta: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits z and labels drawn from softmax(true_beta * z) (sigmoid for binary): a model ``1 / true_beta`` times too sure."""
+    g = torch.Generator().manual_seed(seed)
+    if task == "binary":
+        z = torch.randn(n, generator=g) * 4
+        y = (torch.rand(n, generator=g) < torch.sigmoid(true_beta * z)).float()
+        return z[:, None], y
+    z = torch.randn(n, 3, generator=g) * 4
+    y = torch.multinomial(torch.softmax(true_beta * z, 1), 1, generator=g)[:, 0].float()
+    return z, y
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_the_temperature_fit_finds_how_overconfident_the_logits_are(task, batch):
+    """Labels drawn from softmax(z / 3): the fitted inverse temperature goes to 1/3 whatever the batch size, and the log
+    loss of the scaled logits is that of the true probabilities."""
+    z, y = overconfident(task, 20_000, 1 / 3)
+    t = Temperature(half_life=5000)
+    for i in range(0, len(y), batch):
+        g, h = temperature_sums(z[i : i + batch], y[i : i + batch], task, t.beta).tolist()
+        t.update(g, h, len(y[i : i + batch]))
+    assert t.beta == pytest.approx(1 / 3, abs=0.04), t.beta
+    assert t.temperature == pytest.approx(3, rel=0.15)
+    fresh = Temperature(half_life=5000)
+    fresh.load_state_dict(t.state_dict())
+    assert fresh.state_dict() == t.state_dict()
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_temperature_sums_are_the_derivatives_of_the_log_loss(task):
+    """The gradient and curvature in beta, summed over the batch, against autograd's of the same log loss."""
+    z, y = overconfident(task, 50, 0.5, seed=3)
+    beta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    zz = z.double()
+    if task == "binary":
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(beta * zz[:, 0], y.double(), reduction="sum")
+    else:
+        loss = torch.nn.functional.cross_entropy(beta * zz, y.long(), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, beta, create_graph=True)
+    (curv,) = torch.autograd.grad(grad, beta)
+    got = temperature_sums(z, y, task, 0.7).tolist()
+    assert got == pytest.approx([grad.item(), curv.item()], rel=1e-4)
+    stacked = temperature_sums(torch.stack([z, 2 * z]), y, task, torch.tensor([0.7, 0.35]), stacked=True)
+    assert stacked.reshape(-1).tolist() == pytest.approx([*got, 2 * got[0], 4 * got[1]], rel=1e-4), "2z at beta/2: the same loss"
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_a_fitted_temperature_is_what_the_step_scores_snapshots_and_serves(task, tmp_path):
+    """With trainer.calibration: temperature the prequential loss and calibration sums are those of the scaled logits
+    (the temperature fitted before the batch); the fit is in the snapshot, and the exported program and streamtrain
+    serve's module give the scaled logits."""
+    from streamtrain.daemon.export import export_model
+    from streamtrain.daemon.snapshot import SnapshotInfo
+    from streamtrain.serve.model import load_version
+    from streamtrain.serve.repository import write_version
+
+    lr = learner(task, calibration="temperature", lr=0.5)
+    g = torch.Generator().manual_seed(4)
+
+    def batch():
+        x = torch.randn(64, 2, generator=g)
+        flip = torch.rand(64, generator=g) < 0.25  # noisy labels, and an lr this high: not calibrated as it is
+        y = (x[:, 0] > 0).float() if task == "binary" else (x[:, 0] > 0).float() + (x[:, 1] > 0).float()
+        return x, torch.where(flip, (y + 1) % (2 if task == "binary" else 3), y)
+
+    for _ in range(60):
+        lr.step(Batch(*batch()))
+    beta = lr.temperature.beta
+    assert abs(beta - 1) > 1e-3, f"fitted after its 1,000 samples of warm-up: beta {beta}"
+    x, y = batch()
+    ahead = copy.deepcopy(lr)
+    ahead.normalizer.update(x)
+    with torch.no_grad():
+        z = ahead.model(ahead.normalizer.inputs(x))
+    loss = (
+        torch.nn.functional.binary_cross_entropy_with_logits(beta * z[:, 0], y, reduction="sum")
+        if task == "binary"
+        else torch.nn.functional.cross_entropy(beta * z, y.long(), reduction="sum")
+    )
+    before = copy.deepcopy(lr.prequential)
+    lr.step(Batch(x, y))
+    assert lr.prequential.loss - before.loss == pytest.approx(loss.item(), rel=1e-4), "the served probabilities' loss"
+    want = batch_sums(beta * z, y, task).tolist()
+    assert [a - b for a, b in zip(lr.prequential.bins, before.bins)] == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+    state = lr.state_dict()
+    again = learner(task, calibration="temperature", lr=0.5)
+    again.load_state_dict(state, "test", "logistic")
+    assert again.temperature.state_dict() == lr.temperature.state_dict()
+    info = SnapshotInfo(tmp_path, "snap-1", 61, 0.0, {"config": config_to_dict(lr.cfg), "samples": 61 * 64})
+
+    def files(out):
+        export_model(info, state, out / "model.pt", "state_dict")
+        export_model(info, state, out / "model.pt2", "program")
+
+    write_version(tmp_path / "repo", "m", 61, files, {"step": 61})
+    path = tmp_path / "repo" / "m" / "61"
+    x = torch.randn(8, 2, generator=g)
+    with torch.no_grad():
+        raw = lr.model(lr.normalizer.inputs(x))
+        program = torch.export.load(path / "model.pt2").module()(x)
+        served = load_version(path, "m").module(x)
+    scale = lr.temperature.beta
+    assert torch.allclose(program, raw * scale, atol=1e-5) and torch.allclose(served, raw * scale, atol=1e-5)

@@ -149,12 +149,14 @@ def test_a_restart_mid_comparison_resumes_it_exactly():
 
 
 MLP16 = {"name": "mlp", "params": {"hidden": [16]}}
-STACKED = [  # task, model, optimizer, candidates, the stacks' sizes
-    ("binary", {"name": "logistic"}, "sgd", [{"trainer.lr": 0.3}, {"trainer.weight_decay": 0.01, "trainer.momentum": 0.9}], [3]),
-    ("binary", MLP16, "adamw", [{"trainer.lr": 0.003}, {"trainer.lr": 0.03, "trainer.weight_decay": 0.1}], [3]),
-    ("multiclass", MLP16, "adam", [{"trainer.weight_decay": 0.01, "trainer.grad_clip_norm": 0.1}, {"model.params.hidden": [8]}], [2]),
-    ("regression", MLP16, "adamw", [{"trainer.betas": [0.8, 0.99]}, {"trainer.seed": 3}], [3]),
-    ("regression", {"name": "linear"}, "sgd", [{"trainer.lr": 0.003}, {"trainer.lr": 1e4}], [3]),  # the last one diverges
+STACKED = [  # task, model, optimizer, candidates, the stacks' sizes, more of trainer.*
+    ("binary", {"name": "logistic"}, "sgd", [{"trainer.lr": 0.3}, {"trainer.weight_decay": 0.01, "trainer.momentum": 0.9}], [3], {}),
+    ("binary", MLP16, "adamw", [{"trainer.lr": 0.003}, {"trainer.lr": 0.03, "trainer.weight_decay": 0.1}], [3], {}),
+    ("multiclass", MLP16, "adam", [{"trainer.weight_decay": 0.01, "trainer.grad_clip_norm": 0.1}, {"model.params.hidden": [8]}], [2], {}),
+    ("regression", MLP16, "adamw", [{"trainer.betas": [0.8, 0.99]}, {"trainer.seed": 3}], [3], {}),
+    ("regression", {"name": "linear"}, "sgd", [{"trainer.lr": 0.003}, {"trainer.lr": 1e4}], [3], {}),  # the last one diverges
+    # each with its own fitted temperature (fitted after 1,000 samples: 80 steps of 16)
+    ("multiclass", MLP16, "adamw", [{"trainer.lr": 0.05}], [2], {"calibration": "temperature"}),
 ]
 
 
@@ -184,6 +186,8 @@ def _assert_alike(a: Candidates, b: Candidates) -> None:
         assert (la.step_count, la.prequential.samples) == (lb.step_count, lb.prequential.samples), name
         assert lb.prequential.loss == pytest.approx(la.prequential.loss, rel=1e-4), name
         assert lb.prequential.bins == pytest.approx(la.prequential.bins, rel=1e-4, abs=1e-3), name
+        if la.temperature is not None:
+            assert lb.temperature.beta == pytest.approx(la.temperature.beta, rel=1e-4) and la.temperature.beta != 1.0, name
         for p, q in zip(la.model.parameters(), lb.model.parameters()):
             assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), (name, (p - q).abs().max())
         sa, sb = la.optimizer.state_dict()["state"], lb.optimizer.state_dict()["state"]
@@ -193,15 +197,18 @@ def _assert_alike(a: Candidates, b: Candidates) -> None:
                 assert torch.allclose(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key]), rtol=1e-3, atol=1e-5), (name, key)
 
 
-@pytest.mark.parametrize("task,model,optimizer,candidates,sizes", STACKED, ids=[f"{c[0]}-{c[1]['name']}-{c[2]}" for c in STACKED])
-def test_stacked_candidates_learn_as_looped_ones(task, model, optimizer, candidates, sizes):
+@pytest.mark.parametrize(
+    "task,model,optimizer,candidates,sizes,extra", STACKED, ids=[f"{c[0]}-{c[1]['name']}-{c[2]}{'-t' if c[5] else ''}" for c in STACKED]
+)
+def test_stacked_candidates_learn_as_looped_ones(task, model, optimizer, candidates, sizes, extra):
     """Candidates of one shape trained as one stacked model: each one's weights, optimizer state and scores are those it
     has stepping on its own, to float rounding -- with its own learning rate, weight decay, betas, momentum, clipping and
     seed; a reset of its optimizer or a new learning rate reaches it alone; a candidate that diverges skips its steps alone;
     one of another shape steps on its own beside the stack."""
     kw = dict(model=model, optimizer=optimizer, candidates=candidates, task=task, **({"num_classes": 3} if task == "multiclass" else {}))
-    looped = _stepped(config(candidates_stack="off", **kw))
-    stacked = _stepped(config(**kw))
+    steps = 80 if extra else 40
+    looped = _stepped(config(candidates_stack="off", **kw, **extra), steps)
+    stacked = _stepped(config(**kw, **extra), steps)
     assert [len(s.learners) for s in stacked.stacks] == sizes and looped.stacks == []
     _assert_alike(looped, stacked)
     if candidates[-1] == {"trainer.lr": 1e4}:

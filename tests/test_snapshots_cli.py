@@ -232,7 +232,7 @@ def test_exported_regression_predicts_in_label_units(tmp_path, capsys, model):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.05)  # float32 at 1e5: one ulp is 0.008
     spec = json.loads(sidecar_path(program).read_text())
     dst = spec["outputs"]["destandardize"]
-    assert spec["streamtrain_export"] == 3 and dst["included_in_program"] is True
+    assert spec["streamtrain_export"] == 4 and dst["included_in_program"] is True
     assert dst["mean"] == t.learner.target.shift.item() and dst["std"] == t.learner.target.std.item()
     assert spec["snapshot"]["prequential"] == t.learner.prequential.summary("regression")
 
