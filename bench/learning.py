@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=0, help="rows per stream (default: each stream's full length; generated: 100k/30k/5k)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--mlp", action="store_true", help=f"also the daemon's mlp on {', '.join(MLP_STREAMS)}")
+    ap.add_argument("--models", default="", help="other daemon models to run where --mlp runs the mlp, e.g. mlp,transformer")
     ap.add_argument("--arf", action="store_true", help="also River's ARFClassifier on the classification drift streams (slow)")
     ap.add_argument("--actions", default="", help="drift actions to compare on the abrupt-drift streams, e.g. log,reset_optimizer,lr_boost")
     ap.add_argument("--window", type=int, default=1000, help="samples of the sliding window of the recovery measure")
@@ -317,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown stream(s) {bad}; known: {', '.join(STREAMS)}")
     actions = [a for a in args.actions.split(",") if a]
+    others = [m for m in args.models.split(",") if m] or (["mlp"] if args.mlp else [])
     sets = tuple(args.set)
     if sets:
         print(f"daemon config overrides: {', '.join(sets)}")
@@ -332,13 +334,13 @@ def main(argv: list[str] | None = None) -> int:
             ours = run_daemon(broker.bootstrap, topic, stream, base, args.batch_size, sets=sets)
             print(f"{name}: {len(stream):,} rows; {ours.learner} {score_cells(ours)}, {river.learner} {score_cells(river)}", flush=True)
             rows.append(_row(stream, ours, river, verdict(ours, river)))
-            if args.mlp and name in MLP_STREAMS:
-                mlp = run_daemon(broker.bootstrap, topic, stream, "mlp", args.batch_size, sets=sets)
-                rows.append(_row(stream, mlp, river, "beats" if _better(mlp, river) else "does not beat"))
-                print(f"{name}: {mlp.learner} {score_cells(mlp)}", flush=True)
-                if args.arf and name in DRIFT and stream.task != "regression":
+            for model in others if name in MLP_STREAMS else ():
+                run = run_daemon(broker.bootstrap, topic, stream, model, args.batch_size, sets=sets)
+                rows.append(_row(stream, run, river, "beats" if _better(run, river) else "does not beat"))
+                print(f"{name}: {run.learner} {score_cells(run)}", flush=True)
+                if model == "mlp" and args.arf and name in DRIFT and stream.task != "regression":
                     arf = run_river(stream, "arf")
-                    gap = mlp.accuracy - arf.accuracy
+                    gap = run.accuracy - arf.accuracy
                     rows.append(_row(stream, arf, river, f"mlp {gap:+.4f} vs ARF: {'yes' if gap >= -0.01 else 'no'}"))
                     print(f"{name}: {arf.learner} {score_cells(arf)}", flush=True)
             if actions and name in ABRUPT and stream.drifts:
