@@ -1,16 +1,19 @@
-"""Requests/s and latency of ``streamtrain serve``'s ``:predict``: ``python -m bench.serve``.
+"""Requests/s and latency of ``streamtrain serve``'s ``:predict`` and v2 ``infer``: ``python -m bench.serve``.
 
 The MLP of the other benchmarks (16 features, hidden [64]) is trained a few steps and
 published by the trainer's own publisher; the real command (``python -m streamtrain
 serve``) serves it, and keep-alive HTTP/1.1 clients (``http.client``, one connection per
-thread) post ``{"instances": [...]}`` of named features, batch 1 and batch 64, one and
-several clients at once.  Latency is a request's round trip as the client sees it; the
+thread) post, batch 1 and batch 64, one and several clients at once: v1
+``{"instances": [...]}`` of named features, or v2 (``--protocols v1,v2``) the bytes
+Triton's client sends by default -- a JSON header and the features as binary FP32, the
+outputs asked for binary.  Latency is a request's round trip as the client sees it; the
 clients run on the same machine as the server and share its cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -55,21 +58,36 @@ def publish(root: Path) -> int:
     return t.step_count
 
 
-def drive(port: int, batch: int, clients: int, requests: int) -> dict[str, float]:
+def v2_request(rows) -> tuple[bytes, dict[str, str]]:
+    """A v2 infer request as ``tritonclient.http`` sends it by default: binary FP32 features, binary outputs."""
+    blob = rows.astype("<f4").tobytes()
+    tensor = {"name": "features", "datatype": "FP32", "shape": list(rows.shape), "parameters": {"binary_data_size": len(blob)}}
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    return header + blob, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def drive(port: int, batch: int, clients: int, requests: int, protocol: str = "v1") -> dict[str, float]:
     """``clients`` threads of ``requests`` posts each; latencies in ms, the rate over the whole run."""
     x, _ = samples(max(64, batch) * 4, seed=5)
-    bodies = [{"instances": [dict(zip(FEATURES, map(float, r))) for r in x[i * batch : (i + 1) * batch]]} for i in range(4)]
+    chunks = [x[i * batch : (i + 1) * batch] for i in range(4)]
+    if protocol == "v2":
+        path = f"/v2/models/{NAME}/infer"
+        bodies = [v2_request(c) for c in chunks]
+    else:
+        path = f"/v1/models/{NAME}:predict"
+        bodies = [(json.dumps({"instances": [dict(zip(FEATURES, map(float, r))) for r in c]}).encode(), {}) for c in chunks]
     latencies: list[list[float]] = [[] for _ in range(clients)]
     failures = [0] * clients
     go = threading.Barrier(clients + 1)
 
     def run(i: int) -> None:
         c = Client(port)
-        c.post(f"/v1/models/{NAME}:predict", bodies[0])  # connect and warm up outside the timing
+        c.request("POST", path, raw=bodies[0][0], headers=bodies[0][1])  # connect and warm up outside the timing
         go.wait()
         for n in range(requests):
             t0 = time.perf_counter()
-            code, _doc = c.post(f"/v1/models/{NAME}:predict", bodies[n % 4])
+            body, headers = bodies[n % 4]
+            code, _doc = c.request("POST", path, raw=body, headers=headers)
             latencies[i].append(time.perf_counter() - t0)
             failures[i] += code != 200
         c.close()
@@ -99,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,64", help="instances per request, comma-separated (default 1,64)")
     ap.add_argument("--clients", default="1,4", help="client threads, comma-separated (default 1,4)")
     ap.add_argument("--threads", type=int, default=1, help="the server's --threads (torch intra-op threads)")
+    ap.add_argument("--protocols", default="v1", help="v1 (:predict, JSON instances), v2 (infer, binary tensors), or v1,v2")
     ap.add_argument(
         "--inline-max-bytes", type=int, help="the server's --inline-max-bytes (default: its own, 64 KiB; 0: a worker thread always)"
     )
@@ -115,28 +134,28 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server.wait_ready()
             rows = []
-            for batch in batches:
-                for n in clients:
-                    r = drive(server.port, batch, n, args.requests)
-                    rows.append(
-                        [
-                            str(batch),
-                            str(n),
-                            f"{r['requests']:,}",
-                            f"{r['rps']:,.0f}",
-                            f"{r['rps'] * batch:,.0f}",
-                            f"{r['p50']:.2f}",
-                            f"{r['p99']:.2f}",
-                            str(r["failed"]),
-                        ]
-                    )
+            for protocol, batch, n in ((p, b, c) for b in batches for c in clients for p in args.protocols.split(",")):
+                r = drive(server.port, batch, n, args.requests, protocol)
+                rows.append(
+                    [
+                        protocol,
+                        str(batch),
+                        str(n),
+                        f"{r['requests']:,}",
+                        f"{r['rps']:,.0f}",
+                        f"{r['rps'] * batch:,.0f}",
+                        f"{r['p50']:.2f}",
+                        f"{r['p99']:.2f}",
+                        str(r["failed"]),
+                    ]
+                )
             assert server.terminate() == 0, server.log()[-2000:]
         finally:
             server.kill()
     inline = "default" if args.inline_max_bytes is None else args.inline_max_bytes
     print(f"model: mlp {MODELS['mlp'].params}, {WIDTH} features, version {version}")
     print(f"server: --threads {args.threads}, --inline-max-bytes {inline}")
-    print(table(["batch", "clients", "requests", "requests/s", "rows/s", "p50 ms", "p99 ms", "failed"], rows))
+    print(table(["protocol", "batch", "clients", "requests", "requests/s", "rows/s", "p50 ms", "p99 ms", "failed"], rows))
     return 0
 
 

@@ -25,9 +25,9 @@ class Client:
         self.timeout = timeout
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
 
-    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None, headers: dict | None = None) -> tuple[int, Any]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers = {**({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})}
         for attempt in (0, 1):
             try:
                 self.conn.request(method, path, body=data, headers=headers)
@@ -40,7 +40,9 @@ class Client:
                 if attempt:
                     raise
         ctype = r.getheader("Content-Type", "")
-        return r.status, json.loads(text) if ctype.startswith("application/json") else text.decode()
+        if ctype.startswith("application/json"):
+            return r.status, json.loads(text)
+        return r.status, text if ctype.startswith("application/octet-stream") else text.decode()  # v2's binary tensors: bytes
 
     def post(self, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
         return self.request("POST", path, body, raw)

@@ -1,7 +1,8 @@
-"""The HTTP side of ``streamtrain serve``: KServe / TF Serving v1 routes on FastAPI.
+"""The HTTP side of ``streamtrain serve``: KServe / TF Serving v1 routes, and the v2 protocol's (``serve/v2.py``), on FastAPI.
 
 - ``POST /v1/models/{name}:predict`` with ``{"instances": [...]}`` -> ``{"predictions": [...], "model_version": "..."}``
 - ``GET /v1/models/{name}``: the version served (TF Serving's ``model_version_status``, and more)
+- ``/v2/...``: the Open Inference Protocol, as Triton's and KServe's clients speak it
 - ``/healthz`` (the process and its watcher live), ``/readyz`` (a version is loaded), ``/metrics``
 
 A request takes the watcher's current model once (one reference, no lock) and answers
@@ -26,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from streamtrain.serve import v2
 from streamtrain.serve.metrics import ServeMetrics
 from streamtrain.serve.model import InputError, ServedModel, parse_instances
 from streamtrain.serve.watcher import ModelWatcher
@@ -85,18 +87,11 @@ def create_app(
             return unknown(model)
         if m is None:
             return not_loaded()
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            return _too_large(max_body_bytes)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                return _too_large(max_body_bytes)
-            chunks.append(chunk)
-        raw = b"".join(chunks)
+        raw = await read_body(request, max_body_bytes)
+        if isinstance(raw, Response):
+            return raw
         try:
-            if size <= inline_bytes:
+            if len(raw) <= inline_bytes:
                 body = _predict(m, raw, max_instances)
             else:
                 body = await run_in_threadpool(_predict, m, raw, max_instances)
@@ -144,7 +139,22 @@ def create_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    v2.add_routes(app, watcher, metrics, VERSION, max_body_bytes, max_instances, inline_bytes)
     return _Measured(app, metrics)
+
+
+async def read_body(request: Request, max_body_bytes: int) -> bytes | Response:
+    """The request's body, or a 413 once it is over the limit (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        return _too_large(max_body_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            return _too_large(max_body_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _predict(m: ServedModel, raw: bytes, max_instances: int) -> tuple[bytes, int]:
@@ -202,4 +212,6 @@ class _Measured:
 def _handler(path: str) -> str:
     if path.startswith("/v1/models/"):
         return "predict" if path.endswith(":predict") else "status"
+    if path.startswith("/v2"):
+        return "v2_infer" if path.endswith("/infer") else "v2_health" if path.startswith("/v2/health/") else "v2_metadata"
     return {"/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics"}.get(path, "other")

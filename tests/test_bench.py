@@ -120,10 +120,10 @@ def test_step_prints_each_case(capsys):
 
 def test_serve_prints_requests_and_latency_for_each_batch(capsys):
     pytest.importorskip("fastapi", reason="the serve extra")
-    assert serve.main(["--requests", "20", "--batches", "1,64", "--clients", "2"]) == 0
+    assert serve.main(["--requests", "20", "--batches", "1,64", "--clients", "2", "--protocols", "v1,v2"]) == 0
     out = capsys.readouterr().out
-    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 1 ", "| 64 "))]
-    assert len(rows) == 2 and all(r[3].strip() == "40" and r[-2].strip() == "0" for r in rows), out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| v1 ", "| v2 "))]
+    assert len(rows) == 4 and all(r[4].strip() == "40" and r[-2].strip() == "0" for r in rows), out
 
 
 def test_fields_times_each_pass_over_consumed_messages(bootstrap, capsys):

@@ -213,3 +213,57 @@ def test_no_body_gets_a_500_from_the_server(served, body):
     code, doc = client.post("/v1/models/m:predict", raw=body)
     assert code in (200, 413, 422), (code, doc, body[:80])
     assert code == 200 or (isinstance(doc, dict) and doc.get("error")), "a 4xx says why"
+
+
+@st.composite
+def v2_requests(draw) -> tuple[bytes, str | None]:
+    """v2 infer requests (serve/v2.py) and their Inference-Header-Content-Length: good ones with JSON or binary tensors,
+    those mutated, JSON of any shape with and without a header length, arbitrary bytes."""
+    import struct
+
+    n = draw(st.integers(1, 3))
+    values = draw(st.lists(st.floats(-1e3, 1e3), min_size=3 * n, max_size=3 * n))
+    tensor = {"name": "features", "datatype": "FP32", "shape": [n, 3]}
+    how = draw(st.sampled_from(["json", "binary", "mutated", "mutated_binary", "any_json", "bytes"]))
+    if how in ("json", "mutated"):
+        body, header = json.dumps({"inputs": [{**tensor, "data": values}], "outputs": [{"name": "prediction"}]}).encode(), None
+    elif how == "any_json":
+        return json.dumps(draw(json_values())).encode(), draw(st.sampled_from([None, "0", "5", "x", "999999"]))
+    elif how == "bytes":
+        return draw(st.binary(max_size=300)), draw(st.sampled_from([None, "0", "10", "-1"]))
+    else:
+        blob = struct.pack(f"<{3 * n}f", *values)
+        head = json.dumps(
+            {"inputs": [{**tensor, "parameters": {"binary_data_size": len(blob)}}], "parameters": {"binary_data_output": True}}
+        )
+        body, header = head.encode() + blob, str(len(head))
+    if how.startswith("mutated"):
+        body = mutate(body, draw(st.sampled_from(OPERATORS)), draw(st.integers(0, 400)), draw(st.integers(0, 255)), body)
+    return body, header
+
+
+@settings(max_examples=EXAMPLES * 2, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(request=v2_requests())
+def test_the_v2_parser_raises_only_input_errors(served, request):
+    from streamtrain.serve.model import InputError
+    from streamtrain.serve.v2 import infer
+
+    model, _client = served
+    body, header = request
+    try:
+        answer, _headers, n = infer(model, body, header, 64)
+    except InputError as exc:
+        assert str(exc), "an input error says what is wrong"
+    else:
+        assert n >= 1 and answer
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(request=v2_requests())
+def test_no_v2_request_gets_a_500_from_the_server(served, request):
+    _model, client = served
+    body, header = request
+    headers = {} if header is None else {"Inference-Header-Content-Length": header}
+    code, doc = client.request("POST", "/v2/models/m/infer", raw=body, headers=headers)
+    assert code in (200, 400, 413), (code, doc, body[:80])
+    assert code == 200 or (isinstance(doc, dict) and doc.get("error")), "a 4xx says why"
