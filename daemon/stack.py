@@ -217,6 +217,7 @@ class Stack:
                 step = self.steps
                 b1 = [g["betas"][0] for g in groups_]
                 b2 = [g["betas"][1] for g in groups_]
+                step = [t or 1.0 for t in step]  # a skipped first step: its slice is restored, but no division by zero
                 step_size = torch.tensor([a / (1 - b**t) for a, b, t in zip(lr.tolist(), b1, step)], device=device)
                 root = torch.tensor([math.sqrt(1 - b**t) for b, t in zip(b2, step)], device=device)
                 b1t, b2t, eps = torch.tensor(b1, device=device), torch.tensor(b2, device=device), each("eps")
