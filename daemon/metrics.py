@@ -76,6 +76,7 @@ class Metrics:
             "trainer.calibration temperature: what the served probabilities divide the logits by, fitted online (1: as given).",
             registry=r,
         )
+        self.calibration_temperature.set(1.0)  # trainer.calibration none: the logits as the model gives them
         self.embedding_rows = Gauge(
             "streamtrain_embedding_rows", "Rows of the model's categorical tables (data.hash_buckets per table).", registry=r
         )
