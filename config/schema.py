@@ -113,9 +113,10 @@ class TrainerConfig:
     max_rollbacks: int = opt(3, "Roll-backs in a row without a new snapshot before giving up (training diverges again and again).")
     ewma_alpha: float = opt(0.05, "Smoothing of the loss/metric gauges (exponentially weighted, per step).")
     calibration: str = opt(
-        "none",
-        "Classification: none | temperature = serve softmax(logits / T) (sigmoid for binary) with T fitted online on the "
-        "prequential stream, kept in snapshots, applied by serve and exported models (docs/LEARNING.md, Calibration).",
+        "auto",
+        "Classification: temperature = serve softmax(logits / T) (sigmoid for binary) with T fitted online on the "
+        "prequential stream, kept in snapshots, applied by serve and exported models | none | auto = by model "
+        "(temperature for the transformer, none otherwise; docs/LEARNING.md, Calibration).",
     )
     calibration_half_life: float = opt(10000.0, "calibration temperature: the fit's memory, in samples.")
     candidates: tuple[dict[str, Any], ...] = opt(
@@ -180,9 +181,9 @@ class TrainerConfig:
             problems.append(("grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}"))
         if not 0 < self.ewma_alpha <= 1:
             problems.append(("ewma_alpha", f"must be in (0, 1], got {self.ewma_alpha}"))
-        if self.calibration not in ("none", "temperature"):
-            problems.append(("calibration", f"must be none or temperature, got {self.calibration!r}"))
-        if self.calibration != "none" and self.task == "regression":
+        if self.calibration not in ("auto", "none", "temperature"):
+            problems.append(("calibration", f"must be auto, none or temperature, got {self.calibration!r}"))
+        if self.calibration == "temperature" and self.task == "regression":
             problems.append(("calibration", "is for classification (task binary or multiclass)"))
         problems += positive(self, "calibration_half_life")
         if self.candidates_stack not in ("auto", "off"):

@@ -75,7 +75,7 @@ def shape_of(learner: Learner) -> tuple | None:
         tc.huber_delta,
         tc.standardize,
         tc.standardize_target,
-        tc.calibration,
+        learner.temperature is not None,
         learner.inputs,
     )
 

@@ -234,3 +234,18 @@ def test_a_fitted_temperature_is_what_the_step_scores_snapshots_and_serves(task,
         served = load_version(path, "m").module(x)
     scale = lr.temperature.beta
     assert torch.allclose(program, raw * scale, atol=1e-5) and torch.allclose(served, raw * scale, atol=1e-5)
+
+
+def test_calibration_auto_fits_a_temperature_for_the_transformer_only():
+    """auto (the default) is by model: a temperature where it never made the probabilities worse on the benchmark
+    streams (the transformer); asked for, the mlp gets one too; regression never does, and asking for it is an error."""
+    from streamtrain.daemon.step import calibration_of
+    from streamtrain.streams.errors import ConfigError
+
+    assert calibration_of("transformer", "binary", "auto") == "temperature"
+    assert calibration_of("mlp", "multiclass", "auto") == calibration_of("logistic", "binary", "auto") == "none"
+    assert calibration_of("mlp", "binary", "temperature") == "temperature"
+    assert calibration_of("transformer", "regression", "auto") == "none"
+    assert learner("binary").temperature is None and learner("binary", calibration="temperature").temperature is not None
+    with pytest.raises(ConfigError, match="calibration: is for classification"):
+        learner("regression", calibration="temperature")
