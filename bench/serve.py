@@ -33,7 +33,7 @@ from streamtrain.streams.ring import Batch
 NAME = "mlp"
 
 
-def publish(root: Path) -> int:
+def publish(root: Path, onnx: bool = False) -> int:
     """Train the benchmark MLP a few steps and publish it into ``root``; returns its version."""
     spec = MODELS["mlp"]
     cfg = config_from_dict(
@@ -43,7 +43,7 @@ def publish(root: Path) -> int:
             "model": {"name": spec.name, "params": spec.params},
             "trainer": {"task": "regression"},
             "snapshot": {"dir": str(root / "snapshots")},
-            "publish": {"dir": str(root / "repo"), "name": NAME},
+            "publish": {"dir": str(root / "repo"), "name": NAME, "onnx": onnx},
         }
     )
     t = Trainer(cfg, Metrics())
@@ -111,6 +111,66 @@ def drive(port: int, batch: int, clients: int, requests: int, protocol: str = "v
     }
 
 
+FORWARD_MODELS = {"linear": {}, "mlp": {"hidden": [64]}, "transformer": {}}
+
+
+def forward(models: list[str], batches: list[int], calls: int, repeat: int = 3) -> list[list[str]]:
+    """Microseconds per forward pass of the served module (standardization included), torch against onnxruntime, one thread.
+
+    The module ``streamtrain serve`` runs (``Served``, random weights: speed does not depend on them) and its ONNX
+    export (``daemon/onnx_export.py``, checked against torch first); the best of ``repeat`` runs of ``calls`` calls.
+    """
+    import onnxruntime as ort
+
+    from streamtrain.daemon.onnx_export import export_onnx
+    from streamtrain.models.registry import Inputs, build_model
+    from streamtrain.models.served import Served
+
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+        for name in models:
+            model = build_model(name, FORWARD_MODELS[name], Inputs(WIDTH)).eval()
+            module = Served(model, torch.zeros(WIDTH), torch.ones(WIDTH)).eval()
+            path = Path(tmp) / f"{name}.onnx"
+            export_onnx(module, path, WIDTH, 0, 0)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for batch in batches:
+                x = torch.randn(batch, WIDTH)
+                feed = {session.get_inputs()[0].name: x.numpy()}
+
+                def torch_call(x=x, module=module):
+                    with torch.inference_mode():
+                        module(x)
+
+                def onnx_call(feed=feed, session=session):
+                    session.run(None, feed)
+
+                times = {}
+                for label, call in (("torch", torch_call), ("onnxruntime", onnx_call)):
+                    for _ in range(50):
+                        call()
+                    best = float("inf")
+                    for _ in range(repeat):
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            call()
+                        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+                    times[label] = best
+                rows.append(
+                    [
+                        name,
+                        str(batch),
+                        f"{times['torch']:.1f}",
+                        f"{times['onnxruntime']:.1f}",
+                        f"{times['torch'] / times['onnxruntime']:.2f}x",
+                    ]
+                )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=2000, help="requests per client (default 2000)")
@@ -121,16 +181,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--inline-max-bytes", type=int, help="the server's --inline-max-bytes (default: its own, 64 KiB; 0: a worker thread always)"
     )
+    ap.add_argument(
+        "--forward",
+        action="store_true",
+        help="only the served module's forward pass, torch against onnxruntime (linear, mlp, transformer; the onnx extra)",
+    )
+    ap.add_argument("--runtime", default="torch", choices=("torch", "onnx"), help="the server's --runtime (onnx: publishes ONNX too)")
+    ap.add_argument("--calls", type=int, default=2000, help="--forward: calls per timing (default 2000)")
     args = ap.parse_args(argv)
     quiet_logs()
     print_machine(machine())
+    if args.forward:
+        rows = forward(list(FORWARD_MODELS), [int(b) for b in args.batches.split(",")], args.calls)
+        print(f"{WIDTH} features, one thread; microseconds per call, best of 3")
+        print(table(["model", "batch", "torch us", "onnxruntime us", "torch / onnxruntime"], rows))
+        return 0
     batches = [int(b) for b in args.batches.split(",")]
     clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
-        version = publish(root)
+        version = publish(root, onnx=args.runtime == "onnx")
         extra = ["--inline-max-bytes", str(args.inline_max_bytes)] if args.inline_max_bytes is not None else []
-        server = ServeProcess(root / "serve.log", "--repo", str(root / "repo"), "--name", NAME, "--threads", str(args.threads), *extra)
+        server = ServeProcess(
+            root / "serve.log",
+            "--repo",
+            str(root / "repo"),
+            "--name",
+            NAME,
+            "--threads",
+            str(args.threads),
+            "--runtime",
+            args.runtime,
+            *extra,
+        )
         try:
             server.wait_ready()
             rows = []
@@ -154,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             server.kill()
     inline = "default" if args.inline_max_bytes is None else args.inline_max_bytes
     print(f"model: mlp {MODELS['mlp'].params}, {WIDTH} features, version {version}")
-    print(f"server: --threads {args.threads}, --inline-max-bytes {inline}")
+    print(f"server: --threads {args.threads}, --inline-max-bytes {inline}, --runtime {args.runtime}")
     print(table(["protocol", "batch", "clients", "requests", "requests/s", "rows/s", "p50 ms", "p99 ms", "failed"], rows))
     return 0
 

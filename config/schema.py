@@ -267,6 +267,11 @@ class PublishConfig:
     topic: str | None = opt(
         None, "Kafka topic (compacted: key = name) told about every version published; same cluster and client settings as kafka.*."
     )
+    onnx: bool = opt(
+        False,
+        "Also write model.onnx (the program's graph as ONNX, the onnx extra), checked with onnxruntime against torch before it "
+        "is kept; one that fails to export or to match is left out of that version and counted (docs/OPERATIONS.md).",
+    )
     candidates: bool = opt(
         False,
         "Also publish each candidate that is not the champion (trainer.candidates, a drift challenger) as <name>.<candidate>, "

@@ -15,6 +15,9 @@ model expects and gives back:
   the de-standardization of the output), loadable with ``torch.export.load(path).module()``
   and no model code at all; it takes raw features and gives what the trainer predicts
   (for regression: in the label's units).
+* ``onnx``: the same as ONNX (``daemon/onnx_export.py``, the ``onnx`` extra), checked with
+  onnxruntime against torch on a probe batch before it is kept; the categorical hashing
+  stays outside the graph (it takes the table rows).
 
 The numbers are the trainer's own float32 statistics (``RunningStandardizer.shift``,
 ``.scale`` and ``.std``), so either form reproduces the trainer's prediction exactly.
@@ -36,7 +39,7 @@ from streamtrain.models.served import Served
 
 __all__ = ["EXPORT_FORMATS", "export_model", "serving_spec", "sidecar_path", "standardization", "target_standardization"]
 
-EXPORT_FORMATS = ("state_dict", "program")
+EXPORT_FORMATS = ("state_dict", "program", "onnx")
 # 2: outputs.destandardize (regression trains on the standardized label); 3: categorical, missing, classes;
 # 4: outputs.calibration (a fitted temperature)
 SPEC_VERSION = 4
@@ -126,7 +129,7 @@ def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -
                 else "x_std"
             ),
             "standardize": {
-                "included_in_program": fmt == "program",
+                "included_in_program": fmt in ("program", "onnx"),
                 "formula": "x_std = (x - mean) * scale",
                 "mean": [float(v) for v in mean],
                 "scale": [float(v) for v in scale],
@@ -138,7 +141,7 @@ def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -
             "classes": list(trainer.get("classes") or []),
             "meaning": _OUTPUTS.get(trainer["task"], ""),
             "destandardize": {
-                "included_in_program": fmt == "program",
+                "included_in_program": fmt in ("program", "onnx"),
                 "formula": "y = output * std + mean",
                 "mean": float(y_mean[0]),
                 "std": float(y_std[0]),
@@ -146,7 +149,7 @@ def serving_spec(info: SnapshotInfo, state: dict, fmt: str, weights_file: str) -
             **(
                 {
                     "calibration": {
-                        "included_in_program": fmt == "program",
+                        "included_in_program": fmt in ("program", "onnx"),
                         "formula": "logits = output * logit_scale (1 / the temperature fitted online), then sigmoid or softmax",
                         "logit_scale": logit_scale(state),
                     }
@@ -176,11 +179,26 @@ def export_model(info: SnapshotInfo, state: dict, out: str | os.PathLike[str], f
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").clone() for k, v in state["model"].items()}
+    extra = {}
     if fmt == "state_dict":
         torch.save(weights, out)
-    else:
+    elif fmt == "program":
         torch.export.save(_program(info.meta, state, weights), out)
-    spec = serving_spec(info, state, fmt, out.name)
+    else:
+        from streamtrain.daemon.onnx_export import ATOL, RTOL, export_onnx
+
+        inputs = model_inputs_of(info.meta)
+        diff = export_onnx(served_module(info.meta, state, weights), out, _width(info.meta), inputs.categorical, inputs.buckets)
+        extra["onnx"] = {
+            "inputs": ["x: float32 [batch, num_features], NaN where missing"]
+            + (
+                ["ids: int64 [batch, categorical]: each field's table row, streamtrain hash v1 (not in the graph)"]
+                if inputs.categorical
+                else []
+            ),
+            "checked": {"max_abs_diff": diff, "atol": ATOL, "rtol": RTOL, "runtime": "onnxruntime, CPU"},
+        }
+    spec = {**serving_spec(info, state, fmt, out.name), **extra}
     sidecar_path(out).write_text(json.dumps(spec, indent=2) + "\n")
     return spec
 

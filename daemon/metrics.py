@@ -116,11 +116,12 @@ class Metrics:
         )
         self.publish_failures = Counter(
             "streamtrain_publish_failures",
-            "Publishes that failed, by stage (write: the version directory; topic: the record on publish.topic).",
+            "Publishes that failed, by stage (write: the version directory; topic: the record on publish.topic; "
+            "onnx: model.onnx left out of a version that was published).",
             ["stage"],
             registry=r,
         )
-        for stage in ("write", "topic"):
+        for stage in ("write", "topic", "onnx"):
             self.publish_failures.labels(stage)
         self.publish_skipped = Counter(
             "streamtrain_publish_skipped",

@@ -30,6 +30,7 @@ from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamtrain.config.schema import PublishConfig
+from streamtrain.daemon.errors import ConfigError
 from streamtrain.daemon.export import export_model
 from streamtrain.daemon.metrics import Metrics
 from streamtrain.daemon.newest import NewestOnly
@@ -63,6 +64,12 @@ class Publisher:
         self._durable = 0  # durable snapshots seen, for publish.every_snapshots
         self._producer: Producer | None = None
         self._topic_ready = False
+        if cfg.onnx:
+            from streamtrain.daemon.onnx_export import available
+
+            why = available()
+            if why is not None:
+                raise ConfigError([f"publish.onnx: {why}"])
         self.newests: dict[str, int] = {}  # by name in the repository: the newest version there (versions only grow)
         self.newest = self._newest(cfg.name)
         if self.newest >= 0:
@@ -129,6 +136,19 @@ class Publisher:
                 )
         return manifest
 
+    def _write_onnx(self, name: str, info: SnapshotInfo, state: dict[str, Any], tmp: Path) -> None:
+        """model.onnx, checked; a model that does not export, or does not match torch, is published without it."""
+        from streamtrain.daemon.onnx_export import OnnxMismatch
+
+        try:
+            export_model(info, state, tmp / "model.onnx", "onnx")
+        except Exception as exc:  # the exporter's errors are many and its own; the version goes out without ONNX
+            for f in (tmp / "model.onnx", tmp / "model.onnx.json", tmp / "model.onnx.data"):
+                f.unlink(missing_ok=True)
+            self.metrics.publish_failures.labels("onnx").inc()
+            what = "does not match torch" if isinstance(exc, OnnxMismatch) else "could not be exported as ONNX"
+            log.warning("version %d of %s is published without model.onnx: the model %s (%s)", info.step, name, what, str(exc)[:500])
+
     def _publish_as(self, name: str, info: SnapshotInfo, state: dict[str, Any]) -> dict | None:
         cfg, version = self.cfg, info.step
         newest = self._newest(name)
@@ -142,6 +162,8 @@ class Publisher:
             export_model(info, state, tmp / "model.pt", "state_dict")
             if cfg.program:
                 export_model(info, state, tmp / "model.pt2", "program")
+            if cfg.onnx:
+                self._write_onnx(name, info, state, tmp)
 
         meta = info.meta
         about = {

@@ -114,7 +114,7 @@ class ServedModel:
         }
 
 
-def load_version(path: str | Path, name: str) -> ServedModel:
+def load_version(path: str | Path, name: str, runtime: str = "torch", threads: int = 1) -> ServedModel:
     """Load and validate one version directory; :class:`VersionRefused` says why it cannot be served."""
     path = Path(path)
     try:
@@ -172,6 +172,8 @@ def load_version(path: str | Path, name: str) -> ServedModel:
     module = Served(
         model, mean, scale, *destandardize, missing=fields.impute, takes_ids=bool(fields.categorical), logit_scale=logit_scale
     ).eval()
+    if runtime == "onnx":
+        module = _onnx_module(path, manifest, module, threads, len(fields.categorical), fields.buckets)
     for p in module.parameters():
         p.requires_grad_(False)
     served = ServedModel(
@@ -195,6 +197,47 @@ def load_version(path: str | Path, name: str) -> ServedModel:
     )
     _probe(served, int(outputs.get("num_classes") or 0))
     return served
+
+
+class OnnxModule:
+    """``model.onnx`` in onnxruntime, called as the torch module is: raw rows (and table rows) in, a tensor out."""
+
+    def __init__(self, session, torch_module: Served) -> None:
+        self.session = session
+        self.names = [i.name for i in session.get_inputs()]
+        self.mean, self.scale, self.missing = torch_module.mean, torch_module.scale, torch_module.missing
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        feed = {self.names[0]: x.numpy()}
+        if len(self.names) > 1:
+            feed[self.names[1]] = ids.numpy()
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+    def parameters(self):
+        return iter(())
+
+
+def _onnx_module(path: Path, manifest: dict, module: Served, threads: int, fields: int, buckets: int) -> OnnxModule:
+    """``streamtrain serve --runtime onnx``: the version's model.onnx, checked against its torch module before it serves."""
+    if "model.onnx" not in manifest["files"]:
+        raise VersionRefused("--runtime onnx: the version has no model.onnx (publish.onnx was off, or its export failed)")
+    try:
+        import onnxruntime as ort
+
+        from streamtrain.daemon.onnx_export import OnnxMismatch, check, probe_inputs
+    except ImportError as exc:
+        raise VersionRefused(f"--runtime onnx: {exc}; pip install 'streamtrain[onnx]'") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    try:
+        session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        onnx = OnnxModule(session, module)
+        check(module, path / "model.onnx", probe_inputs(module, module.mean.shape[0], fields, buckets))
+    except OnnxMismatch as exc:
+        raise VersionRefused(f"model.onnx does not match the weights: {exc}") from exc
+    except Exception as exc:
+        raise VersionRefused(f"onnxruntime refused model.onnx: {str(exc).splitlines()[0][:300]}") from exc
+    return onnx
 
 
 def _probe(m: ServedModel, num_classes: int) -> None:

@@ -48,7 +48,13 @@ def add_parser(sub: Any) -> None:
         default=64 << 10,
         help="bodies up to this are predicted on the event loop, larger ones on a worker thread (default 64 KiB; 0: always a thread)",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per request (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch (or onnxruntime) intra-op threads per request (default 1)")
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        choices=("torch", "onnx"),
+        help="torch (model.pt, default) or onnx: each version's model.onnx in onnxruntime (publish.onnx; the onnx extra)",
+    )
     p.add_argument("--topic", help="publish.topic: a record there wakes the reload at once (with --bootstrap)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers of --topic")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -56,13 +62,20 @@ def add_parser(sub: Any) -> None:
 
 
 def build(
-    repo: str | Path, name: str, poll_s: float = 1.0, max_body_bytes: int = 4 << 20, max_instances: int = 4096, inline_bytes: int = 64 << 10
+    repo: str | Path,
+    name: str,
+    poll_s: float = 1.0,
+    max_body_bytes: int = 4 << 20,
+    max_instances: int = 4096,
+    inline_bytes: int = 64 << 10,
+    runtime: str = "torch",
+    threads: int = 1,
 ):
     """(ASGI app, watcher, metrics), the watcher having scanned once (so a version there is served from the first request)."""
     from streamtrain.serve.app import create_app
 
     metrics = ServeMetrics()
-    watcher = ModelWatcher(repo, name, metrics, poll_s)
+    watcher = ModelWatcher(repo, name, metrics, poll_s, runtime, threads)
     watcher.check()
     return create_app(watcher, metrics, max_body_bytes, max_instances, inline_bytes), watcher, metrics
 
@@ -86,7 +99,9 @@ def main(args: argparse.Namespace) -> int:
         print("streamtrain serve: --topic and --bootstrap go together", file=sys.stderr)
         return EXIT_USAGE
     torch.set_num_threads(max(1, args.threads))
-    app, watcher, _metrics = build(args.repo, name, args.poll_seconds, args.max_body_bytes, args.max_instances, args.inline_max_bytes)
+    app, watcher, _metrics = build(
+        args.repo, name, args.poll_seconds, args.max_body_bytes, args.max_instances, args.inline_max_bytes, args.runtime, args.threads
+    )
     watcher.start()
     nudger = None
     if args.topic:

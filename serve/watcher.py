@@ -30,11 +30,15 @@ log = logging.getLogger("streamtrain.serve")
 class ModelWatcher:
     """Keeps :attr:`current` at the newest valid version of ``name`` under ``root``; see the module docstring."""
 
-    def __init__(self, root: str | os.PathLike[str], name: str, metrics: ServeMetrics, poll_s: float = 1.0) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], name: str, metrics: ServeMetrics, poll_s: float = 1.0, runtime: str = "torch", threads: int = 1
+    ) -> None:
         self.root = Path(root)
         self.name = name
         self.metrics = metrics
         self.poll_s = poll_s
+        self.runtime = runtime  # torch, or onnx: each version's model.onnx in onnxruntime
+        self.threads = threads
         self.current: ServedModel | None = None
         self.previous: ServedModel | None = None
         self.refused: dict[int, tuple[tuple, str]] = {}  # version -> (its files when refused, why)
@@ -88,7 +92,7 @@ class ModelWatcher:
                 model = self.previous
             else:
                 try:
-                    model = load_version(v.path, self.name)
+                    model = load_version(v.path, self.name, self.runtime, self.threads)
                 except VersionRefused as exc:
                     if _files(v) is None:
                         continue  # pruned while it was read: not its fault

@@ -126,6 +126,13 @@ def test_serve_prints_requests_and_latency_for_each_batch(capsys):
     assert len(rows) == 4 and all(r[4].strip() == "40" and r[-2].strip() == "0" for r in rows), out
 
 
+def test_serve_forward_times_torch_and_onnxruntime(capsys):
+    pytest.importorskip("onnxruntime", reason="the onnx extra")
+    assert serve.main(["--forward", "--batches", "1", "--calls", "20"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {m} " in out for m in ("linear", "mlp", "transformer")) and "torch / onnxruntime" in out, out
+
+
 def test_fields_times_each_pass_over_consumed_messages(bootstrap, capsys):
     assert fields.main(["--format", "raw", "--samples", "3000", "--repeat", "1", "--bootstrap", bootstrap]) == 0
     out = capsys.readouterr().out

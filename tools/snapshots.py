@@ -57,7 +57,8 @@ def add_parser(sub: Any) -> None:
         choices=EXPORT_FORMATS,
         default="state_dict",
         help="state_dict: the model's weights for torch.load(weights_only=True); "
-        "program: torch.export of standardization + model, no model code needed (default state_dict)",
+        "program: torch.export of standardization + model, no model code needed; "
+        "onnx: the same as ONNX, checked with onnxruntime (the onnx extra) (default state_dict)",
     )
 
 
