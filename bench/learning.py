@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                                 action,
                                 "never" if back is None else f"{back:,}",
                                 *(_fmt(v) for v in (before, peak, after)),
+                                _fmt(run.mae if run.task == "regression" else run.accuracy),
                             ]
                         )
         cat_rows = run_categorical(broker.bootstrap, args) if args.categorical else []
@@ -393,9 +394,19 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"after each drift: samples until the error (mean of {args.window}) is back within {RECOVERY_TOLERANCE:.0%} "
             f"of its level before, after its peak (0: it never rose past that); the error before, at the peak, "
-            f"and over the {10 * args.window:,} samples after the drift"
+            f"and over the {10 * args.window:,} samples after the drift; the run's prequential accuracy / MAE over the whole stream"
         )
-        headers = ["stream", "drift at", "learner", "drift.action", "samples to recover", "error before", "peak", "next 10 windows"]
+        headers = [
+            "stream",
+            "drift at",
+            "learner",
+            "drift.action",
+            "samples to recover",
+            "error before",
+            "peak",
+            "next 10 windows",
+            "overall acc / MAE",
+        ]
         print(table(headers, drift_rows))
     return 0
 
