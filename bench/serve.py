@@ -118,11 +118,11 @@ def forward(models: list[str], batches: list[int], calls: int, repeat: int = 3) 
     """Microseconds per forward pass of the served module (standardization included), torch against onnxruntime, one thread.
 
     The module ``streamtrain serve`` runs (``Served``, random weights: speed does not depend on them) and its ONNX
-    export (``daemon/onnx_export.py``, checked against torch first); the best of ``repeat`` runs of ``calls`` calls.
+    export (``models/onnx_export.py``, checked against torch first); the best of ``repeat`` runs of ``calls`` calls.
     """
     import onnxruntime as ort
 
-    from streamtrain.daemon.onnx_export import export_onnx
+    from streamtrain.models.onnx_export import export_onnx
     from streamtrain.models.registry import Inputs, build_model
     from streamtrain.models.served import Served
 

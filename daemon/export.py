@@ -15,7 +15,7 @@ model expects and gives back:
   the de-standardization of the output), loadable with ``torch.export.load(path).module()``
   and no model code at all; it takes raw features and gives what the trainer predicts
   (for regression: in the label's units).
-* ``onnx``: the same as ONNX (``daemon/onnx_export.py``, the ``onnx`` extra), checked with
+* ``onnx``: the same as ONNX (``models/onnx_export.py``, the ``onnx`` extra), checked with
   onnxruntime against torch on a probe batch before it is kept; the categorical hashing
   stays outside the graph (it takes the table rows).
 
@@ -185,7 +185,7 @@ def export_model(info: SnapshotInfo, state: dict, out: str | os.PathLike[str], f
     elif fmt == "program":
         torch.export.save(_program(info.meta, state, weights), out)
     else:
-        from streamtrain.daemon.onnx_export import ATOL, RTOL, export_onnx
+        from streamtrain.models.onnx_export import ATOL, RTOL, export_onnx
 
         inputs = model_inputs_of(info.meta)
         diff = export_onnx(served_module(info.meta, state, weights), out, _width(info.meta), inputs.categorical, inputs.buckets)

@@ -65,7 +65,7 @@ class Publisher:
         self._producer: Producer | None = None
         self._topic_ready = False
         if cfg.onnx:
-            from streamtrain.daemon.onnx_export import available
+            from streamtrain.models.onnx_export import available
 
             why = available()
             if why is not None:
@@ -138,7 +138,7 @@ class Publisher:
 
     def _write_onnx(self, name: str, info: SnapshotInfo, state: dict[str, Any], tmp: Path) -> None:
         """model.onnx, checked; a model that does not export, or does not match torch, is published without it."""
-        from streamtrain.daemon.onnx_export import OnnxMismatch
+        from streamtrain.models.onnx_export import OnnxMismatch
 
         try:
             export_model(info, state, tmp / "model.onnx", "onnx")

@@ -224,7 +224,7 @@ def _onnx_module(path: Path, manifest: dict, module: Served, threads: int, field
     try:
         import onnxruntime as ort
 
-        from streamtrain.daemon.onnx_export import OnnxMismatch, check, probe_inputs
+        from streamtrain.models.onnx_export import OnnxMismatch, check, probe_inputs
     except ImportError as exc:
         raise VersionRefused(f"--runtime onnx: {exc}; pip install 'streamtrain[onnx]'") from exc
     options = ort.SessionOptions()

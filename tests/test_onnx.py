@@ -70,7 +70,7 @@ def test_each_version_carries_an_onnx_file_that_runs_as_the_program_does(tmp_pat
 def test_a_model_that_does_not_export_is_published_without_onnx_and_counted(tmp_path, monkeypatch):
     """The exporter fails (here made to: the real failures are the exporter's own, many and version-bound): the version
     is published with its other files, the failure counted and logged, and serve --runtime onnx refuses that version."""
-    import streamtrain.daemon.onnx_export as onnx_export
+    import streamtrain.models.onnx_export as onnx_export
     from streamtrain.serve.model import VersionRefused, load_version
 
     def broken(*_a, **_k):
