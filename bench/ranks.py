@@ -2,7 +2,7 @@
 
 ``python -m bench.ranks --ranks 1,2 --samples 200000 --repeat 2``: for each run a fresh topic
 of ``--samples`` raw records (4 partitions) is filled first, then the daemon trains it to
-the end, launched alone (1) or by ``torchrun --standalone --nproc-per-node=N``; the rate is
+the end, launched alone (1) or as N ranks (``streamtrain run --nproc-per-node N``); the rate is
 the samples trained between the first step and the last record, read from every rank's
 /metrics.  Every rank runs its own ingest process, so on a small machine the ranks share
 the cores with each other, their ingest processes and the broker: the table says what
@@ -51,7 +51,7 @@ def run(bootstrap: str, ranks: int, n: int, model: str, workdir: Path) -> tuple[
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "streamtrain", "run", "--config", str(path)]
     if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *cmd[1:]]
+        cmd.append(f"--nproc-per-node={ranks}")  # torch.distributed.run, as torchrun --standalone
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         t0 = s0 = None

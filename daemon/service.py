@@ -26,6 +26,7 @@ import time
 
 from streamtrain.config.schema import Config
 from streamtrain.daemon.errors import ConfigError, SnapshotLockedError, StreamtrainError
+from streamtrain.daemon.launch import report
 from streamtrain.daemon.metrics import Health, Metrics, MetricsServer
 from streamtrain.daemon.notify import Heartbeat, Notifier
 from streamtrain.daemon.ranks import World
@@ -46,6 +47,7 @@ def run(cfg: Config) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
+    report(world.rank, "started")  # to `streamtrain run --nproc-per-node`, when it launched this rank
     stop = threading.Event()
     metrics = Metrics()
     health = Health(cfg.metrics.stall_after_s)
@@ -91,6 +93,8 @@ def run(cfg: Config) -> int:
         if server is not None:
             server.close()
     log.info("stopped (exit %d) at step %d, %s samples trained", code, trainer.step_count, f"{trainer.samples:,}")
+    # a failed collective is another rank's failure seen from here: the launcher names the rank that failed first
+    report(world.rank, f"{code} peer" if code and trainer.coll is not None and trainer.coll.broken else str(code))
     if world.ranked:
         # A process group whose peers died can leave torch.distributed threads that hold the
         # interpreter's exit until torchrun's SIGKILL, 30 s later (seen after a failed start):

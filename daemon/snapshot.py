@@ -24,10 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from streamtrain.daemon.errors import SnapshotError, SnapshotLockedError
-from streamtrain.daemon.snapshot_state import _check, _map_tensors
 from streamtrain.serve.repository import fsync_dir, sha256, write_synced
 
 __all__ = ["SnapshotInfo", "SnapshotStore"]
@@ -126,6 +123,10 @@ class SnapshotStore:
         Nothing is left behind on failure. ``created`` and ``format_version`` in ``meta``
         are set here, so a meta read back from a snapshot can be passed in again.
         """
+        import torch  # here, not at the top: `streamtrain snapshots list/show` read meta and manifests only
+
+        from streamtrain.daemon.snapshot_state import _check
+
         step = _check(state, meta)
         created = time.time()
         unix_ms = int(created * 1000)
@@ -186,6 +187,8 @@ class SnapshotStore:
                     log.error("%s", move_exc)
                 continue
             if map_location != "cpu":
+                from streamtrain.daemon.snapshot_state import _map_tensors
+
                 try:
                     state = _map_tensors(state, lambda t: t.to(map_location))
                 except (RuntimeError, ValueError) as exc:  # not the snapshot's fault: no quarantine
@@ -312,6 +315,8 @@ class SnapshotStore:
 
 def _load_state(path: Path) -> dict:
     """torch.load without pickle code execution; any failure means the snapshot is unusable."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

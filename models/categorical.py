@@ -88,16 +88,3 @@ class AffineWithTable(nn.Module):
         if self.table is not None:
             out = out + self.table(ids)
         return out
-
-
-def check(categorical: int, buckets: int, embedding_dim: int | None = None, indicators: int = 0, in_features: int = 0) -> list[str]:
-    problems = []
-    if not isinstance(categorical, int) or categorical < 0:
-        problems.append(f"categorical: must be >= 0 (the number of categorical fields), got {categorical!r}")
-    elif categorical and (not isinstance(buckets, int) or buckets <= 0):
-        problems.append(f"buckets: must be > 0 with categorical fields (data.hash_buckets), got {buckets!r}")
-    if embedding_dim is not None and (not isinstance(embedding_dim, int) or embedding_dim <= 0):
-        problems.append(f"embedding_dim: must be > 0, got {embedding_dim!r}")
-    if not isinstance(indicators, int) or indicators < 0 or (isinstance(in_features, int) and 2 * indicators > in_features):
-        problems.append(f"indicators: must be >= 0 and at most half of in_features, got {indicators!r}")
-    return problems

@@ -14,34 +14,11 @@ output (``out_features``, multiclass) maps the k interaction sums through a line
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from streamtrain.models.categorical import bag, blank_linear, check, table
-
-
-@dataclass(frozen=True)
-class FMConfig:
-    in_features: int = 0  # numbers (and their "was missing" marks), filled from the stream
-    out_features: int = 1
-    categorical: int = 0  # categorical fields (filled from data.categorical)
-    buckets: int = 0  # rows of the hashed table (filled from data.hash_buckets)
-    embedding_dim: int = 16  # k, the factors' width
-    embedding_std: float = 0.01  # the factors' initial spread
-    indicators: int = 0  # the last inputs that are 0/1 "was missing" marks (filled when data.missing is impute)
-    sparse: bool = True  # sparse gradients for the tables: a step updates the rows its batch holds (False: every row)
-
-    def validate(self) -> list[str]:
-        problems = check(self.categorical, self.buckets, self.embedding_dim, self.indicators, self.in_features)
-        if not isinstance(self.in_features, int) or self.in_features < 0 or (self.in_features == 0 and not self.categorical):
-            problems.append(f"in_features: must be > 0 (or categorical fields given), got {self.in_features!r}")
-        if not isinstance(self.out_features, int) or self.out_features <= 0:
-            problems.append(f"out_features: must be > 0, got {self.out_features!r}")
-        if not isinstance(self.embedding_std, (int, float)) or self.embedding_std < 0:
-            problems.append(f"embedding_std: must be >= 0, got {self.embedding_std!r}")
-        return problems
+from streamtrain.models.categorical import bag, blank_linear, table
+from streamtrain.models.configs import FMConfig
 
 
 class FM(nn.Module):

@@ -7,31 +7,8 @@ with categorical fields, one learned weight per row of the hashed table for each
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from streamtrain.models.categorical import AffineWithTable, check
-
-
-@dataclass(frozen=True)
-class LinearConfig:
-    """Shape of a linear model; ``in_features`` is usually filled from the stream."""
-
-    in_features: int = 0
-    out_features: int = 1
-    bias: bool = True
-    categorical: int = 0  # categorical fields (filled from data.categorical)
-    buckets: int = 0  # rows of the hashed table (filled from data.hash_buckets)
-
-    def validate(self) -> list[str]:
-        """Every problem with this config, as ``field: must be ..., got X``."""
-        problems = check(self.categorical, self.buckets)
-        if not isinstance(self.in_features, int) or self.in_features < 0 or (self.in_features == 0 and not self.categorical):
-            problems.append(f"in_features: must be > 0, got {self.in_features!r}")
-        if not isinstance(self.out_features, int) or self.out_features <= 0:
-            problems.append(f"out_features: must be > 0, got {self.out_features!r}")
-        if not isinstance(self.bias, bool):
-            problems.append(f"bias: must be a bool, got {self.bias!r}")
-        return problems
+from streamtrain.models.categorical import AffineWithTable
+from streamtrain.models.configs import LinearConfig
 
 
 class Linear(AffineWithTable):

@@ -12,23 +12,21 @@ import dataclasses
 import importlib
 import inspect
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from streamtrain.models.fm import FM, FMConfig
-from streamtrain.models.linear import Linear, LinearConfig
-from streamtrain.models.logistic import Logistic, LogisticConfig
-from streamtrain.models.mlp import MLP, MLPConfig
-from streamtrain.models.transformer import TransformerRegressor, TransformerRegressorConfig
+from streamtrain.models.configs import FMConfig, LinearConfig, LogisticConfig, MLPConfig, TransformerRegressorConfig
 from streamtrain.streams.errors import StreamtrainError
 
-MODELS: dict[str, tuple[type, type]] = {
-    "linear": (LinearConfig, Linear),
-    "logistic": (LogisticConfig, Logistic),
-    "mlp": (MLPConfig, MLP),
-    "transformer": (TransformerRegressorConfig, TransformerRegressor),
-    "fm": (FMConfig, FM),
+if TYPE_CHECKING:
+    from torch import nn
+
+# built-in name -> (config class, module class's import path); the module (and torch) is imported when one is built
+MODELS: dict[str, tuple[type, str]] = {
+    "linear": (LinearConfig, "streamtrain.models.linear:Linear"),
+    "logistic": (LogisticConfig, "streamtrain.models.logistic:Logistic"),
+    "mlp": (MLPConfig, "streamtrain.models.mlp:MLP"),
+    "transformer": (TransformerRegressorConfig, "streamtrain.models.transformer:TransformerRegressor"),
+    "fm": (FMConfig, "streamtrain.models.fm:FM"),
 }
 
 
@@ -52,7 +50,9 @@ def resolve(name: str) -> tuple[type | None, type]:
     one it is None and the class is constructed with keyword arguments.
     """
     if name in MODELS:
-        return MODELS[name]
+        config_cls, path = MODELS[name]
+        module_name, _, attr = path.partition(":")
+        return config_cls, getattr(importlib.import_module(module_name), attr)
     if ":" not in name:
         known = ", ".join(sorted(MODELS))
         raise ModelSpecError(f'unknown model {name!r}; built-in models are {known}, and user models are given as "package.module:Class"')
@@ -70,6 +70,8 @@ def resolve(name: str) -> tuple[type | None, type]:
         if not hasattr(obj, attr):
             raise ModelSpecError(f"module {module_name!r} has no attribute {attr_path!r}")
         obj = getattr(obj, attr)
+    from torch import nn
+
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise ModelSpecError(f"{name!r} is not a torch.nn.Module subclass (got {obj!r})")
     config_cls = getattr(obj, "Config", None)
@@ -113,7 +115,7 @@ def make_config(name: str, params: dict, inputs: int | Inputs) -> object:
     unknown key, wrongly typed value and failed validation.
     """
     inputs = inputs if isinstance(inputs, Inputs) else Inputs(int(inputs))
-    config_cls, module_cls = resolve(name)
+    config_cls, module_cls = (MODELS[name][0], None) if name in MODELS else resolve(name)
     if params is None:
         params = {}
     if not isinstance(params, dict):

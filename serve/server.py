@@ -17,7 +17,6 @@ from typing import Any
 
 from streamtrain.serve.metrics import ServeMetrics
 from streamtrain.serve.repository import NAME_RE
-from streamtrain.serve.watcher import ModelWatcher
 from streamtrain.streams.logs import setup_logging
 
 __all__ = ["add_parser", "build", "main"]
@@ -73,6 +72,7 @@ def build(
 ):
     """(ASGI app, watcher, metrics), the watcher having scanned once (so a version there is served from the first request)."""
     from streamtrain.serve.app import create_app
+    from streamtrain.serve.watcher import ModelWatcher  # torch: here, so the CLI's other commands start without it
 
     metrics = ServeMetrics()
     watcher = ModelWatcher(repo, name, metrics, poll_s, runtime, threads)

@@ -64,8 +64,10 @@ class Daemon:
         own_group: bool = False,
         ranks: int = 0,
         max_restarts: int = 0,
+        launcher: str = "streamtrain",
     ) -> None:
-        """``ranks``: launched by torchrun (``--standalone``) as that many ranks, each serving /metrics on port + rank."""
+        """``ranks``: that many ranks, each serving /metrics on port + rank, launched by ``streamtrain run --nproc-per-node``
+        (``launcher="torchrun"``: by ``torchrun --standalone ... streamtrain run``, as users of torchrun do)."""
         self.config_path = config_path
         self.log_path = log_path
         self.cfg = yaml.safe_load(config_path.read_text())
@@ -74,9 +76,12 @@ class Daemon:
         own_group = own_group or bool(ranks)  # reaped as a group: killing torchrun alone would orphan its ranks
         self._log = open(log_path, "ab")
         run = ["-m", "streamtrain", "run", "--config", str(config_path)]
-        if ranks:
-            launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", f"--max-restarts={max_restarts}"]
-            run = [*launcher, "--monitor-interval=0.5", *run]
+        self.launcher = launcher if ranks else ""
+        if ranks and launcher == "torchrun":
+            torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", f"--max-restarts={max_restarts}"]
+            run = [*torchrun, "--monitor-interval=0.5", *run]
+        elif ranks:
+            run = [*run, f"--nproc-per-node={ranks}", f"--max-restarts={max_restarts}"]
         self.proc = subprocess.Popen(
             [sys.executable, *run],
             cwd=ROOT,

@@ -193,7 +193,7 @@ def test_valid_configs_have_no_problems(name: str) -> None:
 
 
 def test_constructor_raises_with_every_problem() -> None:
-    config_cls, module_cls = MODELS["mlp"]
+    config_cls, module_cls = resolve("mlp")
     with pytest.raises(ValueError, match=r"in_features: must be > 0.*hidden: every size"):
         module_cls(config_cls(in_features=0, hidden=(0,)))
 
@@ -203,7 +203,8 @@ def test_constructor_raises_with_every_problem() -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_resolve_builtin(name: str) -> None:
-    assert resolve(name) == MODELS[name]
+    config_cls, module_cls = resolve(name)
+    assert config_cls is MODELS[name][0] and f"{module_cls.__module__}:{module_cls.__name__}" == MODELS[name][1]
 
 
 def test_unknown_name_lists_known_models() -> None:
@@ -344,3 +345,10 @@ def test_forward_on_cuda(name: str) -> None:
     out = model(torch.randn(8, IN_FEATURES, device="cuda"))
     assert out.shape == (8, output_size(model.config))
     assert out.device.type == "cuda"
+
+
+def test_the_mlps_activations_are_the_ones_its_config_accepts() -> None:
+    from streamtrain.models.configs import ACTIVATION_NAMES
+    from streamtrain.models.mlp import ACTIVATIONS
+
+    assert tuple(ACTIVATIONS) == ACTIVATION_NAMES

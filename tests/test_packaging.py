@@ -92,9 +92,10 @@ def test_compose_file_validates_with_docker_compose():
     assert gpu_service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     ranks = ROOT / "deploy" / "compose.ranks.yml"
     r = subprocess.run([exe, "-f", str(COMPOSE), "-f", str(ranks), "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"docker-compose config with the torchrun override:\n{r.stdout}{r.stderr}"
+    assert r.returncode == 0, f"docker-compose config with the ranks override:\n{r.stdout}{r.stderr}"
     ranked = yaml.safe_load(r.stdout)["services"]["streamtrain"]
-    assert ranked["entrypoint"] == ["torchrun"] and ranked["command"][-4:] == ["streamtrain", "run", "--config", CONFIG_IN_IMAGE]
+    assert ranked["command"] == ["run", "--config", CONFIG_IN_IMAGE, "--nproc-per-node=2", "--max-restarts=3"]
+    assert ranked.get("entrypoint") == st.get("entrypoint"), "the image's own streamtrain entrypoint launches the ranks"
 
 
 def test_compose_services_point_at_each_other():
@@ -604,7 +605,7 @@ def test_systemd_unit_is_a_hardened_notify_service():
     assert one["Install.WantedBy"] == "multi-user.target"
 
 
-@pytest.mark.parametrize("unit", [UNIT, UNIT.with_name("streamtrain-torchrun.service")], ids=["one", "torchrun"])
+@pytest.mark.parametrize("unit", [UNIT, UNIT.with_name("streamtrain-ranks.service")], ids=["one", "ranks"])
 def test_systemd_unit_verifies(tmp_path, unit):
     exe = tool("systemd-analyze")
     bin_dir = Path(sys.executable).parent

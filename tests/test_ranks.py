@@ -83,11 +83,14 @@ def test_a_step_over_two_ranks_is_one_step_over_the_union_of_their_batches(ranke
 # ----------------------------------------------------------------------------- the daemon on several ranks
 
 
-def launch_ranks(tmp_path: Path, cfg: dict, name: str, ranks: int, max_restarts: int = 0, env: dict | None = None) -> Daemon:
+def launch_ranks(
+    tmp_path: Path, cfg: dict, name: str, ranks: int, max_restarts: int = 0, env: dict | None = None, launcher: str = "streamtrain"
+) -> Daemon:
+    """``streamtrain run --nproc-per-node`` (``launcher="torchrun"``: torchrun's own command line)."""
     path = write_config(tmp_path / f"{name}.yaml", cfg)
     if ranks == 1:
         return Daemon(path, tmp_path / f"{name}.log", env=env)
-    return Daemon(path, tmp_path / f"{name}.log", ranks=ranks, max_restarts=max_restarts, env=env)
+    return Daemon(path, tmp_path / f"{name}.log", ranks=ranks, max_restarts=max_restarts, env=env, launcher=launcher)
 
 
 def merged(d: Daemon) -> dict[str, float]:
@@ -131,11 +134,10 @@ def stop_ranks(d: Daemon, ranks: int) -> None:
     """SIGTERM to torchrun (or the one daemon): every rank stops at the same step, rank 0 writes the final snapshot."""
     code, _ = d.terminate(timeout=60)
     log = d.log()
-    if ranks == 1:
-        assert code == 0, log[-3000:]
-        return
+    if ranks == 1 or d.launcher == "streamtrain":
+        assert code == 0, log[-3000:]  # streamtrain run --nproc-per-node: 0 once every rank stopped cleanly
     # torchrun forwards the signal to its ranks; it then exits 1 itself (it re-raises the signal as an exception)
-    assert log.count("stopped (exit 0)") == ranks, log[-4000:]
+    assert log.count("stopped (exit 0)") == max(1, ranks), log[-4000:]
     assert "final snapshot" in log, log[-4000:]
 
 
@@ -149,7 +151,7 @@ def test_partitions_split_by_rank_and_a_quiet_rank_neither_blocks_nor_stalls(tmp
     producer = LedgerProducer(bootstrap, topic, partitions=3, silent=(1,))
     producer.send(3000)
     producer.producer.flush(30)
-    d = launch_ranks(tmp_path, cfg, "two", 2)
+    d = launch_ranks(tmp_path, cfg, "two", 2, launcher="torchrun")  # torchrun's own command line keeps working
     wait_drained(d, topic, producer)
     m = d.rank_metrics()
     assert m[idle]["streamtrain_samples_trained_total"] == 0 and m[1 - idle]["streamtrain_samples_trained_total"] == 3000
@@ -314,8 +316,9 @@ def wait_restarted(d: Daemon, old: list[int], timeout: float) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["control-group-term"])
 def test_a_signal_to_every_process_stops_every_rank_cleanly(tmp_path, bootstrap, make_topic, sig):
     """systemd's control-group stop (KillMode=control-group) signals every process: each rank gets it from systemd and once
-    more from torchrun, which forwards it; their ingest processes get it too.  (torchrun starts its ranks in sessions of
-    their own, so a terminal's Ctrl-C reaches torchrun alone, which forwards it: one copy.)"""
+    more from the launcher (torch.distributed.run's agent), which forwards it; their ingest processes get it too.  (The
+    ranks run in sessions of their own, so a terminal's Ctrl-C reaches the launcher alone, which forwards it: one copy.)
+    The launch then exits 0, as a service manager must see it."""
     topic = make_topic(4)
     cfg = ledger_config(tmp_path, bootstrap, topic)
     producer = LedgerProducer(bootstrap, topic)
@@ -328,11 +331,12 @@ def test_a_signal_to_every_process_stops_every_rank_cleanly(tmp_path, bootstrap,
         everyone += [c for pid in everyone[1:] for c in children(pid)]
         for pid in everyone:  # as the cgroup's kill: at once, in no particular order
             os.kill(pid, sig)
-        d.wait_exit(60)
+        code = d.wait_exit(60)
     finally:
         producer.stop()
     log = d.log()
     assert log.count("stopped (exit 0)") == 2 and "final snapshot" in log, log[-4000:]
+    assert code == 0 and "every rank of this host (2) stopped cleanly" in log, (code, log[-4000:])  # a service manager's success
     # the copy torchrun forwards arrives while a rank stops (most runs log "(forwarded by torchrun)"), or after it left
     assert "exiting now" not in log, "the forwarded copy of the signal was taken for a second one"
     d = launch_ranks(tmp_path, cfg, "drain", 2)
@@ -340,11 +344,31 @@ def test_a_signal_to_every_process_stops_every_rank_cleanly(tmp_path, bootstrap,
     stop_ranks(d, 2)
     lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
     record(
-        f"{sig.name} to every process (torchrun, 2 ranks, their ingest: a control-group stop)",
+        f"{sig.name} to every process (streamtrain run --nproc-per-node 2, its ranks, their ingest: a control-group stop)",
         trials=1,
         produced=producer.total,
         lost=lost,
         duplicated=dup,
-        recovery="both ranks exit 0 after the final snapshot",
-        notes="torchrun's forwarded copy is the same stop",
+        recovery="both ranks exit 0 after the final snapshot, and so does the launch",
+        notes="the launcher's forwarded copy is the same stop",
     )
+
+
+@pytest.mark.integration
+def test_a_rank_that_fails_makes_the_launch_fail_with_its_exit_status_and_names_it(tmp_path, bootstrap, make_topic):
+    """``streamtrain run --nproc-per-node 2`` with the snapshot directory locked by another process: rank 0 exits 3
+    (locked), the launch stops the other rank and exits 3 itself, naming the rank -- not 0, not torchrun's generic 1."""
+    from streamtrain.daemon.snapshot import SnapshotStore
+
+    topic = make_topic(2)
+    cfg = ledger_config(tmp_path, bootstrap, topic, partitions=2)
+    holder = SnapshotStore(tmp_path / "snapshots")
+    holder.lock()  # as a second daemon on the same directory would hold it
+    try:
+        d = launch_ranks(tmp_path, cfg, "locked", 2)
+        code = d.wait_exit(90)
+    finally:
+        holder.unlock()
+    log = d.log()
+    assert code == 3, (code, log[-4000:])
+    assert "rank 0 (local rank 0 on" in log and "failed: exit 3" in log, log[-4000:]

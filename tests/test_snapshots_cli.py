@@ -322,3 +322,29 @@ def test_produce_then_train_then_export_from_the_running_daemon(tmp_path, bootst
     assert final["samples"] == n and sum(p["offset"] for p in final["positions"]) == n
     weights = torch.load(tmp_path / "model.pt", weights_only=True)
     assert set(weights) == set(build_model("mlp", {"hidden": [32]}, len(FEATURES)).state_dict())
+
+
+def test_the_commands_that_do_not_train_never_import_torch(tmp_path):
+    """--help, check-config, snapshots list/show and produce --help start without torch (seconds to import): only `run`,
+    `serve` and `snapshots export` need it.  In a fresh interpreter, as a user's shell runs them."""
+    from streamtrain.daemon.export import EXPORT_FORMATS
+    from streamtrain.tools import snapshots
+
+    assert snapshots.EXPORT_FORMATS == EXPORT_FORMATS  # the CLI's copy, kept without importing daemon/export.py
+    train(tmp_path, {"name": "linear"}, snapshots=1)
+    cfg = tmp_path / "c.yaml"
+    kafka = {"bootstrap_servers": "127.0.0.1:9", "topics": ["t"]}
+    cfg.write_text(yaml.safe_dump({"kafka": kafka, "data": {"features": ["a"], "label": "y"}}))
+    probe = (
+        "import contextlib, io, sys\n"
+        "from streamtrain.cli import main\n"
+        "for argv in sys.argv[1:]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv.split())\n"
+        "    print(argv.split()[0], 'torch' in sys.modules)\n"
+    )
+    snaps = tmp_path / "snaps"
+    argvs = ["--help", f"check-config {cfg}", f"snapshots list --dir {snaps}", f"snapshots show latest --dir {snaps}", "produce --help"]
+    done = subprocess.run([sys.executable, "-c", probe, *argvs], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:-1] == [f"{a.split()[0]} False" for a in argvs], done.stdout

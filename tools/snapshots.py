@@ -14,15 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from streamtrain.config.secrets import redacted
 from streamtrain.daemon.errors import SnapshotError
-from streamtrain.daemon.export import EXPORT_FORMATS, export_model, sidecar_path
 from streamtrain.daemon.snapshot import STATE_FILE, SnapshotInfo, SnapshotStore
 
 __all__ = ["add_parser", "main"]
+
+# daemon/export.py's EXPORT_FORMATS, without importing torch for `list` and `show` (tests/test_snapshots_cli.py checks they agree)
+EXPORT_FORMATS = ("state_dict", "program", "onnx")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -265,6 +266,10 @@ def _redact(value: Any, key: str = "") -> Any:
 
 
 def _export(store: SnapshotStore, info: SnapshotInfo, out: str, fmt: str) -> int:
+    import torch
+
+    from streamtrain.daemon.export import export_model, sidecar_path
+
     store.verify(info)
     try:
         state = torch.load(info.path / STATE_FILE, map_location="cpu", weights_only=True)
