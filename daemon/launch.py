@@ -8,7 +8,7 @@ overrides.  What it adds is the exit status a service manager can trust:
 - a stop (SIGTERM, SIGINT, SIGHUP, SIGQUIT to this process, or to the whole group as
   systemd's ``KillMode=control-group`` sends it) reaches every rank; each stops at the same
   step, rank 0 writes the final snapshot, and each rank reports its exit status here.  When
-  every rank of this host's last attempt stopped with 0, this process exits **0**.  torchrun
+  every rank this host runs stopped with 0, this process exits **0**.  torchrun
   re-raises the signal and exits 1 after the same clean stop, which is why a unit running
   torchrun had to count exit 1 as success -- and then a real failure too.
 - a rank that fails once the restarts (``--max-restarts``) are spent: the exit status of the
@@ -18,7 +18,7 @@ overrides.  What it adds is the exit status a service manager can trust:
   was killed: exit 1, naming it.
 
 The ranks report through files in a private directory (``STREAMTRAIN_LAUNCH_DIR``), one
-per rank and restart attempt, written when the rank starts and again with its exit status
+per local rank (each restart's process overwrites it), written when the rank starts and again with its exit status
 (``daemon/service.py``); a rank whose collective broke says so, its failure being another
 rank's.  ``torchrun ... --no-python streamtrain run --config F`` still works as before:
 without this variable nothing is written.
@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
+import signal
 import socket
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("streamtrain.launch")
@@ -45,9 +46,10 @@ PASSED = (
     ("--nproc-per-node", "ranks on this host (torchrun's --nproc-per-node); launching them makes this process the elastic agent"),
     ("--nnodes", "hosts, N or MIN:MAX for an elastic group (torchrun's --nnodes; default 1)"),
     ("--node-rank", "this host's rank with the static rendezvous (torchrun's --node-rank)"),
-    ("--rdzv-backend", "rendezvous backend (torchrun's; default c10d with --rdzv-endpoint, else static)"),
+    ("--rdzv-backend", "rendezvous backend (torchrun's; default c10d with --rdzv-endpoint and no --node-rank, else static)"),
     ("--rdzv-endpoint", "HOST:PORT where the hosts meet (torchrun's --rdzv-endpoint)"),
     ("--rdzv-id", "the group's id: the same on every host (torchrun's --rdzv-id)"),
+    ("--rdzv-conf", "rendezvous settings, KEY=VALUE,... (torchrun's --rdzv-conf: join_timeout, is_host, ...)"),
     ("--max-restarts", "how many times a failed group is started again, from the last snapshot (torchrun's; default 0)"),
     ("--local-addr", "the address other hosts reach this one at (torchrun's --local-addr; default: the host name)"),
 )
@@ -74,7 +76,13 @@ def launch(args: argparse.Namespace, cfg: object) -> int:
     launcher = [f"{flag}={getattr(args, _dest(flag))}" for flag, _ in PASSED if getattr(args, _dest(flag)) is not None]
     if args.nproc_per_node is None:
         launcher.append("--nproc-per-node=1")
+    if args.rdzv_endpoint and args.rdzv_backend is None and args.node_rank is None:
+        launcher.append("--rdzv-backend=c10d")  # torchrun's default, static, would make every host node 0 without --node-rank
     rank_args = ["run", "--config", args.config, *(a for o in args.overrides for a in ("--set", o))]
+    # A host that comes back (a new agent) after a restart waits forever for the rendezvous's MASTER_ADDR when the
+    # agents share one TCP store: rank 0's agent wrote it in the first round only (torch 2.13's dynamic_rendezvous
+    # caches it; seen in tests/test_hosts.py).  Without sharing, every round writes its own; rank 0 hosts the ranks' store.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     with tempfile.TemporaryDirectory(prefix="streamtrain-launch-") as reports:
         os.environ[ENV] = reports
         try:
@@ -94,6 +102,12 @@ def _run(launcher: list[str], rank_args: list[str], reports: Path) -> int:
         return EXIT_CONFIG if exc.code else EXIT_OK
     nproc = int(targs.nproc_per_node)
     log.info("launching %d rank(s) on %s (nnodes %s, max restarts %d)", nproc, socket.gethostname(), targs.nnodes, targs.max_restarts)
+
+    def stop_before_the_ranks(signum: int, _frame: object) -> None:  # torch's own handlers take over once the ranks start
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, stop_before_the_ranks)
     try:
         torchrun.run(targs)
     except SignalException as exc:
@@ -105,75 +119,76 @@ def _run(launcher: list[str], rank_args: list[str], reports: Path) -> int:
 
 
 def _after_stop(reports: Path, nproc: int, signame: str) -> int:
-    """After a stop signal: 0 when every rank of this host's last attempt reported a clean stop."""
-    latest = _latest(reports)
-    if not latest:
-        log.error("%s: no rank had started; nothing to stop", signame)
-        return EXIT_FAILURE
-    attempt = next(iter(latest))[0]
-    last = {rank: status for (_, rank), (status, _) in latest.items()}
-    bad = {rank: status.split()[0] for rank, status in last.items() if status != "0"}
-    missing = nproc - len(last)
-    if not bad and missing == 0:
+    """After a stop signal: 0 when every rank this host runs reported a clean stop."""
+    last = read_reports(reports)
+    if not last:
+        log.info("%s while no rank was running (waiting at the rendezvous): nothing to stop", signame)
+        return EXIT_OK
+    bad = {local: r for local, r in last.items() if r.status != "0"}
+    missing = [local for local in range(nproc) if local not in last]
+    if not bad and not missing:
         log.info("%s: every rank of this host (%d) stopped cleanly, the final snapshot written by rank 0", signame, nproc)
         return EXIT_OK
-    for rank, status in sorted(bad.items()):
-        if status == "started":
-            log.error("%s: rank %d did not finish its stop (killed after the grace period, or died)", signame, rank)
+    for local, r in sorted(bad.items()):
+        if r.status == "started":
+            log.error(
+                "%s: rank %d (local rank %d) did not finish its stop (killed after the grace period, or died)", signame, r.rank, local
+            )
         else:
-            log.error("%s: rank %d stopped with exit %s", signame, rank, status)
+            log.error("%s: rank %d (local rank %d) stopped with exit %s", signame, r.rank, local, r.status)
     if missing:
-        log.error("%s: %d rank(s) of attempt %d never started", signame, missing, attempt)
+        log.error("%s: local rank(s) %s never started", signame, ", ".join(map(str, missing)))
     return EXIT_FAILURE
 
 
 def _failed(exc: object, reports: Path) -> int:
-    """The status of the rank that failed first: its own report's time says which (the others' collectives then failed)."""
+    """The status of the rank that failed first, its own failure, not a collective that broke under it (``1 peer``)."""
     for r, f in sorted(exc.failures.items()):
         how = f"killed by signal {f.signal_name()}" if f.exitcode < 0 else f"exit {f.exitcode}"
         log.error("rank %d (local rank %d on %s, pid %d) failed: %s", r, f.local_rank, socket.gethostname(), f.pid, how)
     log.error("the group failed and its restarts are spent; the last durable snapshot is kept")
     exits = sorted(
-        (mtime, rank, int(status)) for (_, rank), (status, mtime) in _latest(reports).items() if status.isdigit() and status != "0"
+        (r.peer, r.written_ns, r.rank, int(r.status)) for r in read_reports(reports).values() if r.status not in ("0", "started")
     )
     if exits:
-        _, rank, code = exits[0]
+        _, _, rank, code = exits[0]
         log.error("rank %d failed first (exit %d)", rank, code)
         return code
     _, failure = exc.get_first_failure()  # no rank reported: killed before it could
     return failure.exitcode if failure.exitcode > 0 else EXIT_FAILURE
 
 
-_REPORT = re.compile(r"^attempt-(\d+)-rank-(\d+)$")
+@dataclass(frozen=True)
+class Report:
+    status: str  # "started", or the exit status
+    rank: int  # the global rank it ran as (it can change between restarts: elastic membership)
+    peer: bool  # its failure was a collective that broke under it: another rank's
+    written_ns: int
 
 
-def read_reports(reports: Path) -> dict[tuple[int, int], tuple[str, int]]:
-    """``{(attempt, rank): ("started" | exit status, when written in ns)}`` from the ranks' report files."""
+def read_reports(reports: Path) -> dict[int, Report]:
+    """``{local rank: its newest report}``: each rank's process overwrites its local rank's file, restart after restart."""
     out = {}
-    for path in reports.iterdir():
-        m = _REPORT.match(path.name)
-        if m:
-            out[int(m[1]), int(m[2])] = (path.read_text().strip() or "started", path.stat().st_mtime_ns)
+    for path in reports.glob("local-*"):
+        if path.suffix == ".tmp":
+            continue
+        try:
+            status, rank, peer = path.read_text().split()
+            out[int(path.name.removeprefix("local-"))] = Report(status, int(rank), peer == "peer", path.stat().st_mtime_ns)
+        except (OSError, ValueError):
+            continue
     return out
 
 
-def _latest(reports: Path) -> dict[tuple[int, int], tuple[str, int]]:
-    """The reports of the last attempt (restart) that any rank reported from."""
-    seen = read_reports(reports)
-    last = max((a for a, _ in seen), default=0)
-    return {k: v for k, v in seen.items() if k[0] == last}
-
-
-def report(rank: int, status: str) -> None:
+def report(rank: int, status: str, peer: bool = False) -> None:
     """A rank's report (``started`` or its exit status) to the launcher, when there is one."""
     where = os.environ.get(ENV)
     if not where:
         return
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    path = Path(where) / f"attempt-{attempt}-rank-{rank}"
+    path = Path(where) / f"local-{os.environ.get('LOCAL_RANK', '0')}"
     try:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"{status}\n")
+        tmp.write_text(f"{status} {rank} {'peer' if peer else '-'}\n")
         os.replace(tmp, path)
     except OSError as exc:  # the launcher then counts this rank as not stopped cleanly
         print(f"streamtrain: could not report to the launcher at {where}: {exc}", file=sys.stderr)

@@ -174,7 +174,9 @@ def _store(world: World, timeout: timedelta) -> Any:
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it; otherwise rank 0 does
     store = dist.TCPStore(addr, port, world.size, is_master=not agent and world.leader, timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    # Rank 0 hosting the store (not torchrun's agent: `streamtrain run` across hosts) makes a new one each time: no
+    # earlier attempt's keys in it, and the agents' restart counts, which differ once a host has been replaced, unused.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent else "own-store"
     return dist.PrefixStore(f"streamtrain/attempt-{attempt}", store)
 
 

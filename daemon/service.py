@@ -94,7 +94,7 @@ def run(cfg: Config) -> int:
             server.close()
     log.info("stopped (exit %d) at step %d, %s samples trained", code, trainer.step_count, f"{trainer.samples:,}")
     # a failed collective is another rank's failure seen from here: the launcher names the rank that failed first
-    report(world.rank, f"{code} peer" if code and trainer.coll is not None and trainer.coll.broken else str(code))
+    report(world.rank, str(code), peer=bool(code) and trainer.coll is not None and trainer.coll.broken)
     if world.ranked:
         # A process group whose peers died can leave torch.distributed threads that hold the
         # interpreter's exit until torchrun's SIGKILL, 30 s later (seen after a failed start):

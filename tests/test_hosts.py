@@ -1,0 +1,127 @@
+"""Ranks on separate network hosts: network namespaces joined by a bridge, the broker on one of them.
+
+Each host runs ``streamtrain run --nnodes 2 --nproc-per-node 1 --rdzv-endpoint A:port``
+(torch.distributed.run's c10d rendezvous across the hosts); the snapshot directory is one
+both see, as a volume every host mounts.  Counted with the ledger model
+(``tests/ledger_model.py``): no record lost, none trained twice.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_util import write_config
+from tests.fault_util import assert_exact, ledger_config, read_ledger, record
+from tests.hosts_util import HostProducer, Hosts, skip_reason, start_broker, wait_trained
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(bool(skip_reason()), reason=skip_reason() or "")]
+
+RDZV_PORT = 29400
+PARTITIONS = 4
+
+
+@pytest.fixture
+def hosts():
+    h = Hosts(2)
+    yield h
+    h.close()
+
+
+def launch(hosts: Hosts, i: int, config: Path, log: Path, *extra: str, endpoint: int = 0):
+    """``streamtrain run`` on host i, meeting the others at host ``endpoint``'s rendezvous (``extra``: more options)."""
+    argv = [sys.executable, "-m", "streamtrain", "run", "--config", str(config), "--nproc-per-node", "1"]
+    argv += ["--rdzv-endpoint", f"{hosts.addr[endpoint]}:{RDZV_PORT}", "--rdzv-id", f"job{hosts.tag}", "--local-addr", hosts.addr[i]]
+    # is_host: which launcher holds the rendezvous store.  torch guesses it from whether the endpoint is this machine's
+    # host name or its address; the namespaces share the test machine's host name, so it is said instead.
+    argv += ["--rdzv-conf", f"is_host={int(i == endpoint)},join_timeout=60,last_call_timeout=2"]
+    argv += extra if "--nnodes" in extra else ["--nnodes", "2", *extra]
+    return hosts.popen(i, argv, log)
+
+
+def setup(tmp_path: Path, hosts: Hosts, broker_on: int = 0, **sections) -> tuple[HostProducer, Path, str]:
+    bootstrap = start_broker(hosts, broker_on, tmp_path / "broker.log")
+    topic = "ledger"
+    producer = HostProducer(hosts, broker_on, bootstrap, topic, PARTITIONS, tmp_path / "produced.json")
+    cfg = ledger_config(tmp_path, bootstrap, topic, partitions=PARTITIONS, **sections)
+    cfg["trainer"]["rank_timeout_s"] = 20
+    return producer, write_config(tmp_path / "hosts.yaml", cfg), topic
+
+
+def stop_all(procs, timeout: float = 60.0) -> list[int]:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    return [p.wait(timeout) for p in procs]
+
+
+def test_ranks_on_two_hosts_meet_split_the_partitions_train_and_stop_with_0(tmp_path, hosts):
+    """Two hosts meet through the c10d rendezvous, each rank reads its share of the partitions, one snapshot (by rank 0,
+    wherever it runs) holds them all; SIGTERM to both launchers: both exit 0, and the ledger is exact."""
+    producer, config, topic = setup(tmp_path, hosts)
+    producer.send(4000)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [launch(hosts, i, config, logs[i]) for i in range(2)]
+    meta = wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=120)
+    assert meta["world_size"] == 2, meta
+    producer.send(1000)  # still live across the hosts
+    wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=60)
+    codes = stop_all(procs)
+    text = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0, 0], (codes, text[0][-3000:], text[1][-3000:])
+    for t in text:  # each host's own rank trained its share and stopped cleanly
+        assert "stopped (exit 0)" in t and "every rank of this host (1) stopped cleanly" in t, t[-3000:]
+        assert "of 2 (local rank 0)" in t, t[-3000:]
+    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
+    read = [{int(p) for p in re.findall(rf"source: reading {topic}\[(\d+)\]", t)} for t in text]  # each host's partitions
+    assert read[0] and read[1] and not read[0] & read[1] and read[0] | read[1] == set(range(PARTITIONS)), read
+    record(
+        "2 hosts (network namespaces, c10d rendezvous), SIGTERM to both launchers",
+        trials=1,
+        produced=producer.total,
+        lost=lost,
+        duplicated=dup,
+        recovery="-",
+        notes=f"each host's rank read its own partitions ({sorted(read[0])} / {sorted(read[1])}); both launchers exit 0",
+    )
+
+
+@pytest.mark.fault
+def test_rank_0s_host_lost_the_other_goes_on_alone_then_the_host_back_rejoins_exactly_once(tmp_path, hosts):
+    """Elastic membership (--nnodes 1:2): SIGKILL to every process of the host where rank 0 runs (its launcher, its rank
+    in a session of its own, the rank's ingest).  The other host's rank sees its collective fail, its launcher restarts
+    it, the rendezvous closes with one host, and it goes on alone, a world of one -- reading every partition, finding
+    the snapshot the lost rank 0 wrote in the directory both hosts mount.  The lost host started again rejoins: the
+    group restarts with 2 ranks and the partitions re-split.  The ledger is exact across all of it."""
+    # the rendezvous (and the broker) on host 1; rank 0 goes to the lowest address, host 0's: the host lost is rank 0's
+    producer, config, topic = setup(tmp_path, hosts, broker_on=1)
+    producer.send(3000)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    elastic = ("--nnodes", "1:2", "--max-restarts", "5")
+    procs = [launch(hosts, i, config, logs[i], *elastic, endpoint=1) for i in (1, 0)][::-1]
+    meta = wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=120, world=2)
+    assert "rank 0 of 2" in logs[0].read_text(), "rank 0 is host 0's"
+    assert hosts.kill_all(0) >= 3  # the whole host: launcher, rank, ingest
+    procs[0].wait(10)
+    producer.send(2000)
+    meta = wait_trained(tmp_path / "snapshots", topic, producer.end, procs[1:], timeout=120, world=1)
+    assert sorted(p for t, p, *_ in meta["positions"]) == list(range(PARTITIONS))  # host 1 reads every partition now
+    procs[0] = launch(hosts, 0, config, logs[0], *elastic, endpoint=1)
+    producer.send(2000)
+    meta = wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=120, world=2)
+    codes = stop_all(procs)
+    text = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0, 0], (codes, text[0][-3000:], text[1][-3000:])
+    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
+    record(
+        "rank 0's host lost (SIGKILL to every process), the other host alone, then the host back (--nnodes 1:2)",
+        trials=1,
+        produced=producer.total,
+        lost=lost,
+        duplicated=dup,
+        recovery="host 1 goes on alone (world 1) from the lost rank 0's snapshot (shared directory); host 0 rejoins at 2",
+        notes="2 hosts, c10d rendezvous on host 1, elastic 1:2; partitions re-split at each world size",
+    )
