@@ -35,7 +35,7 @@ from tests.avro_util import (
     records,
     serialize,
 )
-from tests.kafka_util import free_port
+from tests.kafka_util import free_port, read_topic
 from tests.schema_registry_util import LoopbackRegistry
 
 RULE = LabelRule("binary", 2, CLASSES)
@@ -176,3 +176,35 @@ def test_a_registry_that_never_answered_rejects_with_a_reason():
 def test_message_indexes_are_read_the_confluent_way():
     assert message_indexes(b"\x00rest", 0) == ((0,), 1)  # a lone 0: the first message
     assert message_indexes(bytes([4, 2, 6]), 0) == ((1, 3), 3)  # zigzag count 2, then zigzag 1 and 3
+
+
+@pytest.mark.integration
+def test_the_daemon_trains_avro_records_from_the_broker_and_dead_letters_the_bad_ones(tmp_path, bootstrap, make_topic, registry):
+    from tests.daemon_util import Daemon, daemon_config, write_config
+    from tests.kafka_util import TestProducer
+
+    topic = make_topic(2)
+    values = framed("avro", registry.url, records(3000), topic=topic)
+    unknown = [v[:1] + struct.pack(">I", 4242) + v[5:] for v in values[:3]]
+    bad = [*unknown, b"garbage", values[0][:-4]]  # three of an unknown id, one not framed, one cut short
+    producer = TestProducer(bootstrap)
+    producer.send_all(topic, values[:1500] + bad + values[1500:], partitions=2)
+    producer.flush()
+    data = {"format": "avro", **DATA, "schema_registry": {"url": registry.url}}
+    cfg = daemon_config(tmp_path, bootstrap, [topic], trainer={"task": "binary", "classes": list(CLASSES)}, ring={"ingest_workers": 1})
+    cfg["data"] = data
+    d = Daemon(write_config(tmp_path / "c.yaml", cfg), tmp_path / "d.log")
+    d.wait_for("3000 trained", lambda m: m.get("streamtrain_samples_trained_total", 0) >= 3000, 90)
+    m = d.settled()
+    assert d.terminate()[0] == 0
+    assert m["streamtrain_samples_trained_total"] == 3000
+    rejected = {k: v for k, v in m.items() if k.startswith("streamtrain_records_rejected_total") and v}
+    assert rejected == {
+        'streamtrain_records_rejected_total{reason="unknown_schema"}': 3,
+        'streamtrain_records_rejected_total{reason="undecodable"}': 2,
+    }, rejected
+    assert registry.lookups(4242) == 1 and registry.lookups(1) == 1  # once per id, not per record
+    dead = read_topic(bootstrap, f"{topic}.dlq", 5, timeout=15)
+    reasons = sorted(dict(m.headers())["streamtrain.error.class"].decode() for m in dead)
+    assert reasons == ["undecodable"] * 2 + ["unknown_schema"] * 3
+    assert sorted(m.value() for m in dead) == sorted(bad)
