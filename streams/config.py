@@ -275,7 +275,7 @@ class DataConfig:
         "FileDescriptorSet (protoc --include_imports --descriptor_set_out=FILE).",
     )
     schema_message: str = opt("", "protobuf with data.schema: the message's full name (package.Message); empty: the file's first message.")
-    schema_registry: SchemaRegistryConfig = section(SchemaRegistryConfig, "avro | protobuf: the Confluent-compatible schema registry.")
+    schema_registry: SchemaRegistryConfig = section(SchemaRegistryConfig, "avro and protobuf: the Confluent-compatible schema registry.")
     csv: CsvConfig = section(CsvConfig, "CSV specifics.")
     labels: LabelsConfig = section(LabelsConfig, "Labels on a topic of their own, joined to the feature records by a key.")
 
