@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from streamtrain.streams.decode.common import Decoded, _screen, each_record
@@ -31,8 +32,8 @@ class AvroDecoder:
         self.rows = rows
         self.width = rows.width
         self.max_bytes = max_bytes
-        self._lookup = SchemaLookup(registry, self._parse) if registry is not None and registry.url else None
-        self._schema = self._fastavro.parse_schema(json.loads(open(schema).read())) if schema else None
+        self._lookup = SchemaLookup(registry, self._parse, "avro") if registry is not None and registry.url else None
+        self._schema = self._fastavro.parse_schema(json.loads(Path(schema).read_text())) if schema else None
 
     def decode(self, values: list[bytes | None]) -> Decoded:
         good, rejects, nbytes = _screen(values, self.max_bytes)

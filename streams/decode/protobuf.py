@@ -35,7 +35,7 @@ class ProtobufDecoder:
         self.max_bytes = max_bytes
         wanted = [rows.feature_field] if rows.feature_field else list(rows.features)
         self._wanted = tuple(dict.fromkeys([*wanted, *rows.spec.categorical, *([rows.label] if rows.label else [])]))
-        self._lookup = SchemaLookup(registry, self._parse, fmt="serialized") if registry is not None and registry.url else None
+        self._lookup = SchemaLookup(registry, self._parse, "protobuf", fmt="serialized") if registry is not None and registry.url else None
         self._types: dict[tuple[int, tuple[int, ...]], tuple[Any, list]] = {}  # (schema id, indexes) -> reader
         self._local = self._from_set(schema, message) if schema else None
 

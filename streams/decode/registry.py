@@ -62,14 +62,18 @@ class SchemaLookup(Generic[T]):
     """Parsed writer schemas by id: one registry call per id, a failed one retried after ``retry_after_s``.
 
     ``parse`` turns the registry's ``Schema`` into what a decoder reads with (a parsed Avro
-    schema, a protobuf message class); ``fmt`` is the ``format`` asked of the registry
+    schema, a protobuf descriptor pool); each ingest process has its own, so an id is asked
+    for once per process; ``fmt`` is the ``format`` asked of the registry
     (``serialized`` for Protobuf: the FileDescriptorProto, not .proto text).  The client is
     made on the first lookup, not here: no network in ``__init__``.
     """
 
-    def __init__(self, cfg: Any, parse: Callable[[Any], T], fmt: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, cfg: Any, parse: Callable[[Any], T], extra: str, fmt: str | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.cfg = cfg
         self.parse = parse
+        self.extra = extra  # the package extra that brings the client (avro | protobuf), named if it is missing
         self.fmt = fmt
         self.clock = clock
         self._found: dict[int, T] = {}
@@ -104,6 +108,6 @@ class SchemaLookup(Generic[T]):
 
     def client(self) -> Any:
         if self._client is None:
-            (sr,) = need("avro" if self.fmt is None else "protobuf", "confluent_kafka.schema_registry")
+            (sr,) = need(self.extra, "confluent_kafka.schema_registry")
             self._client = sr.SchemaRegistryClient(registry_conf(self.cfg))
         return self._client
