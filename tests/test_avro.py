@@ -208,3 +208,21 @@ def test_the_daemon_trains_avro_records_from_the_broker_and_dead_letters_the_bad
     reasons = sorted(dict(m.headers())["streamtrain.error.class"].decode() for m in dead)
     assert reasons == ["undecodable"] * 2 + ["unknown_schema"] * 3
     assert sorted(m.value() for m in dead) == sorted(bad)
+
+
+def test_without_the_extra_the_error_names_it(monkeypatch):
+    import importlib
+
+    from streamtrain.streams.errors import ConfigError
+
+    real = importlib.import_module
+
+    def missing(name, *args):
+        if name == "fastavro" or name.startswith("google.protobuf"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    for fmt in ("avro", "protobuf"):
+        with pytest.raises(ConfigError, match=rf"pip install 'streamtrain\[{fmt}\]'"):
+            decoder(fmt, schema_registry={"url": "http://127.0.0.1:9"})
