@@ -226,3 +226,10 @@ def test_without_the_extra_the_error_names_it(monkeypatch):
     for fmt in ("avro", "protobuf"):
         with pytest.raises(ConfigError, match=rf"pip install 'streamtrain\[{fmt}\]'"):
             decoder(fmt, schema_registry={"url": "http://127.0.0.1:9"})
+
+
+def test_a_protobuf_schema_sent_as_proto_text_is_an_unknown_schema_saying_why(registry):
+    sid = registry.register("p-value", 'syntax = "proto3";\nmessage Click { double a = 1; }\n', "PROTOBUF")
+    value = b"\x00" + struct.pack(">I", sid) + b"\x00" + b"\x09" + b"\x00" * 8
+    out = decoder("protobuf", schema_registry={"url": registry.url}).decode([value])
+    assert [r.reason for r in out.rejects] == ["unknown_schema"] and "format=serialized" in out.rejects[0].error

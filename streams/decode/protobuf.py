@@ -59,7 +59,10 @@ class ProtobufDecoder:
         descriptor_pb2, descriptor_pool, _ = self._pb
         if schema.schema_type != "PROTOBUF":
             raise ValueError(f"is a {schema.schema_type or 'AVRO'} schema, not Protobuf")
-        fd = descriptor_pb2.FileDescriptorProto.FromString(base64.standard_b64decode(schema.schema_str))
+        try:
+            fd = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(schema.schema_str, validate=True))
+        except Exception:  # a registry that ignored ?format=serialized and sent .proto text, which this does not parse
+            raise ValueError("the registry sent .proto text, not a serialized FileDescriptorProto (?format=serialized)") from None
         pool = descriptor_pool.DescriptorPool()
         self._add_imports(pool, fd, set())
         pool.Add(fd)
