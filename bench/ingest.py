@@ -17,9 +17,14 @@ wrong number of fields, a raw record of the wrong length); it is spread evenly, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import io
+import json
 import math
+import tempfile
 import time
+from pathlib import Path
 
 from bench.common import (
     MODELS,
@@ -40,6 +45,9 @@ from streamtrain.streams.dataset import KafkaIterableDataset
 from streamtrain.streams.decode import LabelRule, make_decoder
 from streamtrain.streams.encode import FORMATS
 
+# Formats of the decode-only table with a schema (unframed records, data.schema): the fields of the json rows.
+SCHEMA_FORMATS = ("avro", "protobuf")
+
 BAD_VALUE = {
     "json": b"{not json",
     "csv": b"1,2",
@@ -47,6 +55,8 @@ BAD_VALUE = {
     "arrow": b"not arrow",
     "json-8": b"{not json",
     "json-4+4ids": b"{not json",
+    "avro": b"\x02",  # a union index past the end, then nothing: cut short
+    "protobuf": b"\xff\xff",  # a field tag cut short
 }
 
 
@@ -105,11 +115,17 @@ def decode_only(formats: list[str], fractions: list[float], n: int, repeat: int)
     """The decoder alone, in this process: ns per record over batches of ``kafka.consume_batch`` records."""
     spec = MODELS["mlp"]
     rows_out = []
+    tmp = tempfile.TemporaryDirectory()
     for fmt in formats:
-        cfg = daemon_config("127.0.0.1:1", "unused", fmt, spec, "unused")
-        decoder = make_decoder(cfg.data, LabelRule.of(cfg.trainer))
+        if fmt in SCHEMA_FORMATS:
+            cfg = daemon_config("127.0.0.1:1", "unused", "json", spec, "unused")
+            data, base = schema_records(fmt, n, Path(tmp.name), cfg.data)
+            decoder = make_decoder(data, LabelRule.of(cfg.trainer))
+        else:
+            cfg = daemon_config("127.0.0.1:1", "unused", fmt, spec, "unused")
+            decoder = make_decoder(cfg.data, LabelRule.of(cfg.trainer))
+            base = records(fmt, n)
         batch = cfg.kafka.consume_batch
-        base = records(fmt, n)
         for frac in fractions:
             values, bad = with_bad(base, fmt, frac)
             best = math.inf
@@ -120,9 +136,42 @@ def decode_only(formats: list[str], fractions: list[float], n: int, repeat: int)
                 best = min(best, (time.perf_counter() - t0) / len(values))
             rows_out.append([fmt, f"{100 * frac:g} %", f"{len(values):,}", f"{bad:,}", f"{best * 1e9:,.0f}"])
             print(f"{fmt} bad={frac:g}: {best * 1e9:,.0f} ns/record", flush=True)
+    tmp.cleanup()
     print()
     print(table(["format", "bad", "records", "bad records", "decode ns/record (best)"], rows_out))
     return 0
+
+
+def schema_records(fmt: str, n: int, tmp: Path, json_data) -> tuple[object, list[bytes]]:
+    """The json rows' records (the same numbers and label) as unframed Avro or Protobuf, and the data config to read them."""
+    names = [*json_data.features, json_data.label]
+    rows = [dict(zip(names, row)) for row in (json.loads(v) for v in records("json", n)) for row in [[row[k] for k in names]]]
+    if fmt == "avro":
+        import fastavro
+
+        schema = {"type": "record", "name": "Row", "fields": [{"name": k, "type": "double"} for k in names]}
+        (tmp / "row.avsc").write_text(json.dumps(schema))
+        parsed = fastavro.parse_schema(schema)
+        values = []
+        for r in rows:
+            buf = io.BytesIO()
+            fastavro.schemaless_writer(buf, parsed, r)
+            values.append(buf.getvalue())
+        path = tmp / "row.avsc"
+    else:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+        fd = descriptor_pb2.FileDescriptorProto(name="row.proto", package="bench", syntax="proto3")
+        msg = fd.message_type.add(name="Row")
+        for number, k in enumerate(names, 1):
+            msg.field.add(name=k, number=number, type=descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE)
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(fd)
+        cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("bench.Row"))
+        values = [cls(**r).SerializeToString() for r in rows]
+        path = tmp / "row.desc"
+        path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[fd]).SerializeToString())
+    return dataclasses.replace(json_data, format=fmt, schema=str(path)), values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--formats",
         default="json,csv,raw",
-        help="comma-separated: json,csv,arrow,raw, and json-8,json-4+4ids (JSON of 8 numbers, or 4 numbers and 4 string ids)",
+        help="comma-separated: json,csv,arrow,raw, and json-8,json-4+4ids (JSON of 8 numbers, or 4 numbers and 4 string ids); "
+        "with --decode-only also avro,protobuf (the json rows' fields, unframed)",
     )
     ap.add_argument("--bad", default="0,0.01", help="comma-separated fractions of bad records (default 0,0.01)")
     ap.add_argument("--workers", default="1", help="comma-separated ingest worker counts, e.g. 1,2 (default 1)")
@@ -143,9 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     formats = [f for f in args.formats.split(",") if f]
     fractions = [float(b) for b in args.bad.split(",") if b]
     worker_counts = [int(w) for w in args.workers.split(",") if w]
-    unknown = [f for f in formats if f not in FORMATS and f not in ROWS]
+    unknown = [f for f in formats if f not in FORMATS and f not in ROWS and f not in SCHEMA_FORMATS]
     if unknown:
         ap.error(f"unknown format(s) {unknown}")
+    if not args.decode_only and set(formats) & set(SCHEMA_FORMATS):
+        ap.error("avro and protobuf are in the --decode-only table only (their records need a schema registry or data.schema)")
     quiet_logs()
     print_machine(machine())
     n = max(5_000, args.samples // 10) if args.quick else args.samples

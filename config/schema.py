@@ -431,8 +431,12 @@ def config_to_dict(cfg: Any, redact: bool = True) -> Any:
     With ``redact``, a value from a ``${env:...}``/``${file:...}`` reference shows as
     the reference and a secret-looking key's value (``sasl.password``) as ``***``.
     """
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: config_to_dict(getattr(cfg, f.name), redact) for f in dataclasses.fields(cfg)}
+    if dataclasses.is_dataclass(cfg):  # a typed secret (data.schema_registry.basic_auth_password) is hidden as a settings key is
+        return {
+            f.name: redacted(v, f.name) if redact and isinstance(v, str) else config_to_dict(v, redact)
+            for f in dataclasses.fields(cfg)
+            for v in [getattr(cfg, f.name)]
+        }
     if isinstance(cfg, (tuple, list)):
         return [config_to_dict(v, redact) for v in cfg]
     if isinstance(cfg, dict):

@@ -242,7 +242,7 @@ def _width(meta: dict) -> int:
 
 
 def _missing(meta: dict) -> bool:
-    """Missing numbers imputed, with their marks (``data.missing: impute`` on named numeric json/csv/arrow features)."""
+    """Missing numbers imputed, with their marks (``data.missing: impute`` on named numeric features of any format but raw)."""
     data = meta["config"]["data"]
-    named = bool(data.get("features")) and data.get("format", "json") in ("json", "csv", "arrow")
+    named = bool(data.get("features")) and data.get("format", "json") in ("json", "csv", "arrow", "avro", "protobuf")
     return named and data.get("missing", "reject") == "impute"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "KafkaConfig",
     "LabelsConfig",
     "RingConfig",
+    "SchemaRegistryConfig",
     "non_negative",
     "opt",
     "parse",
@@ -213,14 +215,42 @@ class LabelsConfig:
 
 
 @dataclass(frozen=True)
+class SchemaRegistryConfig:
+    """A Confluent-compatible schema registry: the writer's schema of each Avro / Protobuf record, by its id."""
+
+    url: str = opt("", "Registry URL, e.g. https://registry:8081; empty: records are unframed, read with data.schema.")
+    basic_auth_user: str = opt("", "HTTP basic auth user (with basic_auth_password); empty: no auth.")
+    basic_auth_password: str = opt("", "HTTP basic auth password: give it as ${env:NAME} or ${file:/path}, like sasl.password.")
+    ssl_ca_location: str = opt("", "CA bundle (PEM) that signs the registry's certificate; empty: the system's.")
+    ssl_certificate_location: str = opt("", "Client certificate (PEM) for mutual TLS, with ssl_key_location.")
+    ssl_key_location: str = opt("", "Client private key (PEM) for mutual TLS.")
+    timeout_s: float = opt(5.0, "Longest one registry request may take (a lookup happens once per schema id, not per record).")
+    retry_after_s: float = opt(
+        30.0, "A schema id whose lookup failed (unknown id, registry down) rejects its records (unknown_schema) until then."
+    )
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = positive(self, "timeout_s", "retry_after_s")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            problems.append(("url", f"must start with http:// or https://, got {self.url!r}"))
+        if bool(self.basic_auth_user) != bool(self.basic_auth_password):
+            problems.append(("basic_auth_password", "basic_auth_user and basic_auth_password go together"))
+        if bool(self.ssl_certificate_location) != bool(self.ssl_key_location):
+            problems.append(("ssl_key_location", "ssl_certificate_location and ssl_key_location go together"))
+        return problems
+
+
+@dataclass(frozen=True)
 class DataConfig:
     format: str = opt(
-        "json", "Record format: json | csv | arrow (IPC stream, many rows per message) | raw (little-endian float32, label last)."
+        "json",
+        "Record format: json | csv | arrow (IPC stream, many rows per message) | raw (little-endian float32, label last) | "
+        "avro | protobuf (Confluent-framed with data.schema_registry, or unframed with data.schema; docs/FORMATS.md).",
     )
-    features: tuple[str, ...] = opt((), "Numeric feature field names (json, csv, arrow); true/false read as 1/0.")
+    features: tuple[str, ...] = opt((), "Numeric feature field names (every format but raw); true/false read as 1/0.")
     categorical: tuple[str, ...] = opt(
         (),
-        "Categorical fields (json, csv, arrow): strings, integers (an id is a category, not a magnitude) or booleans; each "
+        "Categorical fields (every format but raw): strings, integers (an id is a category, not a magnitude) or booleans; each "
         "value becomes a row of one hashed table the fields share (docs/LEARNING.md, Categorical features).",
     )
     hash_buckets: int = opt(1048576, "Rows of the table the categorical fields share (each field's name salts the hash): 2^20.")
@@ -231,7 +261,7 @@ class DataConfig:
         "'was missing' input beside it; counted per feature) | reject (dead-letter the record). A missing category is a value of its own.",
     )
     feature_field: str | None = opt(None, "json/arrow: one field holding the whole feature vector, instead of data.features.")
-    label: str = opt("y", "Label field name (json, csv, arrow).")
+    label: str = opt("y", "Label field name (every format but raw).")
     num_features: int = opt(0, "Features per sample; required for raw (and with feature_field), else the length of data.features.")
     max_record_bytes: int = opt(1048576, "Records larger than this are rejected as oversized.")
     on_decoder_crash: str = opt(
@@ -239,6 +269,13 @@ class DataConfig:
         "A record that crashes the decoder (an exception no decoder expected, or the ingest process dying on it: a bug): "
         "dead_letter (reason decoder_crash, logged as an error; training goes on) | stop (exit 1 naming the record).",
     )
+    schema: str = opt(
+        "",
+        "avro | protobuf without a registry: the schema of every record, unframed: an Avro schema (.avsc) or a protobuf "
+        "FileDescriptorSet (protoc --include_imports --descriptor_set_out=FILE).",
+    )
+    schema_message: str = opt("", "protobuf with data.schema: the message's full name (package.Message); empty: the file's first message.")
+    schema_registry: SchemaRegistryConfig = section(SchemaRegistryConfig, "avro and protobuf: the Confluent-compatible schema registry.")
     csv: CsvConfig = section(CsvConfig, "CSV specifics.")
     labels: LabelsConfig = section(LabelsConfig, "Labels on a topic of their own, joined to the feature records by a key.")
 
@@ -249,15 +286,15 @@ class DataConfig:
 
     @property
     def indicators(self) -> bool:
-        """Missing numbers are imputed, with a "was missing" input each: named numeric features of json, csv or arrow."""
-        return self.missing == "impute" and bool(self.features) and self.format in ("json", "csv", "arrow")
+        """Missing numbers are imputed, with a "was missing" input each: named numeric features of any format but raw."""
+        return self.missing == "impute" and bool(self.features) and self.format in _NAMED
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
-        formats = ("json", "csv", "arrow", "raw")
+        formats = ("json", "csv", "arrow", "raw", "avro", "protobuf")
         if self.format not in formats:
             problems.append(("format", f"must be one of {', '.join(formats)}, got {self.format!r}"))
-        named = self.format in ("json", "csv", "arrow")
+        named = self.format in _NAMED
         if named and not self.features and not self.feature_field and not self.categorical:
             problems.append(("features", f"must list the feature fields for format {self.format}, e.g. [f0, f1]"))
         if self.categorical and self.format == "raw":
@@ -290,6 +327,7 @@ class DataConfig:
                 problems.append(("csv.columns", f"must contain every feature and the label; missing {missing}"))
         if self.on_decoder_crash not in ("dead_letter", "stop"):
             problems.append(("on_decoder_crash", f"must be dead_letter or stop, got {self.on_decoder_crash!r}"))
+        problems += self._schema_problems()
         if self.labels.enabled:
             if self.format != "json":
                 problems.append(("labels.topic", f"joins JSON records (one key per record); data.format is {self.format}"))
@@ -299,6 +337,31 @@ class DataConfig:
             if self.feature_field and self.labels.key_field == self.feature_field:
                 problems.append(("labels.key_field", "must not be data.feature_field"))
         return problems + positive(self, "max_record_bytes")
+
+    def _schema_problems(self) -> list[tuple[str, str]]:
+        registry = bool(self.schema_registry.url)
+        if self.format not in ("avro", "protobuf"):
+            if self.schema or registry:
+                key = "schema" if self.schema else "schema_registry.url"
+                return [(key, f"is for data.format avro or protobuf; data.format is {self.format}")]
+            return []
+        if registry == bool(self.schema):
+            need = "data.schema_registry.url (Confluent-framed) or data.schema (unframed), one of them"
+            return [("schema", f"{self.format} records need a schema: {need}")]
+        if not self.schema:
+            return [("schema_message", "is for data.schema; with a registry each record names its message")] if self.schema_message else []
+        if self.schema_message and self.format == "avro":
+            return [("schema_message", "is for protobuf; an Avro schema names its own record")]
+        if self.format == "protobuf" and self.schema.endswith(".proto"):
+            compile_it = f"protoc --include_imports --descriptor_set_out={self.schema[:-6]}.desc {self.schema}"
+            return [("schema", f"must be a FileDescriptorSet, not .proto text: compile it with {compile_it} (or grpc_tools.protoc)")]
+        if not os.path.isfile(self.schema):
+            return [("schema", f"no such file {self.schema!r}")]
+        return []
+
+
+# The formats whose records name their fields (data.features, data.categorical, data.label).
+_NAMED = ("json", "csv", "arrow", "avro", "protobuf")
 
 
 @dataclass(frozen=True)

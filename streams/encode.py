@@ -52,19 +52,7 @@ def encode(
         return [buf[i : i + size] for i in range(0, len(buf), size)]
     missing = bool(np.isnan(x).any())
     if fmt == "json":
-        label_values = ys if ys is not None else y.tolist()
-        if feature_field:
-            rows = [{feature_field: row} for row in x.tolist()]
-        else:
-            rows = [dict(zip(names, row)) for row in x.tolist()]
-            if missing:
-                rows = [{k: (None if v != v else v) for k, v in r.items()} for r in rows]
-        for name, values in cats.items():
-            for r, v in zip(rows, values):
-                r[name] = v
-        if not label:  # feature records whose label comes on a topic of its own (data.labels)
-            return [json.dumps(r).encode() for r in rows]
-        return [json.dumps({**r, label: v}).encode() for r, v in zip(rows, label_values)]
+        return [json.dumps(r).encode() for r in records(x, y, names, label, feature_field=feature_field, categorical=cats, labels=ys)]
     if fmt == "csv":
         order = list(columns) if columns else [*names, *cats, label]
         if not cats and ys is None and not missing and order == [*names, label]:
@@ -89,6 +77,34 @@ def encode(
             out.append(arrow_ipc(pa.table(cols)))
         return out
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def records(
+    x: np.ndarray,
+    y: np.ndarray,
+    features: Sequence[str] = (),
+    label: str = "y",
+    *,
+    feature_field: str | None = None,
+    categorical: dict[str, Sequence[object]] | None = None,
+    labels: Sequence[object] | None = None,
+) -> list[dict]:
+    """The samples as the dicts a JSON record holds (a NaN as None); Avro and Protobuf writers serialize these."""
+    x = np.asarray(x, np.float32)
+    names = list(features) or [f"f{i}" for i in range(x.shape[1])]
+    if feature_field:
+        rows = [{feature_field: row} for row in x.tolist()]
+    else:
+        rows = [dict(zip(names, row)) for row in x.tolist()]
+        if np.isnan(x).any():
+            rows = [{k: (None if v != v else v) for k, v in r.items()} for r in rows]
+    for name, values in (categorical or {}).items():
+        for r, v in zip(rows, values):
+            r[name] = v
+    if label:  # no label: feature records whose label comes on a topic of its own (data.labels)
+        for r, v in zip(rows, list(labels) if labels is not None else np.asarray(y, np.float32).tolist()):
+            r[label] = v
+    return rows
 
 
 def _csv_text(v: object, delimiter: str) -> str:

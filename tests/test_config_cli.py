@@ -40,7 +40,7 @@ BAD = [
     ("batch size 0", merged(ring={"batch_size": 0}), "ring.batch_size: must be > 0, got 0"),
     ("one slot", merged(ring={"slots": 1}), "ring.slots: must be >= 2"),
     ("raw without width", merged(data={"format": "raw", "features": []}), "data.num_features: must be > 0 for this format"),
-    ("bad format", merged(data={"format": "xml"}), "data.format: must be one of json, csv, arrow, raw, got 'xml'"),
+    ("bad format", merged(data={"format": "xml"}), "data.format: must be one of json, csv, arrow, raw, avro, protobuf, got 'xml'"),
     ("label is a feature", merged(data={"label": "a"}), "data.label: must not also be a feature"),
     (
         "daemon-owned kafka key",

@@ -235,8 +235,8 @@ def test_every_reason_is_a_known_one():
     reasons = {reason for _, cases in CASES.values() for _, reason in cases}
     assert reasons <= set(REASONS)
     # bad_label: the label rule tests below; decoder_crash: tests/test_quarantine.py; unknown_class: tests/test_features.py;
-    # missing_key: tests/test_join.py (a joined record without its key)
-    assert set(REASONS) - reasons == {"bad_label", "decoder_crash", "unknown_class", "missing_key"}
+    # missing_key: tests/test_join.py (a joined record without its key); unknown_schema: tests/test_avro.py
+    assert set(REASONS) - reasons == {"bad_label", "decoder_crash", "unknown_class", "missing_key", "unknown_schema"}
 
 
 def test_blank_record_next_to_a_two_object_record_is_not_mixed_up():

@@ -76,6 +76,44 @@ def test_a_good_record_decodes_the_same_among_hostile_ones(fmt, data):
     assert not [r for r in out.rejects if r.index == good_at[0]]
 
 
+@pytest.fixture(scope="module")
+def schema_framed():
+    """Avro and Protobuf decoders on a loopback registry, and good framed records written by confluent-kafka's serializers."""
+    from streamtrain.streams.config import DataConfig, parse
+    from streamtrain.streams.decode import LabelRule, make_decoder
+    from tests.avro_util import CLASSES, DATA, avro_serializer, click_message, messages, protobuf_serializer, records, serialize
+    from tests.avro_util import CLICK_V1 as SCHEMA
+    from tests.schema_registry_util import LoopbackRegistry
+
+    with LoopbackRegistry() as registry:
+        cls, _ = click_message()
+        good_records = {
+            "avro": serialize(avro_serializer(registry.url, SCHEMA), records(30)),
+            "protobuf": serialize(protobuf_serializer(registry.url, cls), messages(cls, records(30)), "p"),
+        }
+        data = {**DATA, "schema_registry": {"url": registry.url, "timeout_s": 1}}
+        rule = LabelRule("binary", 2, CLASSES)
+        decoders = {f: make_decoder(parse(DataConfig, {"format": f, **data}, "data"), rule) for f in good_records}
+        yield decoders, good_records
+
+
+@pytest.mark.parametrize("fmt", ["avro", "protobuf"])
+@PROPERTY
+@given(data=st.data())
+def test_mutated_avro_and_protobuf_frames_fail_only_themselves(schema_framed, fmt, data):
+    """Cut, flipped, spliced Confluent frames (a schema id changed: an unknown one) decode to rows or rejects, never raise."""
+    decoders, good_records = schema_framed
+    pool = good_records[fmt]
+    values = []
+    for _ in range(data.draw(st.integers(1, 20))):
+        value = pool[data.draw(st.integers(0, len(pool) - 1))]
+        for _ in range(data.draw(st.integers(0, 2))):
+            op = data.draw(st.sampled_from(OPERATORS))
+            value = mutate(value, op, data.draw(st.integers(0, 4096)), data.draw(st.integers(0, 255)), pool[0])
+        values.append(value)
+    check_batch(fmt, decoders[fmt], values)
+
+
 JOIN = {"topic": "clicks", "key_field": "request_id", "label_field": "clicked"}
 
 

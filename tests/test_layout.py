@@ -68,3 +68,17 @@ def test_the_daemon_and_config_load_without_the_http_server():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_the_core_install_loads_without_the_avro_and_protobuf_extras():
+    """fastavro, protobuf and confluent-kafka's schema-registry module load only when data.format is avro or protobuf."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, streamtrain.streams.ingest_process, streamtrain.streams.decode, streamtrain.daemon.service, streamtrain.cli; "
+        "print(sorted(m for m in ('fastavro', 'google.protobuf', 'confluent_kafka.schema_registry', 'authlib') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -179,8 +179,19 @@ def test_secret_keys():
     for key in ("ssl.key.location", "ssl.keystore.location", "ssl.certificate.location", "ssl.ca.location", "sasl.username",
                 "sasl.mechanisms", "security.protocol", "sasl.kerberos.keytab", "key_dim", "hidden", "bootstrap_servers"):  # fmt: skip
         assert not is_secret_key(key), key
-    for f in _all_config_keys(Config):  # no config key of the daemon's own is mistaken for a secret
-        assert not is_secret_key(f), f
+    typed_secrets = {"basic_auth_password"}  # data.schema_registry's: hidden in check-config and meta.json like sasl.password
+    for f in _all_config_keys(Config):  # no other config key of the daemon's own is mistaken for a secret
+        assert is_secret_key(f) == (f in typed_secrets), f
+
+
+def test_a_typed_secret_is_hidden_too():
+    from streamtrain.config.schema import config_from_dict
+
+    registry = {"url": "http://r:8081", "basic_auth_user": "u", "basic_auth_password": "literal-pw-123"}
+    cfg = config_from_dict({**BASE, "data": {"format": "avro", "features": ["a"], "schema_registry": registry}})
+    shown = config_to_dict(cfg)["data"]["schema_registry"]
+    assert shown["basic_auth_password"] == "***" and shown["basic_auth_user"] == "u"
+    assert cfg.data.schema_registry.basic_auth_password == "literal-pw-123"
 
 
 def _all_config_keys(cls) -> list[str]:

@@ -286,3 +286,54 @@ def test_categorical_columns_nulls_and_class_names_are_written_as_they_are(tmp_p
     spec = FeatureSpec(categorical=("user", "item"))
     assert out.ids[:, 1].tolist() == spec.rows(1, [7, 8, 9]).tolist()  # integer ids as their digits, in every format
     assert out.ids[2, 0] == spec.missing_row(0)
+
+
+ROW_SCHEMA = {"type": "record", "name": "Row", "fields": [{"name": k, "type": "double"} for k in ("i", "a", "b", "c", "y")]}
+
+
+def row_descriptor_set(path) -> str:
+    from google.protobuf import descriptor_pb2
+
+    fd = descriptor_pb2.FileDescriptorProto(name="row.proto", package="t", syntax="proto3")
+    msg = fd.message_type.add(name="Row")
+    for number, k in enumerate(("i", "a", "b", "c", "y"), 1):
+        msg.field.add(name=k, number=number, type=descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE)
+    path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[fd]).SerializeToString())
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["avro", "protobuf"])
+@pytest.mark.parametrize("framed", [True, False], ids=["registry", "unframed"])
+def test_avro_and_protobuf_round_trip_with_a_registry_or_a_schema_file(tmp_path, bootstrap, make_topic, capsys, fmt, framed):
+    from tests.schema_registry_util import LoopbackRegistry
+
+    topic = make_topic(2)
+    t = table(120)
+    src = write(t, tmp_path / "in.parquet", "parquet")
+    if fmt == "avro":
+        schema = tmp_path / "row.avsc"
+        schema.write_text(json.dumps(ROW_SCHEMA))
+        schema = str(schema)
+    else:
+        schema = row_descriptor_set(tmp_path / "row.desc")
+    feats = ["i", "a", "b", "c"]
+    with LoopbackRegistry() as registry:
+        where = ["--schema-registry", registry.url] if framed else []
+        args = ["-b", bootstrap, "-t", topic, "-f", fmt, "--features", ",".join(feats), "--schema", schema, *where]
+        code, s = produce(capsys, *args, str(src))
+        assert code == 0 and s["messages_delivered"] == 120, s
+        data = {"format": fmt, "features": feats, "label": "y"}
+        data.update({"schema_registry": {"url": registry.url}} if framed else {"schema": schema})
+        x, y, msgs = decoded(bootstrap, topic, data, 120)
+        assert all(m.value()[0] == 0 for m in msgs) if framed else True
+        assert list(registry.subjects) == ([f"{topic}-value"] if framed else [])
+    x, y = by_id(x, y)
+    np.testing.assert_array_equal(x, expected(t, feats))
+    np.testing.assert_array_equal(y, t.column("y").to_numpy().astype(np.float32))
+
+
+def test_avro_without_a_schema_is_a_usage_error(tmp_path, capsys):
+    src = write(table(5), tmp_path / "in.csv", "csv")
+    args = ["-b", "127.0.0.1:9", "-t", "x", "-f", "avro", "--features", "a", "--schema-registry", "http://r:1"]
+    assert main(["produce", *args, str(src)]) == 2
+    assert "--schema" in capsys.readouterr().err

@@ -156,7 +156,15 @@ def test_wrong_types_lists_and_ranges(cls, raw, expected):
     "raw, expected",
     [
         ({"format": "raw"}, [("data.num_features", "must be > 0")]),
-        ({"format": "xml", "features": ["a"]}, [("data.format", "must be one of json, csv, arrow, raw, got 'xml'")]),
+        ({"format": "xml", "features": ["a"]}, [("data.format", "must be one of json, csv, arrow, raw, avro, protobuf, got 'xml'")]),
+        ({"format": "avro", "features": ["a"]}, [("data.schema", "need a schema: data.schema_registry.url")]),
+        ({"format": "avro", "features": ["a"], "schema": "/no/such.avsc"}, [("data.schema", "no such file")]),
+        ({"format": "protobuf", "features": ["a"], "schema": "m.proto"}, [("data.schema", "must be a FileDescriptorSet")]),
+        ({"format": "json", "features": ["a"], "schema_registry": {"url": "http://r:8081"}}, [("data.schema_registry.url", "is for")]),
+        (
+            {"format": "avro", "features": ["a"], "schema_registry": {"url": "r:8081", "basic_auth_user": "u"}},
+            [("data.schema_registry.url", "must start with http"), ("data.schema_registry.basic_auth_password", "go together")],
+        ),
         ({"format": "json"}, [("data.features", "must list the feature fields")]),
         ({"format": "arrow", "features": ["a"], "feature_field": "v", "num_features": 1}, [("data.feature_field", "not both")]),
         ({"format": "json", "feature_field": "v"}, [("data.num_features", "must be > 0")]),

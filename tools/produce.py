@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from streamtrain.streams.encode import FORMATS, encode
+from streamtrain.streams.encode import FORMATS, encode, records
 from streamtrain.streams.errors import ConfigError, StreamtrainError
 from streamtrain.streams.loader import INPUT_FORMATS, InputError
 from streamtrain.tools.produce_plan import Plan, make_plan
@@ -52,7 +52,14 @@ def add_parser(sub: Any) -> None:
     add_set_argument(p)
     p.add_argument("--bootstrap-servers", "-b", help="host:port[,host:port] (default: kafka.bootstrap_servers, else 127.0.0.1:9092)")
     p.add_argument("--topic", "-t", help="topic to write (default: the config's only kafka.topics entry)")
-    p.add_argument("--format", "-f", choices=FORMATS, help="record format, as data.format (default json)")
+    p.add_argument("--format", "-f", choices=(*FORMATS, "avro", "protobuf"), help="record format, as data.format (default json)")
+    p.add_argument(
+        "--schema",
+        help="avro/protobuf: the writer's schema, an .avsc or a protobuf FileDescriptorSet (default: data.schema); with a "
+        "registry it is registered under <topic>-value and each record framed with its id",
+    )
+    p.add_argument("--schema-message", help="protobuf: the message of --schema to write, package.Message (default: the first)")
+    p.add_argument("--schema-registry", metavar="URL", help="avro/protobuf: Confluent-framed records, as data.schema_registry.url")
     p.add_argument("--features", help="feature field names in the records, comma-separated, as data.features")
     p.add_argument("--feature-field", help="json/arrow: one field holding the whole feature vector, as data.feature_field")
     p.add_argument("--label", help="label field name, as data.label (default y)")
@@ -224,6 +231,10 @@ def run(plan: Plan, args: argparse.Namespace) -> Summary:
 def _messages(plan: Plan, x: np.ndarray, y: np.ndarray, keys: list[bytes | None] | None, cats=None, labels=None):
     """(value, key, rows) for each record of one batch of rows."""
     d = plan.data
+    if d.format in ("avro", "protobuf"):
+        rows = records(x, y, d.features, d.label, feature_field=d.feature_field, categorical=cats, labels=labels)
+        values = plan.write(rows)
+        return zip(values, keys if keys is not None else [None] * len(values), [1] * len(values))
     values = encode(  # a CSV line holds data.csv.columns in order: encode puts each column where it belongs
         d.format,
         x,

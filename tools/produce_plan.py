@@ -32,6 +32,7 @@ class Plan:
     settings: dict[str, Any]
     sources: list[Source]  # every input, opened and checked; the first one's columns decided the layout
     rows_per_message: int = 1000
+    write: Any = None  # avro/protobuf: row dicts -> record values (tools/produce_schema.py)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -73,6 +74,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     raw.update({k: v for k, v in flags.items() if v is not None})
     if args.delimiter is not None:
         raw["csv"] = {**raw["csv"], "delimiter": args.delimiter}
+    if getattr(args, "schema_registry", None):
+        raw["schema_registry"] = {**raw["schema_registry"], "url": args.schema_registry}
+    writer_schema = getattr(args, "schema", None) or raw.get("schema", "")
+    if raw["schema_registry"]["url"]:
+        raw["schema"] = ""  # framed: the registry has the schema, the daemon asks it by id
+    elif writer_schema:
+        raw["schema"] = writer_schema
+    if getattr(args, "schema_message", None):
+        raw["schema_message"] = args.schema_message
 
     first = open_source(args.sources[0], args.input_format)
     input_features = _names(args.input_features)
@@ -92,7 +102,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         cols = Columns(tuple(raw["features"]), None, label_col, 0, args.key, **kept)
     cols = first.resolve(cols)
     width = len(cols.features) or cols.width or (first.vector_width(cols.feature_field) if cols.feature_field else 0)
-    if raw["format"] in ("json", "csv", "arrow") and not raw["features"] and not raw["feature_field"]:
+    if raw["format"] not in ("raw",) and not raw["features"] and not raw["feature_field"]:
         raw["features"] = list(cols.features)  # records named like the input columns
     if raw["format"] == "raw" or raw["feature_field"]:
         raw["num_features"] = raw["num_features"] or width
@@ -116,6 +126,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
             problems.append(f"--{name.replace('_', '-')}: must be > 0, got {value}")
     extra, bad = _settings(args.settings)
     problems += bad
+    write = None
+    if not problems and data.format in ("avro", "protobuf"):
+        from streamtrain.tools.produce_schema import writer
+
+        try:
+            write = writer(data.format, data, writer_schema, data.schema_message, topic)
+        except ConfigError as exc:
+            problems += exc.problems
+        except Exception as exc:  # the schema file: unreadable, not JSON, not an Avro schema, not a descriptor set
+            problems.append(f"--schema: cannot use {writer_schema!r}: {type(exc).__name__}: {exc}")
     if problems:
         raise ConfigError(problems)
 
@@ -134,7 +154,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for uri in args.sources[1:]:
         sources.append(open_source(uri, args.input_format))
         sources[-1].resolve(cols)  # the same columns, or an InputError naming the input
-    return Plan(topic, kafka, data, cols, settings, sources, args.rows_per_message)
+    return Plan(topic, kafka, data, cols, settings, sources, args.rows_per_message, write)
 
 
 def _join_side(kafka: KafkaConfig, data: DataConfig, labels: bool) -> tuple[KafkaConfig, DataConfig, str]:

@@ -2,7 +2,8 @@
 
 One vectorized decode per batch (``b"".join`` + one ``np.frombuffer`` for raw,
 ``pyarrow.csv`` over the joined lines, Arrow IPC streams with many rows each, msgspec's
-typed parser mapped over the JSON records in C): decoding record by record in Python
+typed parser mapped over the JSON records in C; Avro and Protobuf records read with their
+writer's schema into dicts that msgspec types by the JSON rules): decoding record by record in Python
 next to the trainer starves it.  When a csv batch holds a record the fast path cannot
 parse, the batch is bisected so good records keep the fast path and only the bad ones
 are looked at one by one; a JSON batch with a bad record is parsed record by record.
@@ -17,9 +18,11 @@ decoder (a format of its own) keeps that by doing the same.
 from __future__ import annotations
 
 from streamtrain.streams.decode.arrow import ArrowDecoder
+from streamtrain.streams.decode.avro import AvroDecoder
 from streamtrain.streams.decode.common import REASONS, Decoded, Decoder, LabelRule, Reject, each_record
 from streamtrain.streams.decode.csv import CsvDecoder
 from streamtrain.streams.decode.json import JsonDecoder
+from streamtrain.streams.decode.protobuf import ProtobufDecoder
 from streamtrain.streams.decode.raw import RawDecoder
 from streamtrain.streams.failpoints import wrap_decoder
 from streamtrain.streams.features import FeatureSpec
@@ -61,4 +64,9 @@ def _decoder(data: object, rule: LabelRule) -> Decoder:
         return CsvDecoder(columns, tuple(data.features), data.label, data.csv.delimiter, rule, data.max_record_bytes, spec)
     if fmt == "arrow":
         return ArrowDecoder(tuple(data.features), data.label, data.feature_field, data.width, rule, data.max_record_bytes, spec)
+    if fmt in ("avro", "protobuf"):  # read into dicts with the writer's schema, then typed as JSON records are
+        rows = JsonDecoder(tuple(data.features), data.label, data.feature_field, data.width, rule, data.max_record_bytes, spec)
+        if fmt == "avro":
+            return AvroDecoder(rows, data.max_record_bytes, data.schema_registry, data.schema)
+        return ProtobufDecoder(rows, data.max_record_bytes, data.schema_registry, data.schema, data.schema_message)
     raise ValueError(f"unknown data.format {fmt!r}")

@@ -31,6 +31,7 @@ REASONS = (
     "unknown_class",
     "decoder_crash",
     "missing_key",
+    "unknown_schema",  # avro/protobuf: the record's schema id could not be looked up (unknown id, registry down)
 )
 
 _LEAF = 8  # below this many records a failing chunk is decoded one record at a time

@@ -22,7 +22,7 @@ from typing import Annotated
 import msgspec
 import numpy as np
 
-from streamtrain.streams.decode.common import Decoded, LabelRule, _check_finite, _finish, _screen, each_record
+from streamtrain.streams.decode.common import Decoded, LabelRule, Reject, _check_finite, _finish, _screen, each_record
 from streamtrain.streams.errors import DecodeError
 from streamtrain.streams.features.hashing import canonical
 from streamtrain.streams.features.spec import MISSING_NUMBER, FeatureSpec
@@ -97,8 +97,40 @@ class JsonDecoder:
         self._arrays([row])  # its categories' lengths, its label's class: what fails it fails it here, alone
         return row
 
+    def decode_objects(self, objects: list[dict], idx: list[int], rejects: list[Reject], nbytes: int) -> Decoded:
+        """Rows of records already read into dicts (Avro, Protobuf), by the same rules as JSON ones.
+
+        ``idx`` is each object's message in the batch; ``rejects`` already holds the batch's
+        other rejects.  The dicts are typed by msgspec in C (``msgspec.convert``); when one
+        does not fit, each is looked at alone, for its reason, as a JSON record would be.
+        """
+        try:
+            rows = list(map(self._convert, objects))
+            x, y, ids = self._arrays(rows, nan_in_data=True)
+            positions = np.asarray(idx, np.int64)
+        except Exception:  # some record does not fit the type: each alone, through the per-record boundary
+            rows, ok = [], []
+            for k, row in each_record(self._object_row, objects, range(len(objects)), rejects):
+                rows.append(row)
+                ok.append(idx[k])
+            positions = np.asarray(ok, np.int64)
+            rejects.sort(key=lambda r: r.index)
+            x, y, ids = self._arrays(rows, nan_in_data=True)
+        return _finish(x, y, positions, self.rule, rejects, nbytes=nbytes, ids=ids, impute=self.impute)
+
+    def _convert(self, record: dict) -> object:
+        return msgspec.convert(record, self._make)
+
+    def _object_row(self, record: dict) -> object:
+        try:
+            row = self._convert(record)
+        except msgspec.ValidationError:
+            row = self._row_of(record)
+        self._arrays([row], nan_in_data=True)
+        return row
+
     @np.errstate(over="ignore")  # a value beyond float32 becomes inf, rejected as non_finite by _finish
-    def _arrays(self, rows: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _arrays(self, rows: list, nan_in_data: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n, w = len(rows), self.width
         y = None
         if self.feature_field:
@@ -116,6 +148,8 @@ class JsonDecoder:
             # literal is not JSON to msgspec, and Python's json path rejects it as non_finite): each is a None
             absent = np.isnan(x)
             if absent.any():
+                if nan_in_data:  # a dict's NaN may be a real one (an Avro/Protobuf double): only a None is missing
+                    self._real_nans(rows, absent)
                 x = np.where(absent, MISSING_NUMBER, x)
         if y is None and not self.label:
             y = np.zeros(n, np.float32)
@@ -130,6 +164,15 @@ class JsonDecoder:
             ids[:, j] = self.spec.rows(j, list(map(get, rows)))
         return x, y, ids
 
+    def _real_nans(self, rows: list, absent: np.ndarray) -> None:
+        """Unmark (in ``absent``) the NaNs that are values, not None: they stay NaN and are rejected as non_finite."""
+        for r in np.flatnonzero(absent.any(axis=1)):
+            values = self._numbers(rows[r])
+            values = values if isinstance(values, tuple) else (values,)
+            for j in np.flatnonzero(absent[r]):
+                if values[j] is not None:
+                    absent[r, j] = False
+
     def _one(self, value: bytes) -> object:
         """The record as a typed row, read with Python's json: the reason it cannot be one, or a value msgspec would not read."""
         try:
@@ -140,6 +183,10 @@ class JsonDecoder:
             raise DecodeError("undecodable", "JSON nested too deeply (past Python's recursion limit)") from None
         if not isinstance(record, dict):
             raise DecodeError("wrong_shape", f"expected a JSON object, got {type(record).__name__}")
+        return self._row_of(record)
+
+    def _row_of(self, record: dict) -> object:
+        """A record's typed row, or the reason it cannot be one (a DecodeError)."""
         if self.feature_field:
             vec = record.get(self.feature_field)
             if not isinstance(vec, list) or len(vec) != self.width:
