@@ -19,9 +19,9 @@ import base64
 from functools import partial
 from typing import Any
 
-from streamtrain.streams.decode.common import Decoded, _screen, each_record
+from streamtrain.streams.decode.common import Decoded
 from streamtrain.streams.decode.json import JsonDecoder
-from streamtrain.streams.decode.registry import HEADER, SchemaLookup, batch_ids, need, schema_id
+from streamtrain.streams.decode.registry import HEADER, SchemaLookup, decode_batch, need, schema_id
 from streamtrain.streams.errors import DecodeError
 
 
@@ -40,17 +40,7 @@ class ProtobufDecoder:
         self._local = self._from_set(schema, message) if schema else None
 
     def decode(self, values: list[bytes | None]) -> Decoded:
-        good, rejects, nbytes = _screen(values, self.max_bytes)
-        if self._lookup is not None:
-            one = partial(self._framed, self._lookup.resolve(batch_ids(values, good)))
-        else:
-            one = partial(self._read, self._local, start=0)
-        objects, idx = [], []
-        for i, record in each_record(one, values, good, rejects):
-            objects.append(record)
-            idx.append(i)
-        rejects.sort(key=lambda r: r.index)
-        return self.rows.decode_objects(objects, idx, rejects, nbytes)
+        return decode_batch(values, self.max_bytes, self.rows, self._lookup, self._framed, partial(self._read, self._local, start=0))
 
     # ------------------------------------------------------------------ schemas
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, Generic, TypeVar
 
+from streamtrain.streams.decode.common import Decoded, _screen, each_record
 from streamtrain.streams.errors import ConfigError, DecodeError
 
 T = TypeVar("T")
@@ -45,6 +47,22 @@ def schema_id(value: bytes) -> int:
 def batch_ids(values: list, indices: Iterable[int]) -> set[int]:
     """The schema ids of a batch's framed records (unframed ones fail later, alone)."""
     return {int.from_bytes(values[i][1:HEADER], "big") for i in indices if len(values[i]) >= HEADER and values[i][0] == MAGIC}
+
+
+def decode_batch(values: list[bytes | None], max_bytes: int, rows: Any, lookup: Any, framed: Callable, local: Callable) -> Decoded:
+    """A batch of Avro or Protobuf records through ``rows`` (a JsonDecoder's dict rules), each record failing only itself.
+
+    With a registry (``lookup``) the batch's schema ids are resolved first, once each, and ``framed(schemas, value)``
+    reads a record; without, ``local(value)`` reads an unframed one.
+    """
+    good, rejects, nbytes = _screen(values, max_bytes)
+    one = partial(framed, lookup.resolve(batch_ids(values, good))) if lookup is not None else local
+    objects, idx = [], []
+    for i, record in each_record(one, values, good, rejects):
+        objects.append(record)
+        idx.append(i)
+    rejects.sort(key=lambda r: r.index)
+    return rows.decode_objects(objects, idx, rejects, nbytes)
 
 
 def registry_conf(cfg: Any) -> dict[str, Any]:
