@@ -64,6 +64,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def rank_device(name: str, world: World = ALONE) -> torch.device:
+    """``trainer.device`` for this rank: several ranks on a host take one GPU each (by local rank)."""
+    device = pick_device(name)
+    if world.ranked and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
 def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full precision.
 
@@ -156,9 +164,7 @@ class Learner:
     def __init__(self, cfg: Config, world: World = ALONE) -> None:
         self.cfg = cfg
         tc = cfg.trainer
-        self.device = pick_device(tc.device)
-        if world.ranked and self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", world.local_rank)  # one GPU per rank on its host
+        self.device = rank_device(tc.device, world)
         self.amp_dtype = pick_amp(tc.amp, self.device)
         torch.manual_seed(tc.seed)
         # leave a core to the data path; ranks on one host share its cores

@@ -34,7 +34,7 @@ from streamtrain.daemon.ranks import ALONE, Collectives, Turn, World, control
 from streamtrain.daemon.skipped import SkippedBatches
 from streamtrain.daemon.snapshot import SnapshotInfo, SnapshotStore
 from streamtrain.daemon.snapshot_writer import SnapshotWriter, state_to_host, tensors_finite
-from streamtrain.daemon.step import Learner, StepResult
+from streamtrain.daemon.step import Learner, StepResult, rank_device
 from streamtrain.daemon.tensorboard import TensorBoard
 from streamtrain.streams.dataset import KafkaIterableDataset
 from streamtrain.streams.decode import LabelRule
@@ -96,14 +96,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self, stream: bool = True) -> None:
-        """Build the learner, restore the newest valid snapshot, start reading.
+        """Restore the newest valid snapshot's positions, start reading, build the learner, restore it.
 
-        ``stream=False`` leaves Kafka out (tests and tools feed :meth:`step` themselves).
+        Reading starts before the learner is built: the ingest process starts its
+        interpreter, connects and fetches while this one builds the model and the
+        optimizer (whose first use imports ``torch._dynamo``, about a second), so the
+        ring holds batches by the first step.  ``stream=False`` leaves Kafka out (tests
+        and tools feed :meth:`step` themselves).
         """
         cfg, tc, world = self.cfg, self.cfg.trainer, self.world
-        self.learner = make_learner(cfg, world)
+        device = rank_device(tc.device, world)
         if world.ranked:
-            self.coll = Collectives(world, self.learner.device, tc.rank_timeout_s)
+            self.coll = Collectives(world, device, tc.rank_timeout_s)
         self.tensorboard = TensorBoard(cfg.logging.tensorboard_dir) if cfg.logging.tensorboard_dir and world.leader else None
         self.dataset = KafkaIterableDataset(
             cfg.kafka,
@@ -111,7 +115,7 @@ class Trainer:
             cfg.ring,
             cfg.dead_letter,
             LabelRule.of(tc),
-            pin_memory=self.learner.device.type == "cuda",
+            pin_memory=device.type == "cuda",
             yield_empty=True,
             client_id=f"streamtrain-{world.rank}" if world.ranked else "streamtrain",
             share=Share(rank=world.rank, world=world.size),
@@ -126,21 +130,30 @@ class Trainer:
             if cfg.publish.dir is not None:
                 self.publisher = Publisher(cfg.publish, cfg.kafka, self.metrics)
             self.writer = SnapshotWriter(self.store, on_durable=self._on_durable, on_error=self._on_snapshot_error, on_state=self._on_state)
-            restored = self._load_latest()
-        if world.ranked:
-            restored = self._restore_ranks(restored)
+            # on the CPU: several ranks send it to the others; one moves it to its device as it loads it
+            restored = self.store.load_latest(map_location="cpu")
+        if world.ranked:  # rank 0's snapshot on every rank: they all start from the same state
+            restored = self.coll.broadcast(restored)
         if restored is not None:
-            self.load_state_dict(*restored)
-        else:
-            log.info("no snapshot in %s: starting fresh", cfg.snapshot.dir)
-        self.last_snapshot_time = time.monotonic()
-        self.last_snapshot_step = self.step_count
+            self._resume_positions(*restored)
         if stream:
             # a skipped step's records go to the dead-letter topic (only when reading a stream: they are records then)
             self.skipped_batches = SkippedBatches(cfg.kafka, cfg.data, cfg.dead_letter, stop=self.stop)
             if world.leader:
                 self.committer = Committer(cfg.kafka, self.offsets, self._on_commit_error)
             self.dataset.start()
+        self.learner = make_learner(cfg, world)
+        if restored is not None:
+            self._resume_learner(*restored)
+        elif world.ranked:  # no snapshot: rank 0's initial weights, whatever each rank's RNG
+            self.learner.load_initial_weights(self.coll.broadcast(self.learner.initial_weights() if world.leader else None))
+        else:
+            log.info("no snapshot in %s: starting fresh", cfg.snapshot.dir)
+        was = restored[0].meta.get("world_size", 1) if restored is not None else world.size
+        if world.leader and was != world.size:
+            log.info("snapshot %s was written by %d rank(s); now split over %d", restored[0].name, was, world.size)
+        self.last_snapshot_time = time.monotonic()
+        self.last_snapshot_step = self.step_count
         log.info("model %s: %s", cfg.model.name, self.learner.describe())
         amp = str(self.learner.amp_dtype).removeprefix("torch.") if self.learner.amp_dtype else "off"
         self.metrics.info.labels(VERSION, cfg.model.name, str(self.learner.device), amp, cfg.data.format).set(1)
@@ -153,18 +166,6 @@ class Trainer:
     def _load_latest(self) -> tuple[SnapshotInfo, dict[str, Any]] | None:
         # several ranks: on the CPU, to be sent to the others (each moves it to its device)
         return self.store.load_latest(map_location="cpu" if self.world.ranked else str(self.learner.device))
-
-    def _restore_ranks(self, restored: tuple[SnapshotInfo, dict[str, Any]] | None) -> tuple[SnapshotInfo, dict[str, Any]] | None:
-        """Rank 0's snapshot (or its fresh model) on every rank: they all start from the same state."""
-        fresh = None if restored is not None or not self.world.leader else self.learner.initial_weights()
-        restored, fresh = self.coll.broadcast((restored, fresh))
-        if restored is None:
-            self.learner.load_initial_weights(fresh)  # the same initial weights, whatever each rank's RNG
-        elif self.world.leader:
-            was = restored[0].meta.get("world_size", 1)
-            if was != self.world.size:
-                log.info("snapshot %s was written by %d rank(s); now split over %d", restored[0].name, was, self.world.size)
-        return restored
 
     # ------------------------------------------------------------------ what the step holds
     @property
@@ -444,11 +445,18 @@ class Trainer:
         }
 
     def load_state_dict(self, info: SnapshotInfo, state: dict[str, Any]) -> None:
-        self.learner.load_state_dict(state, f"{info.name} in {self.cfg.snapshot.dir}", info.meta.get("model", "?"))
+        """The whole state back to a snapshot's: its positions and the learner's (a roll-back)."""
+        self._resume_positions(info, state)
+        self._resume_learner(info, state)
+
+    def _resume_positions(self, info: SnapshotInfo, _state: dict[str, Any]) -> None:
         positions = positions_from_rows(info.meta["positions"])
         if self.world.ranked:  # every rank gets the whole map and keeps its own partitions (another world size re-splits)
             positions = {tp: pos for tp, pos in positions.items() if self.dataset.share.owns(tp)}
-        self.offsets.resume(self.step_count, positions, info.meta.get("done"))
+        self.offsets.resume(info.step, positions, info.meta.get("done"))
+
+    def _resume_learner(self, info: SnapshotInfo, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state, f"{info.name} in {self.cfg.snapshot.dir}", info.meta.get("model", "?"))
         self.last_snapshot_step = self.step_count
         self.metrics.snapshot_step.set(info.step)
         self.metrics.last_snapshot.set(info.created)
