@@ -104,7 +104,7 @@ class TrainerConfig:
     standardize_target: bool = opt(True, "regression: train on the label standardized by its running statistics (any label scale).")
     num_threads: int = opt(0, "torch intra-op threads; 0 = the cores the data path leaves free.")
     rank_timeout_s: float = opt(
-        120.0, "Several ranks (torchrun): how long a rank waits for the others at a step before it exits 1 (a hung rank)."
+        120.0, "Several ranks: how long a rank waits for the others at a collective before it exits 1 (a hung rank, a host cut off)."
     )
     seed: int = opt(0, "Seed for weight init and dropout.")
     max_consecutive_nonfinite: int = opt(

@@ -6,6 +6,7 @@ from streamtrain.streams.errors import ConfigError, StreamtrainError
 
 __all__ = [
     "ConfigError",
+    "RankError",
     "SnapshotError",
     "SnapshotLockedError",
     "StreamtrainError",
@@ -23,3 +24,7 @@ class SnapshotLockedError(SnapshotError):
 
 class TrainingError(StreamtrainError):
     """Training cannot continue (e.g. repeated non-finite steps with nothing to roll back to)."""
+
+
+class RankError(StreamtrainError):
+    """A collective failed: another rank died, or could not be reached within ``trainer.rank_timeout_s``."""

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from streamtrain.daemon.errors import ConfigError
+from streamtrain.daemon.errors import ConfigError, RankError
 
 log = logging.getLogger("streamtrain.ranks")
 
@@ -98,6 +98,7 @@ class Collectives:
         self.dist = dist
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         self.device = device if self.backend == "nccl" else torch.device("cpu")
+        self.timeout_s = timeout_s
         timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(self.backend, store=_store(world, timeout), rank=world.rank, world_size=world.size, timeout=timeout)
         self.broken = False  # a collective failed (a rank died): nothing more can be agreed on
@@ -113,9 +114,8 @@ class Collectives:
             self.dist.all_reduce(moved)
             t.copy_(moved)
             return t
-        except Exception:
-            self.broken = True
-            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's 1-D ``t`` (of any length), in rank order, on every rank: sizes first, then the padded tensors."""
@@ -129,9 +129,8 @@ class Collectives:
             padded[: local.numel()] = local
             out = [torch.empty_like(padded) for _ in range(self.world.size)]
             self.dist.all_gather(out, padded)
-        except Exception:
-            self.broken = True
-            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
         return [o[: int(s)].to(t.device) for o, s in zip(out, sizes)]
 
     def gather(self, obj: Any) -> list[Any]:
@@ -139,9 +138,8 @@ class Collectives:
         out: list[Any] = [None] * self.world.size
         try:
             self.dist.all_gather_object(out, obj)
-        except Exception:
-            self.broken = True
-            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
         return out
 
     def broadcast(self, obj: Any) -> Any:
@@ -149,10 +147,17 @@ class Collectives:
         box = [obj]
         try:
             self.dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
-        except Exception:
-            self.broken = True
-            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
         return box[0]
+
+    def _failed(self, exc: BaseException) -> RankError:
+        """A collective failed: nothing more can be agreed on; say whether it was the timeout and which it is."""
+        self.broken = True
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+        why = f"no answer within trainer.rank_timeout_s ({self.timeout_s:g} s)" if timed_out else "a rank is gone"
+        return RankError(f"{self.world.label()}: a collective failed, {why}: {first[:300]}")
 
     def close(self) -> None:
         try:

@@ -77,6 +77,13 @@ class Hosts:
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
             raise
 
+    def cut(self, i: int) -> None:
+        """Host i's cable pulled: its port on the switch down, so the others cannot reach it, nor it them."""
+        sh("ip", "-n", self.switch, "link", "set", self.link[i], "down")
+
+    def mend(self, i: int) -> None:
+        sh("ip", "-n", self.switch, "link", "set", self.link[i], "up")
+
     def kill_all(self, i: int) -> int:
         """SIGKILL to every process of host i (the host lost): its launcher, its ranks in their own sessions, their ingest."""
         pids = subprocess.run(["ip", "netns", "pids", self.ns[i]], capture_output=True, text=True, timeout=10).stdout.split()

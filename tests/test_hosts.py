@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,12 +44,12 @@ def launch(hosts: Hosts, i: int, config: Path, log: Path, *extra: str, endpoint:
     return hosts.popen(i, argv, log)
 
 
-def setup(tmp_path: Path, hosts: Hosts, broker_on: int = 0, **sections) -> tuple[HostProducer, Path, str]:
+def setup(tmp_path: Path, hosts: Hosts, broker_on: int = 0, timeout_s: float = 20, **sections) -> tuple[HostProducer, Path, str]:
     bootstrap = start_broker(hosts, broker_on, tmp_path / "broker.log")
     topic = "ledger"
     producer = HostProducer(hosts, broker_on, bootstrap, topic, PARTITIONS, tmp_path / "produced.json")
     cfg = ledger_config(tmp_path, bootstrap, topic, partitions=PARTITIONS, **sections)
-    cfg["trainer"]["rank_timeout_s"] = 20
+    cfg["trainer"]["rank_timeout_s"] = timeout_s
     return producer, write_config(tmp_path / "hosts.yaml", cfg), topic
 
 
@@ -124,4 +125,44 @@ def test_rank_0s_host_lost_the_other_goes_on_alone_then_the_host_back_rejoins_ex
         duplicated=dup,
         recovery="host 1 goes on alone (world 1) from the lost rank 0's snapshot (shared directory); host 0 rejoins at 2",
         notes="2 hosts, c10d rendezvous on host 1, elastic 1:2; partitions re-split at each world size",
+    )
+
+
+@pytest.mark.fault
+def test_a_host_cut_off_for_30_s_times_out_restarts_the_group_and_resumes_exactly_once(tmp_path, hosts):
+    """Host 1's cable pulled for 30 s (its port on the switch down), then back.  Neither rank hears the other: each
+    collective fails within trainer.rank_timeout_s (10 s here, not torch's 30 minutes), each rank exits 1 with a line
+    naming that timeout, both launchers restart their ranks (--max-restarts) and the new round of the rendezvous closes
+    once host 1 is back; the group resumes from rank 0's last snapshot.  Nothing waits forever; the ledger is exact."""
+    producer, config, topic = setup(tmp_path, hosts, timeout_s=10)
+    producer.send(3000)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [launch(hosts, i, config, logs[i], "--max-restarts", "3") for i in range(2)]
+    wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=120, world=2)
+    hosts.cut(1)
+    cut = time.monotonic()
+    producer.send(2000)  # from host 0, where the broker is: rank 0 has records to train, rank 1 cannot read its share
+    timeout_line = re.compile(r"a collective failed, no answer within trainer.rank_timeout_s \(10 s\)")
+    deadline = cut + 28
+    while time.monotonic() < deadline and not all(timeout_line.search(log.read_text(errors="replace")) for log in logs):
+        time.sleep(0.5)
+    timed_out = [bool(timeout_line.search(log.read_text(errors="replace"))) for log in logs]
+    assert all(p.poll() is None for p in procs), "a launcher gave up while the link was down"
+    time.sleep(max(0.0, cut + 30 - time.monotonic()))
+    hosts.mend(1)
+    assert timed_out == [True, True], [log.read_text(errors="replace")[-3000:] for log in logs]
+    producer.send(1000)
+    wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=150, world=2)
+    codes = stop_all(procs)
+    text = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0, 0], (codes, text[0][-3000:], text[1][-3000:])
+    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
+    record(
+        "a host's link down for 30 s, then up (2 hosts, c10d rendezvous, --max-restarts 3)",
+        trials=1,
+        produced=producer.total,
+        lost=lost,
+        duplicated=dup,
+        recovery="both ranks time out at trainer.rank_timeout_s (10 s) and exit 1; the group restarts once the link is up",
+        notes="the cable pulled on the switch's side; both launchers exit 0 at the SIGTERM after",
     )
