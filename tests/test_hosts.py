@@ -59,37 +59,6 @@ def stop_all(procs, timeout: float = 60.0) -> list[int]:
     return [p.wait(timeout) for p in procs]
 
 
-def test_ranks_on_two_hosts_meet_split_the_partitions_train_and_stop_with_0(tmp_path, hosts):
-    """Two hosts meet through the c10d rendezvous, each rank reads its share of the partitions, one snapshot (by rank 0,
-    wherever it runs) holds them all; SIGTERM to both launchers: both exit 0, and the ledger is exact."""
-    producer, config, topic = setup(tmp_path, hosts)
-    producer.send(4000)
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [launch(hosts, i, config, logs[i]) for i in range(2)]
-    meta = wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=120)
-    assert meta["world_size"] == 2, meta
-    producer.send(1000)  # still live across the hosts
-    wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=60)
-    codes = stop_all(procs)
-    text = [log.read_text(errors="replace") for log in logs]
-    assert codes == [0, 0], (codes, text[0][-3000:], text[1][-3000:])
-    for t in text:  # each host's own rank trained its share and stopped cleanly
-        assert "stopped (exit 0)" in t and "every rank of this host (1) stopped cleanly" in t, t[-3000:]
-        assert "of 2 (local rank 0)" in t, t[-3000:]
-    lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
-    read = [{int(p) for p in re.findall(rf"source: reading {topic}\[(\d+)\]", t)} for t in text]  # each host's partitions
-    assert read[0] and read[1] and not read[0] & read[1] and read[0] | read[1] == set(range(PARTITIONS)), read
-    record(
-        "2 hosts (network namespaces, c10d rendezvous), SIGTERM to both launchers",
-        trials=1,
-        produced=producer.total,
-        lost=lost,
-        duplicated=dup,
-        recovery="-",
-        notes=f"each host's rank read its own partitions ({sorted(read[0])} / {sorted(read[1])}); both launchers exit 0",
-    )
-
-
 @pytest.mark.fault
 def test_rank_0s_host_lost_the_other_goes_on_alone_then_the_host_back_rejoins_exactly_once(tmp_path, hosts):
     """Elastic membership (--nnodes 1:2): SIGKILL to every process of the host where rank 0 runs (its launcher, its rank
@@ -129,16 +98,23 @@ def test_rank_0s_host_lost_the_other_goes_on_alone_then_the_host_back_rejoins_ex
 
 
 @pytest.mark.fault
-def test_a_host_cut_off_for_30_s_times_out_restarts_the_group_and_resumes_exactly_once(tmp_path, hosts):
-    """Host 1's cable pulled for 30 s (its port on the switch down), then back.  Neither rank hears the other: each
-    collective fails within trainer.rank_timeout_s (10 s here, not torch's 30 minutes), each rank exits 1 with a line
-    naming that timeout, both launchers restart their ranks (--max-restarts) and the new round of the rendezvous closes
-    once host 1 is back; the group resumes from rank 0's last snapshot.  Nothing waits forever; the ledger is exact."""
+def test_two_hosts_split_the_partitions_a_host_cut_off_for_30_s_times_out_restarts_and_resumes_exactly_once(tmp_path, hosts):
+    """Two hosts meet through the c10d rendezvous and each rank reads its share of the partitions; one snapshot (by
+    rank 0, wherever it runs) holds them all.  Then host 1's cable is pulled for 30 s (its port on the switch down).
+    Neither rank hears the other: each collective fails within trainer.rank_timeout_s (10 s here, not torch's 30
+    minutes), each rank exits 1 with a line naming that timeout, both launchers restart their ranks (--max-restarts)
+    and the new round of the rendezvous closes once host 1 is back; the group resumes from rank 0's last snapshot.
+    Nothing waits forever.  SIGTERM to both launchers: both exit 0, and the ledger is exact."""
     producer, config, topic = setup(tmp_path, hosts, timeout_s=10)
     producer.send(3000)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [launch(hosts, i, config, logs[i], "--max-restarts", "3") for i in range(2)]
-    wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=120, world=2)
+    meta = wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=120, world=2)
+    assert meta["world_size"] == 2, meta
+    before = [log.read_text(errors="replace") for log in logs]
+    read = [{int(p) for p in re.findall(rf"source: reading {topic}\[(\d+)\]", t)} for t in before]  # each host's partitions
+    assert read[0] and read[1] and not read[0] & read[1] and read[0] | read[1] == set(range(PARTITIONS)), read
+    assert all("of 2 (local rank 0)" in t for t in before), [t[-3000:] for t in before]
     hosts.cut(1)
     cut = time.monotonic()
     producer.send(2000)  # from host 0, where the broker is: rank 0 has records to train, rank 1 cannot read its share
@@ -156,13 +132,15 @@ def test_a_host_cut_off_for_30_s_times_out_restarts_the_group_and_resumes_exactl
     codes = stop_all(procs)
     text = [log.read_text(errors="replace") for log in logs]
     assert codes == [0, 0], (codes, text[0][-3000:], text[1][-3000:])
+    for t in text:  # each host's own rank stopped cleanly
+        assert "stopped (exit 0)" in t and "every rank of this host (1) stopped cleanly" in t, t[-3000:]
     lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
     record(
-        "a host's link down for 30 s, then up (2 hosts, c10d rendezvous, --max-restarts 3)",
+        "2 hosts (network namespaces, c10d rendezvous); one's link down for 30 s, then up; SIGTERM to both launchers",
         trials=1,
         produced=producer.total,
         lost=lost,
         duplicated=dup,
         recovery="both ranks time out at trainer.rank_timeout_s (10 s) and exit 1; the group restarts once the link is up",
-        notes="the cable pulled on the switch's side; both launchers exit 0 at the SIGTERM after",
+        notes=f"each host's rank read its own partitions ({sorted(read[0])} / {sorted(read[1])}); both launchers exit 0",
     )
