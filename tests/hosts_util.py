@@ -103,6 +103,19 @@ class Hosts:
         self.procs.append(proc)
         return proc
 
+    def launch(
+        self, i: int, argv: list[str], log: Path, *extra: str, endpoint: int = 0, port: int = 29400, job: str = ""
+    ) -> subprocess.Popen:
+        """``argv`` (``streamtrain run --config F``, or ``torch.distributed.run ...``) on host i as one node of several,
+        meeting the others through the c10d rendezvous on host ``endpoint``; ``extra``: more launcher options."""
+        argv = [*argv, "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.addr[endpoint]}:{port}"]
+        argv += ["--rdzv-id", job or f"job{self.tag}", "--local-addr", self.addr[i]]
+        # is_host: which launcher holds the rendezvous store.  torch guesses it from whether the endpoint is this
+        # machine's host name or its address; the namespaces share the machine's host name, so it is said instead.
+        argv += ["--rdzv-conf", f"is_host={int(i == endpoint)},join_timeout=60,last_call_timeout=2"]
+        argv += extra if "--nnodes" in extra else ["--nnodes", str(len(self.ns)), *extra]
+        return self.popen(i, argv, log)
+
     def run(self, i: int, argv: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         return subprocess.run(

@@ -22,7 +22,6 @@ from tests.hosts_util import HostProducer, Hosts, skip_reason, start_broker, wai
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(bool(skip_reason()), reason=skip_reason() or "")]
 
-RDZV_PORT = 29400
 PARTITIONS = 4
 
 
@@ -35,13 +34,7 @@ def hosts():
 
 def launch(hosts: Hosts, i: int, config: Path, log: Path, *extra: str, endpoint: int = 0):
     """``streamtrain run`` on host i, meeting the others at host ``endpoint``'s rendezvous (``extra``: more options)."""
-    argv = [sys.executable, "-m", "streamtrain", "run", "--config", str(config), "--nproc-per-node", "1"]
-    argv += ["--rdzv-endpoint", f"{hosts.addr[endpoint]}:{RDZV_PORT}", "--rdzv-id", f"job{hosts.tag}", "--local-addr", hosts.addr[i]]
-    # is_host: which launcher holds the rendezvous store.  torch guesses it from whether the endpoint is this machine's
-    # host name or its address; the namespaces share the test machine's host name, so it is said instead.
-    argv += ["--rdzv-conf", f"is_host={int(i == endpoint)},join_timeout=60,last_call_timeout=2"]
-    argv += extra if "--nnodes" in extra else ["--nnodes", "2", *extra]
-    return hosts.popen(i, argv, log)
+    return hosts.launch(i, [sys.executable, "-m", "streamtrain", "run", "--config", str(config)], log, *extra, endpoint=endpoint)
 
 
 def setup(tmp_path: Path, hosts: Hosts, broker_on: int = 0, timeout_s: float = 20, **sections) -> tuple[HostProducer, Path, str]:
