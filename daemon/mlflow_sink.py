@@ -177,7 +177,7 @@ class MlflowSink:
         level = logging.WARNING if self.failures == 1 or self.failures % 10 == 0 else logging.INFO
         log.log(
             level,
-            "could not log %s to MLflow at %s (try %d; again in %.0f s, training goes on): %s",
+            "could not log %s to MLflow at %s (try %d; again in %.3g s, training goes on): %s",
             what,
             self.cfg.tracking_uri,
             self.failures,

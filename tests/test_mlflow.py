@@ -251,3 +251,12 @@ def test_config_checks_the_mlflow_section():
         assert problem in text, text
     cfg = config_from_dict({**raw, "publish": {"dir": "/tmp/r", "mlflow": {"tracking_uri": "http://127.0.0.1:5000"}}})
     assert cfg.publish.mlflow.experiment == "streamtrain" and cfg.publish.mlflow.registered_model == ""
+
+
+def test_without_the_extra_the_config_error_names_the_pip_install(tmp_path, monkeypatch):
+    """A config error (exit 2 from the daemon) before anything starts, not a failure at the first publish."""
+    from streamtrain.streams.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError, as without the extra
+    with pytest.raises(ConfigError, match=r"publish\.mlflow: .*pip install 'streamtrain\[mlflow\]'"):
+        mlflow_trainer(tmp_path, "http://127.0.0.1:9", "absent")
