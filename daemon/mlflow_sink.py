@@ -62,7 +62,9 @@ class MlflowSink:
         self._version: tuple[Path, dict] | None = None  # staged directory, manifest
         self._points: collections.deque = collections.deque(maxlen=MAX_POINTS)
         self._busy = False
+        self._closing = False  # close() called: one more try now, and what fails then is dropped
         self._closed = False
+        self._done: dict[int, dict[str, str]] = {}  # version -> what of it MLflow has already (model_id, model_version)
         self._retry_at = 0.0
         self._now = False  # wait() asked for the points to go without waiting for the next flush
         self._cond = threading.Condition()
@@ -110,7 +112,12 @@ class MlflowSink:
         return True
 
     def close(self, timeout: float = 10.0) -> None:
-        """Give what is waiting ``timeout`` seconds, end the run, and stop; what is left is logged as lost."""
+        """One last try now for what is waiting (at most ``timeout`` seconds), end the run, and stop; what fails is logged as lost.
+
+        A daemon stopping while MLflow is down stops at once: the try fails (no waiting out ``retry_s``) and drops it.
+        """
+        with self._cond:
+            self._closing, self._retry_at = True, 0.0
         self.wait(timeout)
         with self._cond:
             self._closed = True
@@ -166,6 +173,13 @@ class MlflowSink:
         self.failures += 1
         self.metrics.publish_failures.labels("mlflow").inc()
         with self._cond:
+            if self._closing:  # the last try: nothing is kept for another
+                if version is not None:
+                    shutil.rmtree(version[0], ignore_errors=True)
+                    log.warning("version %d was not logged to MLflow before shutdown: %s", version[1]["version"], _first_line(exc))
+                if points:
+                    log.warning("%d training points were not logged to MLflow before shutdown", len(points))
+                return
             if version is not None and self._version is None:  # tried again, unless a newer one came meanwhile
                 self._version = version
             elif version is not None:
@@ -182,7 +196,7 @@ class MlflowSink:
             self.cfg.tracking_uri,
             self.failures,
             self.cfg.retry_s,
-            str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+            _first_line(exc),
         )
 
     def _send(self, version: tuple[Path, dict] | None, points: list) -> None:
@@ -191,8 +205,9 @@ class MlflowSink:
 
         client = MlflowClient(tracking_uri=self.cfg.tracking_uri, registry_uri=self.cfg.tracking_uri)
         self._ensure_run(client)
-        for i in range(0, len(points), _BATCH):
-            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in points[i : i + _BATCH]])
+        while points:  # what was sent is not sent again after a failure
+            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in points[:_BATCH]])
+            del points[:_BATCH]
         if version is not None:
             self._log_version(client, *version)
             shutil.rmtree(version[0], ignore_errors=True)
@@ -225,33 +240,38 @@ class MlflowSink:
 
         started = time.monotonic()
         version, tags = manifest["version"], version_tags(manifest)
-        mlflow.set_tracking_uri(self.cfg.tracking_uri)  # the fluent log_model reads the process's URI: this thread sets it
-        logged = mlflow.initialize_logged_model(
-            name=f"{self.name}-{version}", source_run_id=self.run_id, tags=tags, experiment_id=self.experiment_id
-        )
-        mlflow.pyfunc.log_model(
-            model_id=logged.model_id,
-            python_model=RecordsModel(),
-            artifacts={ARTIFACT: str(directory)},
-            model_config={"name": self.name},
-            pip_requirements=_requirements(),  # given: inferring them would load the model in a subprocess
-            metadata={"streamtrain": {k: manifest.get(k) for k in ("version", "step", "snapshot", "created", "samples")}},
-        )
-        summary = {k: v for k, v in (manifest.get("prequential") or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        now = int(time.time() * 1000)
-        metrics = [Metric(f"prequential.{k}", float(v), now, version, model_id=logged.model_id) for k, v in summary.items()]
-        if metrics:
-            client.log_batch(self.run_id, metrics=metrics)
+        done = self._done.setdefault(version, {})  # a retry goes on from the step that failed: no second model or version
+        if "model_id" not in done:
+            mlflow.set_tracking_uri(self.cfg.tracking_uri)  # the fluent log_model reads the process's URI: this thread sets it
+            logged = mlflow.initialize_logged_model(
+                name=f"{self.name}-{version}", source_run_id=self.run_id, tags=tags, experiment_id=self.experiment_id
+            )
+            mlflow.pyfunc.log_model(
+                model_id=logged.model_id,
+                python_model=RecordsModel(),
+                artifacts={ARTIFACT: str(directory)},
+                model_config={"name": self.name},
+                pip_requirements=_requirements(),  # given: inferring them would load the model in a subprocess
+                metadata={"streamtrain": {k: manifest.get(k) for k in ("version", "step", "snapshot", "created", "samples")}},
+            )
+            summary = {k: v for k, v in (manifest.get("prequential") or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            now = int(time.time() * 1000)
+            metrics = [Metric(f"prequential.{k}", float(v), now, version, model_id=logged.model_id) for k, v in summary.items()]
+            if metrics:
+                client.log_batch(self.run_id, metrics=metrics)
+            done["model_id"] = logged.model_id
         registered = self._registered_model(client)
-        mv = client.create_model_version(
-            registered, source=f"models:/{logged.model_id}", run_id=self.run_id, tags=tags, model_id=logged.model_id
-        )
-        client.set_registered_model_alias(registered, ALIAS, mv.version)
+        if "version" not in done:
+            model_id = done["model_id"]
+            mv = client.create_model_version(registered, source=f"models:/{model_id}", run_id=self.run_id, tags=tags, model_id=model_id)
+            done["version"] = mv.version
+        client.set_registered_model_alias(registered, ALIAS, done["version"])
+        self._done = {}  # versions only grow: none before this one is tried again
         self.metrics.mlflow_versions.inc()
         log.info(
             "version %d is MLflow model version %s of %s (alias %s) in %.2f s",
             version,
-            mv.version,
+            done["version"],
             registered,
             ALIAS,
             time.monotonic() - started,
@@ -277,7 +297,11 @@ class MlflowSink:
 
             MlflowClient(tracking_uri=self.cfg.tracking_uri).set_terminated(self.run_id, "FINISHED")
         except Exception as exc:
-            log.warning("could not end MLflow run %s: %s", self.run_id, str(exc).splitlines()[0][:300] if str(exc) else exc)
+            log.warning("could not end MLflow run %s: %s", self.run_id, _first_line(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
 
 
 def version_tags(manifest: dict) -> dict[str, str]:

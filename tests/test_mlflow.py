@@ -105,25 +105,41 @@ def served(repo: Path, name: str = "m"):
     return m.predict(*parse_instances({"instances": RECORDS}, m, 100))
 
 
-def load_in_fresh_process(uri: str, model_uri: str) -> dict:
-    """A new interpreter: ``mlflow.pyfunc.load_model(model_uri).predict(RECORDS)``, as a list and as a DataFrame."""
+@pytest.fixture
+def fresh_python():
+    """A new interpreter that, told a tracking URI and a model URI on stdin, answers
+    ``mlflow.pyfunc.load_model(model_uri).predict(RECORDS)`` as a list and as a DataFrame.
+
+    Started before the server (its imports, seconds, overlap the server's start); it shares nothing with this one.
+    """
     code = (
-        "import json, sys, mlflow, pandas as pd\n"
-        "mlflow.set_tracking_uri(sys.argv[1])\n"
-        "m = mlflow.pyfunc.load_model(sys.argv[2])\n"
-        "records = json.loads(sys.stdin.read())\n"
-        "print(json.dumps({'list': m.predict(records), 'frame': m.predict(pd.DataFrame(records))}))\n"
+        "import json, sys, mlflow, mlflow.pyfunc, pandas as pd, torch\n"
+        "ask = json.loads(sys.stdin.readline())\n"
+        "mlflow.set_tracking_uri(ask['tracking_uri'])\n"
+        "m = mlflow.pyfunc.load_model(ask['model_uri'])\n"
+        "print(json.dumps({'list': m.predict(ask['records']), 'frame': m.predict(pd.DataFrame(ask['records']))}))\n"
     )
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    out = subprocess.run(
-        [sys.executable, "-c", code, uri, model_uri], input=json.dumps(RECORDS), capture_output=True, text=True, timeout=120, env=env
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def ask(tracking_uri: str, model_uri: str) -> dict:
+        ask = {"tracking_uri": tracking_uri, "model_uri": model_uri, "records": RECORDS}
+        out, err = proc.communicate(json.dumps(ask) + "\n", timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        return json.loads(out.strip().splitlines()[-1])
+
+    yield ask
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
 
 
-def test_each_version_is_registered_with_its_tags_and_champion_loads_in_a_fresh_process(tmp_path, mlflow_server):
+def test_each_version_is_registered_with_its_tags_and_champion_loads_in_a_fresh_process(tmp_path, fresh_python, mlflow_server):
+    began = time.monotonic()
     t = mlflow_trainer(tmp_path, mlflow_server, "fm-records")
+    print(f"trainer set up in {time.monotonic() - began:.1f} s")
     sink = t.publisher.mlflow
     started = time.monotonic()
     for _ in range(2):
@@ -153,7 +169,9 @@ def test_each_version_is_registered_with_its_tags_and_champion_loads_in_a_fresh_
     assert value(t, 'streamtrain_publish_failures_total{stage="mlflow"}') == 0
 
     ours = served(tmp_path / "repo")
-    theirs = load_in_fresh_process(mlflow_server, "models:/fm-records@champion")
+    started = time.monotonic()
+    theirs = fresh_python(mlflow_server, "models:/fm-records@champion")
+    print(f"a fresh process answered from models:/fm-records@champion {time.monotonic() - started:.1f} s after it was asked")
     assert theirs["list"] == ours and theirs["frame"] == ours, "the same answers, exactly: the same decoding and the same weights"
     assert not list((tmp_path / "repo" / "m").glob(".mlflow-*")), "nothing is left linked aside"
     t.close()
@@ -260,3 +278,38 @@ def test_without_the_extra_the_config_error_names_the_pip_install(tmp_path, monk
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError, as without the extra
     with pytest.raises(ConfigError, match=r"publish\.mlflow: .*pip install 'streamtrain\[mlflow\]'"):
         mlflow_trainer(tmp_path, "http://127.0.0.1:9", "absent")
+
+
+def test_a_try_that_failed_half_way_goes_on_from_there(tmp_path, mlflow_server, monkeypatch):
+    """The alias failed after the model was logged and registered: the retry moves the alias, with no second model version."""
+    real, calls = mlflow.MlflowClient.set_registered_model_alias, []
+
+    def flaky(self, *args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException("the alias could not be set (injected)")
+        return real(self, *args)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", flaky)
+    t = mlflow_trainer(tmp_path, mlflow_server, "fm-half", retry_s=0.2)
+    train_fm(t, 5)
+    snapshot(t)
+    assert t.publisher.mlflow.wait(30)
+    client = mlflow.MlflowClient(mlflow_server)
+    (only,) = client.search_model_versions("name='fm-half'")
+    assert len(calls) == 2 and client.get_model_version_by_alias("fm-half", "champion").version == only.version
+    assert len(client.search_logged_models(experiment_ids=[t.publisher.mlflow.experiment_id])) == 1
+    assert value(t, 'streamtrain_publish_failures_total{stage="mlflow"}') == 1
+    t.close()
+
+
+def test_a_daemon_stopping_while_mlflow_is_down_stops_at_once(tmp_path, caplog):
+    t = mlflow_trainer(tmp_path, f"http://127.0.0.1:{free_port()}", "fm-gone", retry_s=60)
+    train_fm(t, 5)
+    snapshot(t)
+    wait_for(lambda: value(t, 'streamtrain_publish_failures_total{stage="mlflow"}') >= 1, 20, "the first failed try")
+    started = time.monotonic()
+    t.close()  # the final snapshot's version too: one last try each, not retry_s of waiting
+    assert time.monotonic() - started < 10
+    assert "was not logged to MLflow before shutdown" in caplog.text
+    assert not list((tmp_path / "repo" / "m").glob(".mlflow-*")), "what was linked aside is removed"
