@@ -59,7 +59,7 @@ class MlflowSink:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.failures = 0  # tries that failed in a row (logged louder at the first)
-        self._version: tuple[Path, dict] | None = None  # staged directory, manifest
+        self._version: tuple[Path, dict] | None = None  # where it is linked aside (<staged>/<version>/), manifest
         self._points: collections.deque = collections.deque(maxlen=MAX_POINTS)
         self._busy = False
         self._closing = False  # close() called: one more try now, and what fails then is dropped
@@ -77,7 +77,7 @@ class MlflowSink:
         of the repository before MLflow answers does not take them."""
         staged = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{manifest['version']}-", dir=directory.parent))
         try:
-            shutil.copytree(directory, staged, dirs_exist_ok=True, copy_function=_link_or_copy)
+            shutil.copytree(directory, staged / directory.name, copy_function=_link_or_copy)  # the artifact: <version>/
         except OSError:
             shutil.rmtree(staged, ignore_errors=True)
             raise
@@ -231,12 +231,12 @@ class MlflowSink:
         self.run_id = run.info.run_id
         log.info("MLflow run %s in experiment %s (%s)", self.run_id, self.cfg.experiment, self.cfg.tracking_uri)
 
-    def _log_version(self, client, directory: Path, manifest: dict) -> None:
+    def _log_version(self, client, staged: Path, manifest: dict) -> None:
         """One version: a logged model (the pyfunc over the version's files), registered, the alias moved to it."""
         import mlflow
         from mlflow.entities import Metric
 
-        from streamtrain.serve.mlflow_model import ARTIFACT, RecordsModel
+        from streamtrain.serve import mlflow_model
 
         started = time.monotonic()
         version, tags = manifest["version"], version_tags(manifest)
@@ -248,8 +248,8 @@ class MlflowSink:
             )
             mlflow.pyfunc.log_model(
                 model_id=logged.model_id,
-                python_model=RecordsModel(),
-                artifacts={ARTIFACT: str(directory)},
+                python_model=mlflow_model.ENTRY,  # a file MLflow copies into the model, not a pickled object
+                artifacts={mlflow_model.ARTIFACT: str(staged / str(version))},
                 model_config={"name": self.name},
                 pip_requirements=_requirements(),  # given: inferring them would load the model in a subprocess
                 metadata={"streamtrain": {k: manifest.get(k) for k in ("version", "step", "snapshot", "created", "samples")}},

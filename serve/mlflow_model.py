@@ -11,22 +11,25 @@ are the same: a number (regression), or ``{"class", "probabilities"}`` (the clas
 alone when the model has ``trainer.classes``).
 
 It needs ``streamtrain`` (and torch) installed where the model is loaded: the weights are a
-``state_dict`` for the model classes in ``streamtrain.models``, not pickled code.
+``state_dict`` for the model classes in ``streamtrain.models``, and the model's code is
+``mlflow_entry.py`` (MLflow's "models from code"), not a pickled object.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 
 from streamtrain.serve.model import ServedModel, load_version, parse_instances
 
-__all__ = ["ARTIFACT", "RecordsModel", "records"]
+__all__ = ["ARTIFACT", "ENTRY", "RecordsModel", "records"]
 
 ARTIFACT = "version"  # the artifact's key: the published version directory
+ENTRY = str(Path(__file__).with_name("mlflow_entry.py"))  # what log_model is given as python_model (models from code)
 
 
 class RecordsModel(mlflow.pyfunc.PythonModel):

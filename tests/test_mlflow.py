@@ -174,6 +174,11 @@ def test_each_version_is_registered_with_its_tags_and_champion_loads_in_a_fresh_
     print(f"a fresh process answered from models:/fm-records@champion {time.monotonic() - started:.1f} s after it was asked")
     assert theirs["list"] == ours and theirs["frame"] == ours, "the same answers, exactly: the same decoding and the same weights"
     assert not list((tmp_path / "repo" / "m").glob(".mlflow-*")), "nothing is left linked aside"
+    files = Path(
+        mlflow.artifacts.download_artifacts("models:/fm-records@champion", dst_path=str(tmp_path / "dl"), tracking_uri=mlflow_server)
+    )
+    assert (files / "artifacts" / "20" / "MANIFEST.json").is_file() and (files / "mlflow_entry.py").is_file()
+    assert not list(files.rglob("*.pkl")), "models from code: no pickle in the model"
     t.close()
     assert client.get_run(sink.run_id).info.status == "FINISHED", "the run ends with the daemon"
 
