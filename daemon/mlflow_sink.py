@@ -20,6 +20,7 @@ section is set.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from streamtrain.config.schema import MlflowConfig
 from streamtrain.daemon.errors import ConfigError
@@ -40,13 +42,23 @@ log = logging.getLogger("streamtrain.mlflow")
 ALIAS = "champion"
 MAX_POINTS = 100_000  # training points held while MLflow is away; the oldest go first
 _BATCH = 1000  # metrics per log_batch request (MLflow's own limit)
+_PARAMS = 100  # params per log_batch request (its limit)
+_PARAM_CHARS = 6000  # the longest param value MLflow takes
 _STAGING = ".mlflow-"  # <publish.dir>/<name>/.mlflow-<version>-*: a version's files, linked aside until logged
 
 
 class MlflowSink:
     """Hands published versions and training points to MLflow on a thread of its own; see the module docstring."""
 
-    def __init__(self, cfg: MlflowConfig, name: str, metrics: Metrics, about: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MlflowConfig,
+        name: str,
+        metrics: Metrics,
+        about: dict[str, str] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        """``about``: the run's tags (``streamtrain.<key>``); ``settings``: config sections, the run's params (``trainer.lr``)."""
         try:
             import mlflow  # noqa: F401
         except ImportError as exc:
@@ -56,7 +68,9 @@ class MlflowSink:
         self.registered = cfg.registered_model or name
         self.metrics = metrics
         self.about = dict(about or {})  # the run's tags: what trains (model, data format, ...)
-        self.run_id: str | None = None
+        self.params = flat_params(settings or {})
+        self.run_id: str | None = None  # this start's run, once it has its params
+        self._created: str | None = None  # the run, created
         self.experiment_id: str | None = None
         self.failures = 0  # tries that failed in a row (logged louder at the first)
         self._version: tuple[Path, dict] | None = None  # where it is linked aside (<staged>/<version>/), manifest
@@ -213,7 +227,9 @@ class MlflowSink:
             shutil.rmtree(version[0], ignore_errors=True)
 
     def _ensure_run(self, client) -> None:
-        """The experiment (created when missing) and this daemon start's run, once."""
+        """The experiment (created when missing) and this daemon start's run with its params, once."""
+        from mlflow.entities import Param
+
         if self.run_id is not None:
             return
         experiment = client.get_experiment_by_name(self.cfg.experiment)
@@ -227,8 +243,13 @@ class MlflowSink:
         if experiment is not None:
             self.experiment_id = experiment.experiment_id
         tags = {"streamtrain.name": self.name, "mlflow.source.type": "JOB", **{f"streamtrain.{k}": v for k, v in self.about.items()}}
-        run = client.create_run(self.experiment_id, run_name=f"{self.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
-        self.run_id = run.info.run_id
+        if self._created is None:  # a retry after the params failed goes on with the run it created
+            run = client.create_run(self.experiment_id, run_name=f"{self.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+            self._created = run.info.run_id
+        params = [Param(k, v) for k, v in self.params.items()]
+        for i in range(0, len(params), _PARAMS):
+            client.log_batch(self._created, params=params[i : i + _PARAMS])
+        self.run_id = self._created
         log.info("MLflow run %s in experiment %s (%s)", self.run_id, self.cfg.experiment, self.cfg.tracking_uri)
 
     def _log_version(self, client, staged: Path, manifest: dict) -> None:
@@ -290,18 +311,31 @@ class MlflowSink:
         return self.registered
 
     def _end_run(self) -> None:
-        if self.run_id is None:
+        if self._created is None:
             return
         try:
             from mlflow import MlflowClient
 
-            MlflowClient(tracking_uri=self.cfg.tracking_uri).set_terminated(self.run_id, "FINISHED")
+            MlflowClient(tracking_uri=self.cfg.tracking_uri).set_terminated(self._created, "FINISHED")
         except Exception as exc:
-            log.warning("could not end MLflow run %s: %s", self.run_id, _first_line(exc))
+            log.warning("could not end MLflow run %s: %s", self._created, _first_line(exc))
 
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+
+
+def flat_params(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"trainer": {"lr": 0.01}}`` -> ``{"trainer.lr": "0.01"}``; lists as JSON, values cut to what MLflow takes."""
+    out: dict[str, str] = {}
+    for k, v in settings.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flat_params(v, f"{key}."))
+        else:
+            text = v if isinstance(v, str) else json.dumps(v, default=str)
+            out[key] = text[:_PARAM_CHARS]
+    return out
 
 
 def version_tags(manifest: dict) -> dict[str, str]:

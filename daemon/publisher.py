@@ -57,8 +57,15 @@ def shadow_name(name: str, candidate: str) -> str:
 class Publisher:
     """Turns durable snapshots into versions in the model repository; see the module docstring."""
 
-    def __init__(self, cfg: PublishConfig, kafka: KafkaConfig, metrics: Metrics, about: dict[str, str] | None = None) -> None:
-        """``about``: what trains (model, task, format), for the MLflow run's tags."""
+    def __init__(
+        self,
+        cfg: PublishConfig,
+        kafka: KafkaConfig,
+        metrics: Metrics,
+        about: dict[str, str] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        """``about`` (what trains: model, task, format) and ``settings`` (config sections): the MLflow run's tags and params."""
         assert cfg.dir is not None, "publish.dir is not set: nothing to publish"
         self.cfg = cfg
         self.kafka = kafka
@@ -76,7 +83,7 @@ class Publisher:
         self.mlflow: MlflowSink | None = None
         if cfg.mlflow.tracking_uri:
             cleanup_staging(self.root / cfg.name)
-            self.mlflow = MlflowSink(cfg.mlflow, cfg.name, metrics, about)
+            self.mlflow = MlflowSink(cfg.mlflow, cfg.name, metrics, about, settings)
         self.newests: dict[str, int] = {}  # by name in the repository: the newest version there (versions only grow)
         self.newest = self._newest(cfg.name)
         if self.newest >= 0:

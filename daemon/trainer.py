@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from streamtrain.config.schema import Config
+from streamtrain.config.schema import Config, config_to_dict
 from streamtrain.daemon.candidates import make_learner, served_meta
 from streamtrain.daemon.committer import Committer
 from streamtrain.daemon.errors import TrainingError
@@ -125,7 +125,8 @@ class Trainer:
             self.store.cleanup_debris()
             if cfg.publish.dir is not None:
                 about = {"model": cfg.model.name, "task": tc.task, "format": cfg.data.format, "version": VERSION}
-                self.publisher = Publisher(cfg.publish, cfg.kafka, self.metrics, about)
+                settings = {k: v for k, v in config_to_dict(cfg).items() if k in ("model", "trainer", "data")}  # secrets redacted
+                self.publisher = Publisher(cfg.publish, cfg.kafka, self.metrics, about, settings)
             self.writer = SnapshotWriter(self.store, on_durable=self._on_durable, on_error=self._on_snapshot_error, on_state=self._on_state)
             restored = self._load_latest()
         if world.ranked:

@@ -163,6 +163,9 @@ def test_each_version_is_registered_with_its_tags_and_champion_loads_in_a_fresh_
     assert {m.key for m in logged.metrics} >= {"prequential.loss", "prequential.accuracy"}
     run = client.get_run(sink.run_id)
     assert "loss/prequential" in run.data.metrics and "grad_norm" in run.data.metrics
+    params, run_tags = run.data.params, run.data.tags
+    assert params["model.name"] == "fm" and params["trainer.lr"] == "0.01" and params["data.categorical"] == '["user"]'
+    assert run_tags["streamtrain.model"] == "fm" and run_tags["streamtrain.task"] == "binary"
     history = client.get_metric_history(sink.run_id, "loss/prequential")
     assert [p.step for p in history] == [5, 10, 15, 20], "a point every publish.mlflow.every_steps steps, in one run"
     assert value(t, "streamtrain_mlflow_model_versions_total") == 2
