@@ -176,6 +176,12 @@ def test_each_version_is_registered_with_its_tags_and_champion_loads_in_a_fresh_
     theirs = fresh_python(mlflow_server, "models:/fm-records@champion")
     print(f"a fresh process answered from models:/fm-records@champion {time.monotonic() - started:.1f} s after it was asked")
     assert theirs["list"] == ours and theirs["frame"] == ours, "the same answers, exactly: the same decoding and the same weights"
+    m = load_version(list_versions(tmp_path / "repo", "m")[0].path, "m")
+    x, ids = (torch.from_numpy(a) for a in parse_instances({"instances": RECORDS}, m, 100))
+    with torch.no_grad():  # the trainer's own model on the same rows: what it predicts before it learns
+        p1 = torch.sigmoid(t.learner.model(t.learner.normalizer.inputs(x), ids).reshape(-1))
+    got = torch.tensor([p["probabilities"][1] for p in theirs["list"]])
+    assert torch.allclose(got, p1, rtol=0, atol=1e-6), (got, p1)
     assert not list((tmp_path / "repo" / "m").glob(".mlflow-*")), "nothing is left linked aside"
     files = Path(
         mlflow.artifacts.download_artifacts("models:/fm-records@champion", dst_path=str(tmp_path / "dl"), tracking_uri=mlflow_server)
