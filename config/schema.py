@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +257,32 @@ class SnapshotConfig:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    """MLflow (the mlflow extra): each published version logged as a pyfunc model and registered; training metrics in a run."""
+
+    tracking_uri: str = opt(
+        "", "MLflow tracking server or store, e.g. http://mlflow:5000 (a URI with a scheme); empty = off (docs/OPERATIONS.md)."
+    )
+    experiment: str = opt("streamtrain", "Experiment of the run each daemon start opens (created when missing).")
+    registered_model: str = opt(
+        "", "Registered model each published version becomes a version of (alias champion moved to it); empty = publish.name."
+    )
+    every_steps: int = opt(100, "Steps between training-metric points in the run (loss, metric, lr, grad norm, cumulative prequential).")
+    retry_s: float = opt(30.0, "After a failure (MLflow down, refused), wait this long before trying again; training never waits.")
+    timeout_s: float = opt(10.0, "Longest one HTTP request to MLflow may take.")
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = positive(self, "every_steps", "retry_s", "timeout_s")
+        if self.tracking_uri and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", self.tracking_uri):
+            problems.append(("tracking_uri", f"must be a URI with a scheme (http://host:5000, file:///path), got {self.tracking_uri!r}"))
+        if not self.experiment.strip():
+            problems.append(("experiment", "must be an experiment name"))
+        if self.registered_model and (self.registered_model != self.registered_model.strip() or "/" in self.registered_model):
+            problems.append(("registered_model", f"must be a name without '/' or surrounding spaces, got {self.registered_model!r}"))
+        return problems
+
+
+@dataclass(frozen=True)
 class PublishConfig:
     dir: str | None = opt(
         None, "Model repository: each published version goes to <dir>/<name>/<version>/ (version = the snapshot's step); null = off."
@@ -277,6 +304,7 @@ class PublishConfig:
         "Also publish each candidate that is not the champion (trainer.candidates, a drift challenger) as <name>.<candidate>, "
         "to be shadow-served beside the champion (docs/OPERATIONS.md).",
     )
+    mlflow: MlflowConfig = section(MlflowConfig, "Log each published version to MLflow and register it (the mlflow extra).")
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = positive(self, "every_snapshots", "keep")
@@ -288,6 +316,8 @@ class PublishConfig:
             problems.append(("topic", f"must be a topic name without spaces, got {self.topic!r}"))
         if self.topic is not None and self.dir is None:
             problems.append(("topic", "needs publish.dir (the topic tells where the versions written there are)"))
+        if self.mlflow.tracking_uri and self.dir is None:
+            problems.append(("mlflow.tracking_uri", "needs publish.dir (what MLflow gets is the version written there)"))
         return problems
 
 

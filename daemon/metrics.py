@@ -117,11 +117,12 @@ class Metrics:
         self.publish_failures = Counter(
             "streamtrain_publish_failures",
             "Publishes that failed, by stage (write: the version directory; topic: the record on publish.topic; "
-            "onnx: model.onnx left out of a version that was published).",
+            "onnx: model.onnx left out of a version that was published; mlflow: a try to log to MLflow, retried after "
+            "publish.mlflow.retry_s).",
             ["stage"],
             registry=r,
         )
-        for stage in ("write", "topic", "onnx"):
+        for stage in ("write", "topic", "onnx", "mlflow"):
             self.publish_failures.labels(stage)
         self.publish_skipped = Counter(
             "streamtrain_publish_skipped",
@@ -132,6 +133,11 @@ class Metrics:
         )
         for reason in ("superseded", "not_newer"):
             self.publish_skipped.labels(reason)
+        self.mlflow_versions = Counter(
+            "streamtrain_mlflow_model_versions",
+            "Published versions logged to MLflow and registered as a model version (publish.mlflow).",
+            registry=r,
+        )
         self.published_version = Gauge("streamtrain_published_model_version", "Newest model version published (a step).", registry=r)
         self.publish_duration = Histogram(
             "streamtrain_publish_duration_seconds",

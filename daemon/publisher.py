@@ -9,7 +9,8 @@ With ``publish.topic`` a record per version (key = the name) tells serving fleet
 it without polling.  With ``publish.candidates`` each candidate that is not the champion
 is published too, as ``<publish.name>.<candidate>`` (its name made a path component), from
 the same snapshot and at the same version: a shadow server can answer with it beside the
-champion's.
+champion's.  With ``publish.mlflow`` each champion version is handed on to MLflow
+(:mod:`streamtrain.daemon.mlflow_sink`, a thread of its own) once it is in the repository.
 
 Like the committer, nothing here may hold up training or snapshots: exporting takes tens
 of milliseconds to seconds, and a slow disk longer.  Only the newest snapshot waiting
@@ -33,6 +34,7 @@ from streamtrain.config.schema import PublishConfig
 from streamtrain.daemon.errors import ConfigError
 from streamtrain.daemon.export import export_model
 from streamtrain.daemon.metrics import Metrics
+from streamtrain.daemon.mlflow_sink import MlflowSink, cleanup_staging
 from streamtrain.daemon.newest import NewestOnly
 from streamtrain.daemon.snapshot import SnapshotInfo
 from streamtrain.serve.repository import VersionExistsError, cleanup_debris, list_versions, prune, write_version
@@ -55,7 +57,15 @@ def shadow_name(name: str, candidate: str) -> str:
 class Publisher:
     """Turns durable snapshots into versions in the model repository; see the module docstring."""
 
-    def __init__(self, cfg: PublishConfig, kafka: KafkaConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cfg: PublishConfig,
+        kafka: KafkaConfig,
+        metrics: Metrics,
+        about: dict[str, str] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        """``about`` (what trains: model, task, format) and ``settings`` (config sections): the MLflow run's tags and params."""
         assert cfg.dir is not None, "publish.dir is not set: nothing to publish"
         self.cfg = cfg
         self.kafka = kafka
@@ -70,6 +80,10 @@ class Publisher:
             why = available()
             if why is not None:
                 raise ConfigError([f"publish.onnx: {why}"])
+        self.mlflow: MlflowSink | None = None
+        if cfg.mlflow.tracking_uri:
+            cleanup_staging(self.root / cfg.name)
+            self.mlflow = MlflowSink(cfg.mlflow, cfg.name, metrics, about, settings)
         self.newests: dict[str, int] = {}  # by name in the repository: the newest version there (versions only grow)
         self.newest = self._newest(cfg.name)
         if self.newest >= 0:
@@ -101,9 +115,10 @@ class Publisher:
         """Give the last publish ``timeout`` seconds, then stop (an abandoned one leaves only debris, removed at next start)."""
         if not self._worker.close(timeout):
             log.warning("the last model publish did not finish within %.0f s; the repository keeps the versions before it", timeout)
-            return
-        if self._producer is not None:
+        elif self._producer is not None:
             self._producer.flush(5.0)
+        if self.mlflow is not None:
+            self.mlflow.close(self.cfg.mlflow.timeout_s)
 
     @staticmethod
     def _failed(item: tuple[SnapshotInfo, dict[str, Any]], exc: Exception) -> None:
@@ -126,6 +141,8 @@ class Publisher:
         if manifest is not None:
             self.newest = manifest["version"]
             self.metrics.published_version.set(self.newest)
+            if self.mlflow is not None:
+                self._to_mlflow(manifest)
         others = (info.meta.get("candidates") or {}).get("others", {})
         for candidate, sub in state.get("candidates", {}).items():
             if candidate in others:  # the model and trainer sections it was built and trained with
@@ -135,6 +152,13 @@ class Publisher:
                     shadow_name(self.cfg.name, candidate), SnapshotInfo(info.path, info.name, info.step, info.created, meta), sub
                 )
         return manifest
+
+    def _to_mlflow(self, manifest: dict) -> None:
+        try:
+            self.mlflow.version(self.root / self.cfg.name / str(manifest["version"]), manifest)
+        except OSError as exc:  # linking the files aside failed (the disk): the version stays local only
+            self.metrics.publish_failures.labels("mlflow").inc()
+            log.error("version %d of %s is in the repository, but not handed to MLflow: %s", manifest["version"], self.cfg.name, exc)
 
     def _write_onnx(self, name: str, info: SnapshotInfo, state: dict[str, Any], tmp: Path) -> None:
         """model.onnx, checked; a model that does not export, or does not match torch, is published without it."""

@@ -16,6 +16,24 @@ if TYPE_CHECKING:
     from streamtrain.daemon.step import Learner, StepResult
 
 
+def step_scalars(learner: Learner, result: StepResult) -> dict[str, float]:
+    """A step's scalars: the prequential loss, the EWMAs, the LR, the gradient norm, the cumulative metrics.
+
+    TensorBoard's tags, and the MLflow run's metric names (publish.mlflow).
+    """
+    metric = learner.metric_name
+    scalars = {
+        "loss/prequential": result.loss,
+        "loss/ewma": learner.loss_ewma,
+        f"{metric}/ewma": learner.metric_ewma,
+        "learning_rate": learner.lr,
+        "grad_norm": result.grad_norm,
+    }
+    summary = learner.prequential.summary(learner.cfg.trainer.task)
+    scalars.update({f"{k}/cumulative": v for k, v in summary.items() if k != "samples" and v is not None})
+    return scalars
+
+
 class TensorBoard:
     def __init__(self, directory: str) -> None:
         try:
@@ -30,18 +48,7 @@ class TensorBoard:
             self.writer.add_scalar(tag, value, step)
 
     def step(self, learner: Learner, result: StepResult) -> None:
-        """A step's scalars: the prequential loss, the EWMAs, the LR, the gradient norm, the cumulative metrics."""
-        metric = learner.metric_name
-        scalars = {
-            "loss/prequential": result.loss,
-            "loss/ewma": learner.loss_ewma,
-            f"{metric}/ewma": learner.metric_ewma,
-            "learning_rate": learner.lr,
-            "grad_norm": result.grad_norm,
-        }
-        summary = learner.prequential.summary(learner.cfg.trainer.task)
-        scalars.update({f"{k}/cumulative": v for k, v in summary.items() if k != "samples" and v is not None})
-        self.scalars(learner.step_count, scalars)
+        self.scalars(learner.step_count, step_scalars(learner, result))
 
     def drift(self, step: int, count: int) -> None:
         self.writer.add_scalar("drift/detected", count, step)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from streamtrain.config.schema import Config
+from streamtrain.config.schema import Config, config_to_dict
 from streamtrain.daemon.candidates import make_learner, served_meta
 from streamtrain.daemon.committer import Committer
 from streamtrain.daemon.errors import TrainingError
@@ -35,7 +35,7 @@ from streamtrain.daemon.skipped import SkippedBatches
 from streamtrain.daemon.snapshot import SnapshotInfo, SnapshotStore
 from streamtrain.daemon.snapshot_writer import SnapshotWriter, state_to_host, tensors_finite
 from streamtrain.daemon.step import Learner, StepResult, rank_device
-from streamtrain.daemon.tensorboard import TensorBoard
+from streamtrain.daemon.tensorboard import TensorBoard, step_scalars
 from streamtrain.streams.dataset import KafkaIterableDataset
 from streamtrain.streams.decode import LabelRule
 from streamtrain.streams.errors import DeadLetterError
@@ -128,7 +128,9 @@ class Trainer:
             self.store.lock()
             self.store.cleanup_debris()
             if cfg.publish.dir is not None:
-                self.publisher = Publisher(cfg.publish, cfg.kafka, self.metrics)
+                about = {"model": cfg.model.name, "task": tc.task, "format": cfg.data.format, "version": VERSION}
+                settings = {k: v for k, v in config_to_dict(cfg).items() if k in ("model", "trainer", "data")}  # secrets redacted
+                self.publisher = Publisher(cfg.publish, cfg.kafka, self.metrics, about, settings)
             self.writer = SnapshotWriter(self.store, on_durable=self._on_durable, on_error=self._on_snapshot_error, on_state=self._on_state)
             # on the CPU: several ranks send it to the others; one moves it to its device as it loads it
             restored = self.store.load_latest(map_location="cpu")
@@ -371,6 +373,9 @@ class Trainer:
             m.freshness.observe(max(0.0, time.time() - batch.oldest_timestamp))
         if self.tensorboard is not None and self.step_count % self.cfg.logging.tensorboard_every_steps == 0:
             self.tensorboard.step(self.learner, result)
+        mlflow = self.publisher.mlflow if self.publisher is not None else None
+        if mlflow is not None and self.step_count % self.cfg.publish.mlflow.every_steps == 0:
+            mlflow.scalars(self.step_count, step_scalars(self.learner, result))
 
     def learning_totals(self) -> LearningTotals:
         """The cumulative prequential totals and drift record, for the scrape-time counters."""

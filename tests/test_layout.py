@@ -57,13 +57,14 @@ def test_the_ingest_process_imports_no_torch():
 
 
 def test_the_daemon_and_config_load_without_the_http_server():
-    """The daemon publishes into the repository without the ``serve`` extra: FastAPI and uvicorn load for ``streamtrain serve`` only."""
+    """The daemon publishes into the repository without the ``serve`` extra: FastAPI and uvicorn load for ``streamtrain serve`` only;
+    mlflow loads only when publish.mlflow is set."""
     import subprocess
     import sys
 
     code = (
         "import sys, streamtrain.daemon.service, streamtrain.daemon.publisher, streamtrain.cli; "
-        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'mlflow') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
