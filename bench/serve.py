@@ -7,7 +7,10 @@ thread) post, batch 1 and batch 64, one and several clients at once: v1
 ``{"instances": [...]}`` of named features, or v2 (``--protocols v1,v2``) the bytes
 Triton's client sends by default -- a JSON header and the features as binary FP32, the
 outputs asked for binary.  Latency is a request's round trip as the client sees it; the
-clients run on the same machine as the server and share its cores.
+clients run on the same machine as the server and share its cores.  ``--servers
+fastapi,kserve`` runs the same cases against ``streamtrain serve --server kserve`` (KServe's
+ModelServer) in the same run, server after server for ``--rounds``, and prints each one's
+start to ready and RSS and the ratios.
 """
 
 from __future__ import annotations

@@ -102,6 +102,9 @@ def main(args: argparse.Namespace) -> int:
     if not NAME_RE.match(name):
         print(f"streamtrain serve: --name {name!r}: letters, digits, '.', '_' or '-'", file=sys.stderr)
         return EXIT_USAGE
+    if args.grpc_port is not None and args.server != "kserve":
+        print("streamtrain serve: --grpc-port needs --server kserve (the FastAPI server speaks HTTP only)", file=sys.stderr)
+        return EXIT_USAGE
     if (args.topic is None) != (args.bootstrap is None):
         print("streamtrain serve: --topic and --bootstrap go together", file=sys.stderr)
         return EXIT_USAGE
