@@ -1,11 +1,13 @@
 """``streamtrain serve --server kserve``: KServe's own ModelServer over our watcher and decoders, through real clients --
-Triton's HTTP client, kserve's ``InferenceRESTClient`` (v1 and v2) and ``InferenceGRPCClient`` -- answering what the
+Triton's HTTP and gRPC clients, kserve's ``InferenceRESTClient`` (v1 and v2) and ``InferenceGRPCClient`` -- answering what the
 FastAPI app answers for the same version, not ready until a version is there, reloading a new one, bad input a 400 with
 our message, our metrics beside kserve's on its /metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
 import time
 
@@ -54,6 +56,34 @@ def triton_infer(port: int, binary: bool = True):
         return r.get_response()["model_version"], [v.decode() for v in r.as_numpy("class")], r.as_numpy("probability").tolist()
     finally:
         c.close()
+
+
+TRITON_GRPC = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+x, cats = np.array(json.loads(sys.argv[2]), np.float32), np.array(json.loads(sys.argv[3]), np.object_)
+c = grpcclient.InferenceServerClient("127.0.0.1:" + sys.argv[1])
+inputs = [grpcclient.InferInput("features", list(x.shape), "FP32"), grpcclient.InferInput("categorical", list(cats.shape), "BYTES")]
+inputs[0].set_data_from_numpy(x)
+inputs[1].set_data_from_numpy(cats)
+assert c.is_model_ready("m")
+r = c.infer("m", inputs, client_timeout=10)
+print(json.dumps([[v.decode() for v in r.as_numpy("class")], r.as_numpy("probability").tolist()]))
+"""
+
+
+def triton_grpc(grpc_port: int) -> tuple:
+    """The same rows through Triton's gRPC client (raw tensor contents, as it sends them), in a process of its own:
+    tritonclient.grpc and kserve register the same protobuf symbols (``inference.ServerLiveRequest``), so one process
+    cannot import both."""
+    x = json.dumps([[None if np.isnan(v) else float(v) for v in row] for row in X])
+    r = subprocess.run(
+        [sys.executable, "-c", TRITON_GRPC, str(grpc_port), x, json.dumps(CATS.tolist())], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    classes, probability = json.loads(r.stdout)
+    return classes, probability
 
 
 def answered(port: int) -> tuple:
@@ -136,6 +166,7 @@ def test_kserve_serves_the_fastapi_answers_reloads_and_refuses_bad_input(tmp_pat
             assert want[0] == str(version) and got[1] == want[1] and got[2] == pytest.approx(want[2], abs=1e-7), "Triton's client, binary"
             answers = asyncio.run(kserve_clients(server.port, grpc_port))
             assert answers.pop("rest v1 version") == str(version)
+            answers["triton grpc"] = triton_grpc(grpc_port)
             for label, (classes, probability) in answers.items():
                 assert classes == want[1] and probability == pytest.approx(want[2], abs=1e-6), label
         code, doc = plain.post("/v1/models/m:predict", {"instances": [{"a": 1.0, "b": "x", "user": 1, "item": "x"}]})
