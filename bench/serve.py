@@ -7,7 +7,10 @@ thread) post, batch 1 and batch 64, one and several clients at once: v1
 ``{"instances": [...]}`` of named features, or v2 (``--protocols v1,v2``) the bytes
 Triton's client sends by default -- a JSON header and the features as binary FP32, the
 outputs asked for binary.  Latency is a request's round trip as the client sees it; the
-clients run on the same machine as the server and share its cores.
+clients run on the same machine as the server and share its cores.  ``--servers
+fastapi,kserve`` runs the same cases against ``streamtrain serve --server kserve`` (KServe's
+ModelServer) in the same run, server after server for ``--rounds``, and prints each one's
+start to ready and RSS and the ratios.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from bench.common import FEATURES, MODELS, WIDTH, machine, print_machine, quiet_logs, samples, table
 from bench.serving import Client, ServeProcess
+from demo.broker import free_port
 from streamtrain.config.schema import config_from_dict
 from streamtrain.daemon.metrics import Metrics
 from streamtrain.daemon.trainer import Trainer
@@ -63,7 +67,8 @@ def v2_request(rows) -> tuple[bytes, dict[str, str]]:
     blob = rows.astype("<f4").tobytes()
     tensor = {"name": "features", "datatype": "FP32", "shape": list(rows.shape), "parameters": {"binary_data_size": len(blob)}}
     header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
-    return header + blob, {"Inference-Header-Content-Length": str(len(header))}
+    # not a JSON content type (tritonclient sends none): kserve's route would parse the binary tail as JSON
+    return header + blob, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
 
 
 def drive(port: int, batch: int, clients: int, requests: int, protocol: str = "v1") -> dict[str, float]:
@@ -78,11 +83,16 @@ def drive(port: int, batch: int, clients: int, requests: int, protocol: str = "v
         bodies = [(json.dumps({"instances": [dict(zip(FEATURES, map(float, r))) for r in c]}).encode(), {}) for c in chunks]
     latencies: list[list[float]] = [[] for _ in range(clients)]
     failures = [0] * clients
-    go = threading.Barrier(clients + 1)
+    go = threading.Barrier(clients + 1, timeout=60)  # a client that fails to warm up breaks it: no wait for ever
 
     def run(i: int) -> None:
         c = Client(port)
-        c.request("POST", path, raw=bodies[0][0], headers=bodies[0][1])  # connect and warm up outside the timing
+        try:
+            code, doc = c.request("POST", path, raw=bodies[0][0], headers=bodies[0][1])  # connect and warm up outside the timing
+            assert code == 200, f"{path}: {code} {doc}"
+        except BaseException:
+            go.abort()
+            raise
         go.wait()
         for n in range(requests):
             t0 = time.perf_counter()
@@ -187,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only the served module's forward pass, torch against onnxruntime (linear, mlp, transformer; the onnx extra)",
     )
     ap.add_argument("--runtime", default="torch", choices=("torch", "onnx"), help="the server's --runtime (onnx: publishes ONNX too)")
+    ap.add_argument(
+        "--servers",
+        default="fastapi",
+        help="fastapi (this package's app), kserve (KServe's ModelServer, the kserve extra), or fastapi,kserve side by side",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="run each server this many times, in turn; keep the best (default 1)")
     ap.add_argument("--calls", type=int, default=2000, help="--forward: calls per timing (default 2000)")
     args = ap.parse_args(argv)
     quiet_logs()
@@ -198,48 +214,93 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     batches = [int(b) for b in args.batches.split(",")]
     clients = [int(c) for c in args.clients.split(",")]
+    servers = args.servers.split(",")
+    cases = [(p, b, c) for b in batches for c in clients for p in args.protocols.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         version = publish(root, onnx=args.runtime == "onnx")
         extra = ["--inline-max-bytes", str(args.inline_max_bytes)] if args.inline_max_bytes is not None else []
-        server = ServeProcess(
-            root / "serve.log",
-            "--repo",
-            str(root / "repo"),
-            "--name",
-            NAME,
-            "--threads",
-            str(args.threads),
-            "--runtime",
-            args.runtime,
-            *extra,
-        )
-        try:
-            server.wait_ready()
-            rows = []
-            for protocol, batch, n in ((p, b, c) for b in batches for c in clients for p in args.protocols.split(",")):
-                r = drive(server.port, batch, n, args.requests, protocol)
-                rows.append(
-                    [
-                        protocol,
-                        str(batch),
-                        str(n),
-                        f"{r['requests']:,}",
-                        f"{r['rps']:,.0f}",
-                        f"{r['rps'] * batch:,.0f}",
-                        f"{r['p50']:.2f}",
-                        f"{r['p99']:.2f}",
-                        str(r["failed"]),
-                    ]
-                )
-            assert server.terminate() == 0, server.log()[-2000:]
-        finally:
-            server.kill()
+        results: dict[str, dict] = {}
+        for _round in range(args.rounds):  # servers in turn, round after round: a busy neighbour hits both
+            for kind in servers:
+                r = run_server(root, kind, args, extra, cases)
+                best = results.get(kind)
+                results[kind] = r if best is None else merge(best, r)
     inline = "default" if args.inline_max_bytes is None else args.inline_max_bytes
     print(f"model: mlp {MODELS['mlp'].params}, {WIDTH} features, version {version}")
-    print(f"server: --threads {args.threads}, --inline-max-bytes {inline}, --runtime {args.runtime}")
-    print(table(["protocol", "batch", "clients", "requests", "requests/s", "rows/s", "p50 ms", "p99 ms", "failed"], rows))
+    print(f"server: --threads {args.threads}, --inline-max-bytes {inline}, --runtime {args.runtime}; {args.rounds} round(s), best of them")
+    head = ["server", "protocol", "batch", "clients", "requests", "requests/s", "rows/s", "p50 ms", "p99 ms", "failed"]
+    rows = []
+    for kind in servers:
+        for case, r in results[kind]["cases"].items():
+            protocol, batch, n = case
+            rows.append(
+                [
+                    kind,
+                    protocol,
+                    str(batch),
+                    str(n),
+                    f"{r['requests']:,}",
+                    f"{r['rps']:,.0f}",
+                    f"{r['rps'] * batch:,.0f}",
+                    f"{r['p50']:.2f}",
+                    f"{r['p99']:.2f}",
+                    str(r["failed"]),
+                ]
+            )
+    print(table(head, rows))
+    head = ["server", "start to ready s", "RSS ready MiB", "RSS after load MiB"]
+    memory = [[k, f"{r['start']:.2f}", f"{r['rss_ready']:.0f}", f"{r['rss_after']:.0f}"] for k, r in ((k, results[k]) for k in servers)]
+    print(table(head, memory))
+    if len(servers) > 1:
+        base, other = servers[0], servers[1]
+        head = ["protocol", "batch", "clients", f"{other} / {base} requests/s", f"{other} / {base} p99"]
+        ratios = []
+        for case in cases:
+            a, b = results[base]["cases"][case], results[other]["cases"][case]
+            ratios.append([case[0], str(case[1]), str(case[2]), f"{b['rps'] / a['rps']:.2f}x", f"{b['p99'] / a['p99']:.2f}x"])
+        print(table(head, ratios))
     return 0
+
+
+def run_server(root: Path, kind: str, args: argparse.Namespace, extra: list[str], cases: list) -> dict:
+    """One server process: its start time to ready, its RSS when ready and after the load, and each case's figures."""
+    grpc = ["--grpc-port", str(free_port())] if kind == "kserve" else []
+    server = ServeProcess(
+        root / f"serve-{kind}.log",
+        "--server",
+        kind,
+        "--repo",
+        str(root / "repo"),
+        "--name",
+        NAME,
+        "--threads",
+        str(args.threads),
+        "--runtime",
+        args.runtime,
+        *grpc,
+        *extra,
+    )
+    try:
+        start = server.wait_ready(path="/v2/health/ready", every=0.02)
+        rss_ready = server.rss_mib()
+        out = {case: drive(server.port, case[1], case[2], args.requests, case[0]) for case in cases}
+        rss_after = server.rss_mib()
+        assert server.terminate() == 0, server.log()[-2000:]
+    finally:
+        server.kill()
+    return {"start": start, "rss_ready": rss_ready, "rss_after": rss_after, "cases": out}
+
+
+def merge(a: dict, b: dict) -> dict:
+    """The better of two rounds, case by case (the faster run; its latencies with it); the quicker start, the larger RSS."""
+    cases = {c: a["cases"][c] if a["cases"][c]["rps"] >= b["cases"][c]["rps"] else b["cases"][c] for c in a["cases"]}
+    return {
+        "start": min(a["start"], b["start"]),
+        "rss_ready": max(a["rss_ready"], b["rss_ready"]),
+        "rss_after": max(a["rss_after"], b["rss_after"]),
+        "cases": cases,
+    }
 
 
 if __name__ == "__main__":

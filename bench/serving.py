@@ -42,7 +42,8 @@ class Client:
         ctype = r.getheader("Content-Type", "")
         if ctype.startswith("application/json"):
             return r.status, json.loads(text)
-        return r.status, text if ctype.startswith("application/octet-stream") else text.decode()  # v2's binary tensors: bytes
+        binary = ctype.startswith("application/octet-stream") or r.getheader("Inference-Header-Content-Length") is not None
+        return r.status, text if binary else text.decode()  # v2's binary tensors: bytes (kserve gives them no octet-stream type)
 
     def post(self, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
         return self.request("POST", path, body, raw)
@@ -61,6 +62,7 @@ class ServeProcess:
         self.port = free_port()
         self.log_path = log_path
         self._log = open(log_path, "ab")
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamtrain", "serve", "--port", str(self.port), *args],
             cwd=ROOT,
@@ -69,20 +71,28 @@ class ServeProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0, path: str = "/readyz", every: float = 0.1) -> float:
+        """Seconds from the process's start until ``path`` answered 200 (``/v2/health/ready``: both servers have it)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 c = Client(self.port, timeout=2)
-                code, _ = c.get("/readyz")
+                code, _ = c.get(path)
                 c.close()
                 if code == 200:
-                    return
+                    return time.monotonic() - self.started
             except OSError:
                 pass
             assert self.proc.poll() is None, f"streamtrain serve exited ({self.proc.returncode}):\n{self.log()[-3000:]}"
             assert time.monotonic() < deadline, f"streamtrain serve not ready after {timeout} s:\n{self.log()[-3000:]}"
-            time.sleep(0.1)
+            time.sleep(every)
+
+    def rss_mib(self) -> float:
+        """The server process's resident memory now (VmRSS), MiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -32,7 +32,7 @@ from streamtrain.serve.metrics import ServeMetrics
 from streamtrain.serve.model import InputError, ServedModel, parse_instances
 from streamtrain.serve.watcher import ModelWatcher
 
-__all__ = ["create_app"]
+__all__ = ["Measured", "create_app"]
 
 VERSION = "0.1.0"
 
@@ -140,7 +140,7 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     v2.add_routes(app, watcher, metrics, VERSION, max_body_bytes, max_instances, inline_bytes)
-    return _Measured(app, metrics)
+    return Measured(app, metrics)
 
 
 async def read_body(request: Request, max_body_bytes: int) -> bytes | Response:
@@ -182,7 +182,7 @@ def _too_large(limit: int) -> Response:
     return _json(413, {"error": f"body: larger than {limit} bytes (streamtrain serve --max-body-bytes)"})
 
 
-class _Measured:
+class Measured:
     """Counts every response by handler and code and times it; outermost, so it sees even a framework's 500."""
 
     def __init__(self, app: FastAPI, metrics: ServeMetrics) -> None:

@@ -54,6 +54,13 @@ def add_parser(sub: Any) -> None:
         choices=("torch", "onnx"),
         help="torch (model.pt, default) or onnx: each version's model.onnx in onnxruntime (publish.onnx; the onnx extra)",
     )
+    p.add_argument(
+        "--server",
+        default="fastapi",
+        choices=("fastapi", "kserve"),
+        help="fastapi (default: this package's app) or kserve: KServe's ModelServer, with gRPC v2 (the kserve extra; docs/OPERATIONS.md)",
+    )
+    p.add_argument("--grpc-port", type=int, help="--server kserve: also serve gRPC v2 on this port")
     p.add_argument("--topic", help="publish.topic: a record there wakes the reload at once (with --bootstrap)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers of --topic")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -95,10 +102,15 @@ def main(args: argparse.Namespace) -> int:
     if not NAME_RE.match(name):
         print(f"streamtrain serve: --name {name!r}: letters, digits, '.', '_' or '-'", file=sys.stderr)
         return EXIT_USAGE
+    if args.grpc_port is not None and args.server != "kserve":
+        print("streamtrain serve: --grpc-port needs --server kserve (the FastAPI server speaks HTTP only)", file=sys.stderr)
+        return EXIT_USAGE
     if (args.topic is None) != (args.bootstrap is None):
         print("streamtrain serve: --topic and --bootstrap go together", file=sys.stderr)
         return EXIT_USAGE
     torch.set_num_threads(max(1, args.threads))
+    if args.server == "kserve":
+        return _kserve(args, name)
     app, watcher, _metrics = build(
         args.repo, name, args.poll_seconds, args.max_body_bytes, args.max_instances, args.inline_max_bytes, args.runtime, args.threads
     )
@@ -133,6 +145,46 @@ def main(args: argparse.Namespace) -> int:
     if stopped:
         log.info("stopped by %s", signal.Signals(stopped[0]).name)
     return EXIT_OK if server.started else EXIT_FAILED
+
+
+def _kserve(args: argparse.Namespace, name: str) -> int:
+    """``--server kserve``: the same watcher behind kserve's ModelServer (it binds 0.0.0.0 and handles the signals itself)."""
+    try:
+        from streamtrain.serve import kserve_model
+    except ImportError as exc:
+        print(f"streamtrain serve --server kserve: needs the kserve SDK ({exc}): pip install 'streamtrain[kserve]'", file=sys.stderr)
+        return EXIT_USAGE
+    from streamtrain.serve.watcher import ModelWatcher
+
+    if args.host != "0.0.0.0":
+        log.warning("--server kserve listens on every interface (0.0.0.0): kserve has no bind address; --host %s is not used", args.host)
+    metrics = kserve_model.metrics_on_kserves_registry()
+    watcher = ModelWatcher(args.repo, name, metrics, args.poll_seconds, args.runtime, args.threads)
+    watcher.check()
+    watcher.start()
+    nudger = None
+    if args.topic:
+        from streamtrain.serve.topic import TopicNudger
+
+        nudger = TopicNudger(args.bootstrap, args.topic, name, watcher.nudge)
+        nudger.start()
+    served = watcher.current
+    log.info(
+        "serving %s from %s on kserve's ModelServer, http://0.0.0.0:%d/v2/models/%s%s (%s)",
+        name,
+        Path(args.repo) / name,
+        args.port,
+        name,
+        "" if args.grpc_port is None else f" and gRPC on port {args.grpc_port}",
+        f"version {served.version}" if served else "no valid version yet: waiting for one",
+    )
+    try:
+        kserve_model.serve(watcher, metrics, args.port, args.grpc_port, args.max_instances)
+    finally:
+        watcher.close()
+        if nudger is not None:
+            nudger.close()
+    return EXIT_OK
 
 
 def _only_model(repo: Path) -> str | None:

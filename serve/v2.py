@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from streamtrain.serve.model import InputError, ServedModel
 from streamtrain.streams.errors import DecodeError
 
-__all__ = ["add_routes", "infer", "metadata"]
+__all__ = ["add_routes", "answer", "infer", "metadata", "rows", "tensors"]
 
 NUMERIC = {
     "BOOL": np.bool_,
@@ -198,6 +198,11 @@ def _strings(t: dict, where: str, binary: memoryview | None, count: int) -> list
 
 def parse(doc: dict, tail: memoryview, m: ServedModel, max_instances: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """The request's rows: float32 (n, width), table rows (n, fields), and the header; :class:`InputError` for anything wrong."""
+    return (*rows(tensors(doc, tail), m, max_instances), doc)
+
+
+def tensors(doc: dict, tail: memoryview) -> dict[str, tuple[dict, str, memoryview | None]]:
+    """The request's input tensors by name: (the tensor's JSON, where it is for an error, its binary data or None)."""
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InputError("inputs: must be a non-empty list of tensors")
@@ -216,6 +221,11 @@ def parse(doc: dict, tail: memoryview, m: ServedModel, max_instances: int) -> tu
         by_name[t["name"]] = (t, f"{where} ({t['name']})", binary)
     if at != len(tail):
         raise InputError(f"body: {len(tail) - at} bytes after the JSON header that no input's binary_data_size accounts for")
+    return by_name
+
+
+def rows(by_name: dict[str, tuple[dict, str, memoryview | None]], m: ServedModel, max_instances: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows (n, width) and table rows (n, fields) from the input tensors; the one decoder of v2 requests (REST or gRPC)."""
     known = {n for n, _, _ in inputs_of(m)}
     extra = sorted(set(by_name) - known)
     if extra or "features" not in by_name or (m.fields.categorical and "categorical" not in by_name):
@@ -240,7 +250,7 @@ def parse(doc: dict, tail: memoryview, m: ServedModel, max_instances: int) -> tu
             except DecodeError:
                 limit = m.fields.max_category_bytes
                 raise InputError(f"{where}: a value of field {c!r} is longer than {limit} bytes") from None
-    return x, ids, doc
+    return x, ids
 
 
 def _requested(doc: dict, m: ServedModel) -> list[tuple[str, bool]]:
@@ -262,14 +272,10 @@ def _requested(doc: dict, m: ServedModel) -> list[tuple[str, bool]]:
     return out
 
 
-def infer(m: ServedModel, raw: bytes, header_length: str | None, max_instances: int) -> tuple[bytes, dict[str, str], int]:
-    """Worker or loop: the response body, its extra headers, and the instances answered."""
-    doc, tail = _split(raw, header_length)
-    x, ids, doc = parse(doc, tail, m, max_instances)
-    requested = _requested(doc, m)
+def answer(m: ServedModel, x: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray | list]:
+    """Every output tensor of the version for these rows (``class`` with names: a list); :class:`InputError` if not finite."""
     with torch.inference_mode():
         out = m.module(torch.from_numpy(x), torch.from_numpy(ids) if m.fields.categorical else None).float()
-    n = len(x)
     tensors: dict[str, np.ndarray | list] = {}
     if m.task == "regression":
         tensors["prediction"] = out.reshape(-1).numpy()
@@ -284,9 +290,19 @@ def infer(m: ServedModel, raw: bytes, header_length: str | None, max_instances: 
         tensors["class"] = [m.classes[c] for c in label] if m.classes else label
     if any(isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all() for v in tensors.values()):
         raise InputError(f"inputs: the model's output is not a finite number for these inputs (version {m.version})")
+    return tensors
+
+
+def infer(m: ServedModel, raw: bytes, header_length: str | None, max_instances: int) -> tuple[bytes, dict[str, str], int]:
+    """Worker or loop: the response body, its extra headers, and the instances answered."""
+    doc, tail = _split(raw, header_length)
+    x, ids, doc = parse(doc, tail, m, max_instances)
+    requested = _requested(doc, m)
+    answers = answer(m, x, ids)
+    n = len(x)
     outputs, blobs = [], []
     for name, binary in requested:
-        value = tensors[name]
+        value = answers[name]
         shape = [n, *np.shape(value)[1:]] if isinstance(value, np.ndarray) else [n]
         datatype = "BYTES" if isinstance(value, list) else DATATYPE[value.dtype]
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}

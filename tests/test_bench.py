@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 
@@ -119,11 +120,16 @@ def test_step_prints_each_case(capsys):
 
 
 def test_serve_prints_requests_and_latency_for_each_batch(capsys):
+    """Each server (kserve's beside ours when the kserve extra is there) answers every case; start time, RSS and ratios follow."""
     pytest.importorskip("fastapi", reason="the serve extra")
-    assert serve.main(["--requests", "20", "--batches", "1,64", "--clients", "2", "--protocols", "v1,v2"]) == 0
+    servers = ["fastapi"] + (["kserve"] if importlib.util.find_spec("kserve") else [])
+    args = ["--requests", "20", "--batches", "1,64", "--clients", "2", "--protocols", "v1,v2", "--servers", ",".join(servers)]
+    assert serve.main(args) == 0
     out = capsys.readouterr().out
-    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| v1 ", "| v2 "))]
-    assert len(rows) == 4 and all(r[4].strip() == "40" and r[-2].strip() == "0" for r in rows), out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(tuple(f"| {s} " for s in servers)) and "| v" in line]
+    assert len(rows) == 4 * len(servers) and all(r[5].strip() == "40" and r[-2].strip() == "0" for r in rows), out
+    assert "start to ready s" in out and "RSS after load MiB" in out, out
+    assert len(servers) == 1 or "kserve / fastapi requests/s" in out, out
 
 
 def test_serve_forward_times_torch_and_onnxruntime(capsys):

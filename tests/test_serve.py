@@ -268,6 +268,8 @@ def test_the_serve_command_finds_its_model_or_says_what_to_give(tmp_path):
     assert r.returncode == 2 and "give --name: it holds a, b" in r.stderr
     r = run_cli("serve", "--repo", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "it holds no model yet" in r.stderr
+    r = run_cli("serve", "--repo", str(tmp_path / "repo"), "--name", "a", "--grpc-port", "8081")
+    assert r.returncode == 2 and "--grpc-port needs --server kserve" in r.stderr
 
 
 # ---------------------------------------------------------------------------- under load, while a real daemon publishes
