@@ -16,16 +16,19 @@ import dataclasses
 import difflib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.json as pa_json
 
 from streamtrain.streams.errors import StreamtrainError
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as pads
 
 __all__ = ["INPUT_FORMATS", "Columns", "InputError", "Rows", "Source", "open_source"]
 
@@ -116,7 +119,7 @@ class Source:
                 types[cols.feature_field] = pa.list_(pa.float64())
             if cols.key and cols.key not in cols.categorical:
                 types[cols.key] = pa.string()
-            dataset = pads.dataset(self.path, filesystem=self.filesystem, format=_file_format(self.format, types))
+            dataset = _dataset(self.path, self.filesystem, _file_format(self.format, types))
             for batch in dataset.to_batches(columns=wanted, batch_size=batch_rows):
                 if batch.num_rows == 0:
                     continue
@@ -199,7 +202,7 @@ def open_source(uri: str, input_format: str | None = None) -> Source:
     if fmt not in INPUT_FORMATS:
         raise InputError(f"{uri}: cannot tell the input format from the name; give --input-format ({', '.join(INPUT_FORMATS)})")
     try:
-        dataset = pads.dataset(path, filesystem=fs, format=_file_format(fmt))
+        dataset = _dataset(path, fs, _file_format(fmt))
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{uri}: cannot read as {fmt} ({_first_line(exc)})") from exc
     return Source(uri, fmt, dataset, fs, path)
@@ -219,7 +222,15 @@ def _guess_format(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> str | 
     return None
 
 
+def _dataset(path: str, fs: pafs.FileSystem, fmt: pads.FileFormat) -> pads.Dataset:
+    import pyarrow.dataset as pads  # here, not at the top: it imports pandas where pandas is installed (0.2 s of every command)
+
+    return pads.dataset(path, filesystem=fs, format=fmt)
+
+
 def _file_format(fmt: str, types: dict[str, pa.DataType] | None = None) -> pads.FileFormat:
+    import pyarrow.dataset as pads
+
     """The pyarrow file format; ``types`` fixes the types of those columns of CSV and JSON."""
     if fmt in ("csv", "tsv"):
         return pads.CsvFileFormat(
