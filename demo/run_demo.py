@@ -47,6 +47,21 @@ def metric(text: str, name: str) -> float | None:
     return None
 
 
+def first_sample(daemon: subprocess.Popen, timeout: float = 120.0) -> bool:
+    """Wait for the daemon's first trained sample: a demo's window counts from there, so a slow start shortens nothing."""
+    t0 = time.monotonic()
+    while not metric(scrape(), "streamtrain_samples_trained_total"):
+        if daemon.poll() is not None:
+            print(f"daemon exited early with {daemon.returncode}")
+            return False
+        if time.monotonic() - t0 > timeout:
+            print(f"the daemon trained nothing within {timeout:.0f} s of its start; see its log above")
+            return False
+        time.sleep(0.2)
+    print(f"==> training: first sample {time.monotonic() - t0:.1f} s after the start")
+    return True
+
+
 def fresh_out() -> Path:
     """demo-out/, emptied: the broker's log and the snapshots of this run."""
     out = ROOT / "demo-out"
@@ -105,16 +120,8 @@ def main() -> int:
         daemon = subprocess.Popen([sys.executable, "-m", "streamtrain", "run", "--config", "config/demo.yaml"], cwd=ROOT)
         trend = []
         t_start = time.monotonic()
-        # the window counts from the first trained sample, not from the start: a slow start (a busy machine) shortens nothing
-        while not metric(scrape(), "streamtrain_samples_trained_total"):
-            if daemon.poll() is not None:
-                print(f"daemon exited early with {daemon.returncode}")
-                return 1
-            if time.monotonic() - t_start > 120:
-                print("the daemon trained nothing within 120 s of its start; see its log above")
-                return 1
-            time.sleep(0.2)
-        print(f"==> training: first sample {time.monotonic() - t_start:.1f} s after the start")
+        if not first_sample(daemon):
+            return 1
         t_start = time.monotonic()
         while time.monotonic() - t_start < args.seconds:
             time.sleep(2.5)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo.broker import TestProducer, create_topic, start_tansu  # noqa: E402
-from demo.run_demo import BROKER_PORT, fresh_out, metric, ports_taken, scrape  # noqa: E402
+from demo.run_demo import BROKER_PORT, first_sample, fresh_out, metric, ports_taken, scrape  # noqa: E402
 
 IMPRESSIONS, CLICKS = "demo.impressions", "demo.clicks"
 
@@ -65,7 +65,7 @@ def produce(bootstrap: str, stop: threading.Event, rate: float, sent: dict[str, 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=30.0, help="how long the daemon trains")
+    ap.add_argument("--seconds", type=float, default=30.0, help="how long the daemon trains, from its first trained sample")
     ap.add_argument("--rate", type=float, default=2000.0, help="impressions per second")
     args = ap.parse_args()
     out = fresh_out()
@@ -84,6 +84,8 @@ def main() -> int:
         print(f"==> producing ~{args.rate:,.0f} impressions/s to {IMPRESSIONS}, their clicks (~2 s later) to {CLICKS}")
         print("==> starting the daemon: streamtrain run --config config/demo-join.yaml")
         daemon = subprocess.Popen([sys.executable, "-m", "streamtrain", "run", "--config", "config/demo-join.yaml"], cwd=ROOT)
+        if not first_sample(daemon):
+            return 1
         print(f"\n{'t (s)':>6} {'trained':>9} {'joined':>8} {'expired':>8} {'late':>6} {'waiting':>8} {'log loss (1h)':>14}")
         t_start, last = time.monotonic(), (0.0, 0.0)
         while time.monotonic() - t_start < args.seconds:
