@@ -418,8 +418,10 @@ class Ingest:
                 else:
                     join.add_features(tp[1], offset[m], ts[m], keys[rows], decoded.x[rows], decoded.ids[rows, :-1])
         self.stats.decode_seconds += time.perf_counter() - t0
-        for i in np.unique(part).tolist():
+        read = np.unique(part).tolist()
+        for i in read:
             join.note_read(self._tps[i], int(offset[part == i].max()) + 1)
+        self.source.note_watermarks([self._tps[i] for i in read])  # the ends the caught-up test below compares with
         ticket = None
         if rejects:
             rejects.sort(key=lambda r: r.index)

@@ -352,10 +352,22 @@ class KafkaSource:
                 out[tp] = hi
         return out
 
-    def _note_fetched_watermarks(self) -> None:
+    def note_watermarks(self, partitions: list[TP]) -> None:
+        """Ingest thread: the ends of ``partitions`` as the fetches that brought their newest records saw them.
+
+        The join calls it for the partitions just read before it asks whether a side is caught
+        up: the ends noted once a second (or listed) can be older than the records just read --
+        a partition empty at the last note, or Tansu's listing (1 for any non-empty partition)
+        -- and a side taken for caught up while it is not expires records whose labels are
+        merely unread.
+        """
+        self._note_fetched_watermarks(partitions)
+
+    def _note_fetched_watermarks(self, partitions: list[TP] | None = None) -> None:
         """Ingest thread: keep the cached fetch watermarks for :meth:`high_watermarks` (local calls)."""
-        self._hwm_noted = time.monotonic()
-        for t, p in list(self.assigned):
+        if partitions is None:
+            self._hwm_noted = time.monotonic()
+        for t, p in list(self.assigned) if partitions is None else partitions:
             try:
                 _, hi = self.consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
             except (KafkaException, RuntimeError):
