@@ -81,7 +81,7 @@ def test_kill_9_at_random_moments_and_during_snapshot_writes(tmp_path, bootstrap
     kills, during_write, replayed, replayed_s, to_train = 0, 0, [], [], []
     prev_total = prev_rate = None
     try:
-        for i in range(16):
+        for i in range(10):
             launched = time.monotonic()
             d = launch(tmp_path, cfg, f"k{i}")
             resumed = samples_in_snapshot(snaps)
@@ -109,7 +109,7 @@ def test_kill_9_at_random_moments_and_during_snapshot_writes(tmp_path, bootstrap
     d = drain(tmp_path, cfg, producer)
     assert not in_flight_snapshot(snaps), "no temporary debris after a clean start and stop"
     lost, dup = assert_exact(read_ledger(snaps), producer)
-    assert kills >= 16 and during_write >= 5, f"{kills} kills, {during_write} during a snapshot write"
+    assert kills >= 10 and during_write >= 3, f"{kills} kills, {during_write} during a snapshot write"
     record(
         "kill -9 at random moments (producer writing)",
         trials=f"{kills} kills, {during_write} mid-snapshot",

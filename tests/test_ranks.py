@@ -190,7 +190,7 @@ def test_kill_9_of_a_random_rank_then_one_rank_then_three_exactly_once(tmp_path,
     kills, during_write = 0, 0
     d = launch_ranks(tmp_path, cfg, "killed", 2, max_restarts=20)
     try:
-        for i in range(7):
+        for i in range(4):
             pids = wait_ranks_training(d, 2, timeout=90)
             if i % 2 == 1:  # aim at a snapshot write: kill the moment one is under way
                 deadline = time.monotonic() + 10
@@ -209,7 +209,7 @@ def test_kill_9_of_a_random_rank_then_one_rank_then_three_exactly_once(tmp_path,
     wait_drained(d, topic, producer)
     stop_ranks(d, 2)
     assert_exact(read_ledger(snaps), producer)
-    assert kills >= 7 and during_write >= 2, f"{kills} kills, {during_write} during a snapshot write"
+    assert kills >= 4 and during_write >= 1, f"{kills} kills, {during_write} during a snapshot write"
     for ranks in (1, 3):  # the same snapshot directory, re-split over another number of ranks
         producer.send(1500)
         producer.producer.flush(30)
