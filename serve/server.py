@@ -9,9 +9,11 @@ faster that way than with a pool that wakes for every call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,34 +116,22 @@ def main(args: argparse.Namespace) -> int:
     app, watcher, _metrics = build(
         args.repo, name, args.poll_seconds, args.max_body_bytes, args.max_instances, args.inline_max_bytes, args.runtime, args.threads
     )
-    watcher.start()
-    nudger = None
-    if args.topic:
-        from streamtrain.serve.topic import TopicNudger
-
-        nudger = TopicNudger(args.bootstrap, args.topic, name, watcher.nudge)
-        nudger.start()
-    served = watcher.current
-    log.info(
-        "serving %s from %s on http://%s:%d/v1/models/%s (%s)",
-        name,
-        Path(args.repo) / name,
-        args.host,
-        args.port,
-        name,
-        f"version {served.version}" if served else "no valid version yet: waiting for one",
-    )
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     stopped = []
-    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn shuts down gracefully, then raises the signal again for these
-        signal.signal(sig, lambda signum, _frame: stopped.append(signum))
-    try:
+    with _watching(watcher, args, name) as served:
+        log.info(
+            "serving %s from %s on http://%s:%d/v1/models/%s (%s)",
+            name,
+            Path(args.repo) / name,
+            args.host,
+            args.port,
+            name,
+            f"version {served.version}" if served else "no valid version yet: waiting for one",
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn shuts down gracefully, then raises the signal again for these
+            signal.signal(sig, lambda signum, _frame: stopped.append(signum))
         server.run()  # until SIGTERM/SIGINT: finishes the requests in flight, then returns
-    finally:
-        watcher.close()
-        if nudger is not None:
-            nudger.close()
     if stopped:
         log.info("stopped by %s", signal.Signals(stopped[0]).name)
     return EXIT_OK if server.started else EXIT_FAILED
@@ -161,6 +151,23 @@ def _kserve(args: argparse.Namespace, name: str) -> int:
     metrics = kserve_model.metrics_on_kserves_registry()
     watcher = ModelWatcher(args.repo, name, metrics, args.poll_seconds, args.runtime, args.threads)
     watcher.check()
+    with _watching(watcher, args, name) as served:
+        log.info(
+            "serving %s from %s on kserve's ModelServer, http://0.0.0.0:%d/v2/models/%s%s (%s)",
+            name,
+            Path(args.repo) / name,
+            args.port,
+            name,
+            "" if args.grpc_port is None else f" and gRPC on port {args.grpc_port}",
+            f"version {served.version}" if served else "no valid version yet: waiting for one",
+        )
+        kserve_model.serve(watcher, metrics, args.port, args.grpc_port, args.max_instances)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _watching(watcher: Any, args: argparse.Namespace, name: str) -> Iterator[Any]:
+    """The watcher started (and, with --topic, the nudger that wakes it); the version served now; both closed after."""
     watcher.start()
     nudger = None
     if args.topic:
@@ -168,23 +175,12 @@ def _kserve(args: argparse.Namespace, name: str) -> int:
 
         nudger = TopicNudger(args.bootstrap, args.topic, name, watcher.nudge)
         nudger.start()
-    served = watcher.current
-    log.info(
-        "serving %s from %s on kserve's ModelServer, http://0.0.0.0:%d/v2/models/%s%s (%s)",
-        name,
-        Path(args.repo) / name,
-        args.port,
-        name,
-        "" if args.grpc_port is None else f" and gRPC on port {args.grpc_port}",
-        f"version {served.version}" if served else "no valid version yet: waiting for one",
-    )
     try:
-        kserve_model.serve(watcher, metrics, args.port, args.grpc_port, args.max_instances)
+        yield watcher.current
     finally:
         watcher.close()
         if nudger is not None:
             nudger.close()
-    return EXIT_OK
 
 
 def _only_model(repo: Path) -> str | None:
