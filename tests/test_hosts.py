@@ -46,10 +46,14 @@ def setup(tmp_path: Path, hosts: Hosts, broker_on: int = 0, timeout_s: float = 2
     return producer, write_config(tmp_path / "hosts.yaml", cfg), topic
 
 
-def stop_all(procs, timeout: float = 60.0) -> list[int]:
+def stop_all(procs, logs: list[Path], timeout: float = 60.0) -> list[str]:
+    """SIGTERM to every launcher; each must exit 0.  Their logs."""
     for p in procs:
         p.send_signal(signal.SIGTERM)
-    return [p.wait(timeout) for p in procs]
+    codes = [p.wait(timeout) for p in procs]
+    text = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0] * len(procs), (codes, *(t[-3000:] for t in text))
+    return text
 
 
 @pytest.mark.fault
@@ -75,9 +79,7 @@ def test_rank_0s_host_lost_the_other_goes_on_alone_then_the_host_back_rejoins_ex
     procs[0] = launch(hosts, 0, config, logs[0], *elastic, endpoint=1)
     producer.send(2000)
     meta = wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=120, world=2)
-    codes = stop_all(procs)
-    text = [log.read_text(errors="replace") for log in logs]
-    assert codes == [0, 0], (codes, text[0][-3000:], text[1][-3000:])
+    stop_all(procs, logs)
     lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
     record(
         "rank 0's host lost (SIGKILL to every process), the other host alone, then the host back (--nnodes 1:2)",
@@ -122,9 +124,7 @@ def test_two_hosts_split_the_partitions_a_host_cut_off_for_30_s_times_out_restar
     assert timed_out == [True, True], [log.read_text(errors="replace")[-3000:] for log in logs]
     producer.send(1000)
     wait_trained(tmp_path / "snapshots", topic, producer.end, procs, timeout=150, world=2)
-    codes = stop_all(procs)
-    text = [log.read_text(errors="replace") for log in logs]
-    assert codes == [0, 0], (codes, text[0][-3000:], text[1][-3000:])
+    text = stop_all(procs, logs)
     for t in text:  # each host's own rank stopped cleanly
         assert "stopped (exit 0)" in t and "every rank of this host (1) stopped cleanly" in t, t[-3000:]
     lost, dup = assert_exact(read_ledger(tmp_path / "snapshots"), producer)
